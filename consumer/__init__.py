@@ -1,0 +1,1 @@
+"""Consumers: take claim commands off RabbitMQ and apply them to PostgreSQL."""

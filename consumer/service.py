@@ -1,0 +1,58 @@
+"""The consumer process: its connections, its workers, and its shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aio_pika
+import redis.asyncio as aioredis
+
+from consumer.receiver import BatchReceiver
+from consumer.worker import ClaimWorker
+from flashclaim.db import create_pool
+from flashclaim.results import ResultStore
+from flashclaim.settings import Settings
+from flashclaim.signals import stop_event_on_signals
+from flashclaim.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run one consumer until ``stop`` is set (by default: on SIGTERM or SIGINT).
+
+    Shutdown order is the reverse of start-up: stop taking messages, finish the batch
+    in hand within the grace period, then close the AMQP channel (returning anything
+    unacknowledged to the broker), Redis and finally the database pool.
+    """
+    stop = stop or stop_event_on_signals()
+    topology = Topology(settings.namespace, settings.delivery_limit)
+    pool = create_pool(settings.database_url, settings.db_pool_min_size,
+                       settings.db_pool_max_size, f"flashclaim-consumer-{settings.instance_id}")
+    await pool.open(wait=True, timeout=30)
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0,
+                              socket_connect_timeout=2.0)
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url,
+        client_properties={"connection_name": f"consumer {settings.instance_id}"},
+    )
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=settings.consumer_prefetch)
+        _, queue = await topology.declare(channel)
+        worker = ClaimWorker(
+            BatchReceiver(queue, settings.batch_size, settings.batch_linger_ms / 1000),
+            pool,
+            ResultStore(redis, settings.namespace, settings.result_ttl_seconds),
+            worker_id=settings.instance_id,
+        )
+        log.info("consumer started", extra={"queue": topology.claims_queue,
+                                            "prefetch": settings.consumer_prefetch,
+                                            "batch_size": settings.batch_size})
+        await worker.run(stop, grace=settings.shutdown_grace_seconds)
+    finally:
+        await connection.close()
+        await redis.aclose()
+        await pool.close()
+        log.info("consumer stopped")

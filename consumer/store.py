@@ -1,0 +1,125 @@
+"""Applying a batch of claim commands to PostgreSQL in one transaction.
+
+Why a duplicate delivery cannot double a claim: the first statement inserts one inbox
+row per message id (``ON CONFLICT DO NOTHING``). A message whose row was already
+PROCESSED only gets its recorded result back. If two consumers hold the same message at
+once, the second one's insert waits on the unique index until the first commits, then
+finds the row. And whatever the code did, ``UNIQUE (user_id, coupon_name)`` and
+``UNIQUE (message_id)`` on ``claims`` would refuse a second effect.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+from psycopg import AsyncConnection
+
+from consumer.decide import decide
+from flashclaim.db import queries
+from flashclaim.messages import CLAIM_EVENT, ClaimCommand, ClaimResult, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A decoded command with where it came from."""
+
+    command: ClaimCommand
+    sender: str
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    results: dict[uuid.UUID, ClaimResult]
+    applied: int  # commands applied now
+    replayed: int  # commands that already had a recorded result
+    granted: int
+
+
+async def apply_batch(
+    conn: AsyncConnection[object], deliveries: Sequence[Delivery], worker_id: str
+) -> BatchOutcome:
+    """Apply ``deliveries`` in arrival order; return the result of every message id.
+
+    Runs in the caller's transaction; nothing is visible before it commits.
+    """
+    q = queries()
+    # The same message id twice in one batch is one command.
+    unique: dict[uuid.UUID, Delivery] = {}
+    for d in deliveries:
+        unique.setdefault(d.command.request_id, d)
+    ids = list(unique)
+
+    cur = await conn.execute(
+        q["inbox_insert"],
+        {
+            "message_ids": ids,
+            "senders": [unique[i].sender for i in ids],
+            "payloads": [
+                orjson.dumps({"user_id": unique[i].command.user_id,
+                              "coupon_name": unique[i].command.coupon_name}).decode()
+                for i in ids
+            ],
+            "event_type": CLAIM_EVENT,
+            "exchange": deliveries[0].exchange,
+            "routing_key": deliveries[0].routing_key,
+            "locked_by": worker_id,
+        },
+    )
+    fresh = {row[0] for row in await cur.fetchall()}  # type: ignore[index]
+
+    results: dict[uuid.UUID, ClaimResult] = {}
+    existing = [i for i in ids if i not in fresh]
+    if existing:
+        cur = await conn.execute(q["inbox_lock_existing"], {"message_ids": existing})
+        for message_id, status, result_status, result_body in await cur.fetchall():  # type: ignore[misc]
+            if status == "PROCESSED":
+                results[message_id] = ClaimResult(message_id, result_status, result_body)
+            else:
+                fresh.add(message_id)  # left PENDING by an earlier attempt: apply now
+    todo = [unique[i].command for i in ids if i in fresh]
+    if not todo:
+        return BatchOutcome(results, applied=0, replayed=len(results), granted=0)
+
+    names = sorted({c.coupon_name for c in todo})
+    cur = await conn.execute(q["lock_coupons"], {"names": names})
+    stock = {name: remaining for name, remaining in await cur.fetchall()}  # type: ignore[misc]
+    cur = await conn.execute(
+        q["existing_holders"],
+        {"coupon_names": [c.coupon_name for c in todo], "user_ids": [c.user_id for c in todo]},
+    )
+    holders = [(coupon, user) for coupon, user in await cur.fetchall()]  # type: ignore[misc]
+
+    outcomes = decide(stock, holders, todo)
+    granted = [c for c, o in zip(todo, outcomes) if o is Outcome.CLAIMED]
+    if granted:
+        await conn.execute(
+            q["insert_claims"],
+            {
+                "coupon_names": [c.coupon_name for c in granted],
+                "user_ids": [c.user_id for c in granted],
+                "message_ids": [c.request_id for c in granted],
+            },
+        )
+        taken = Counter(c.coupon_name for c in granted)
+        await conn.execute(
+            q["deduct_stock"], {"names": list(taken), "taken": list(taken.values())}
+        )
+    fresh_results = [ClaimResult.of(c, o) for c, o in zip(todo, outcomes)]
+    await conn.execute(
+        q["record_results"],
+        {
+            "message_ids": [r.request_id for r in fresh_results],
+            "statuses": [r.status for r in fresh_results],
+            "bodies": [orjson.dumps(r.body).decode() for r in fresh_results],
+        },
+    )
+    results.update((r.request_id, r) for r in fresh_results)
+    return BatchOutcome(
+        results, applied=len(todo), replayed=len(ids) - len(todo), granted=len(granted)
+    )

@@ -1,0 +1,402 @@
+"""A local PostgreSQL, RabbitMQ and Redis, each in its own folder and on its own ports.
+
+``make run`` (profile ``run``) and the test suite (profile ``test``) use this, with
+separate ports and folders, so tests never disturb a running stack. Servers whose URL
+is given (``FLASHCLAIM_DATABASE_URL``, ``FLASHCLAIM_AMQP_URL``, ``FLASHCLAIM_REDIS_URL``)
+are not started: the given one is used instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psycopg
+
+
+class StackError(RuntimeError):
+    """A local server could not be set up or started."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    postgres: int
+    amqp: int
+    management: int
+    prometheus: int
+    erlang_dist: int
+    epmd: int
+    redis: int
+
+
+PROFILES: dict[str, Ports] = {
+    "run": Ports(55432, 55672, 55673, 55674, 55675, 55676, 56379),
+    "test": Ports(55532, 55772, 55773, 55774, 55775, 55776, 56479),
+}
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+                  name: str = "server") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{name} exited with status {proc.returncode} while starting")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise StackError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+def port_is_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+class Server:
+    """A server process this stack owns; ``start``/``stop`` may be called repeatedly."""
+
+    name = "server"
+
+    def __init__(self, root: Path, port: int, fast: bool) -> None:
+        self.root = root
+        self.port = port
+        self.fast = fast  # test profile: durability traded for speed where harmless
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    def _spawn(self, argv: list[str], env: Mapping[str, str] | None = None,
+               user: str | None = None) -> None:
+        if port_is_open(self.port):
+            raise StackError(
+                f"port {self.port} for {self.name} is taken: is another stack running? "
+                f"(stop it, or set its FLASHCLAIM_*_URL to use it)"
+            )
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, user=user, start_new_session=True,
+        )
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self.stop(timeout=10, sig=signal.SIGKILL)
+
+
+def _bin(pattern: str, name: str) -> str:
+    found = sorted(glob.glob(pattern)) or ([shutil.which(name)] if shutil.which(name) else [])
+    if not found:
+        raise StackError(f"{name} not found: run `make deps` (Debian packages) first")
+    return str(found[-1])
+
+
+class Postgres(Server):
+    name = "postgres"
+
+    def __init__(self, root: Path, port: int, fast: bool) -> None:
+        super().__init__(root, port, fast)
+        self.bindir = Path(_bin("/usr/lib/postgresql/*/bin/postgres", "postgres")).parent
+        # PostgreSQL refuses to run as root: run it as the 'postgres' account instead.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.pgroot = self._writable_root(root / "postgres")
+        self.data = self.pgroot / "data"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://flashclaim@127.0.0.1:{self.port}/flashclaim"
+
+    def _writable_root(self, preferred: Path) -> Path:
+        if self.user is None:
+            preferred.mkdir(parents=True, exist_ok=True)
+            return preferred
+        account = pwd.getpwnam(self.user)
+        for candidate in (preferred, self._fallback(preferred)):
+            candidate.mkdir(parents=True, exist_ok=True)
+            os.chown(candidate, account.pw_uid, account.pw_gid)
+            ok = subprocess.run(["test", "-w", str(candidate)], user=self.user,
+                                check=False).returncode == 0
+            if ok:
+                return candidate
+        raise StackError(f"no folder writable by the {self.user} account for PostgreSQL")
+
+    @staticmethod
+    def _fallback(preferred: Path) -> Path:
+        # The project folder may sit under a folder the postgres account cannot enter
+        # (a private temporary folder, say): keep the data in /var/tmp instead.
+        digest = hashlib.sha1(str(preferred).encode()).hexdigest()[:10]
+        return Path("/var/tmp") / f"flashclaim-pg-{digest}"
+
+    def start(self) -> None:
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        settings = ["-c", "max_connections=200", "-c", "shared_buffers=256MB",
+                    "-c", "listen_addresses=127.0.0.1"]
+        if self.fast:
+            settings += ["-c", "fsync=off", "-c", "full_page_writes=off"]
+        self._spawn([str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                     "-k", str(self.pgroot), *settings], user=self.user)
+        self.wait_ready()
+
+    def _initdb(self) -> None:
+        result = subprocess.run(
+            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+            user=self.user, capture_output=True, check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"initdb failed: {result.stderr.decode(errors='replace')}")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None
+        wait_for_port(self.port, timeout, self.proc, self.name)
+        admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(admin, autocommit=True, connect_timeout=2) as conn:
+                    if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname='flashclaim'"
+                                        ).fetchone():
+                        conn.execute("CREATE ROLE flashclaim LOGIN")
+                    if not conn.execute("SELECT 1 FROM pg_database WHERE datname='flashclaim'"
+                                        ).fetchone():
+                        conn.execute("CREATE DATABASE flashclaim OWNER flashclaim")
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 30.0, sig: int = signal.SIGINT) -> None:
+        # SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
+        super().stop(timeout, sig)
+
+
+class RabbitMQ(Server):
+    name = "rabbitmq"
+    PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus",
+               "rabbitmq_consistent_hash_exchange", "rabbitmq_shovel",
+               "rabbitmq_shovel_management")
+
+    def __init__(self, root: Path, ports: Ports, fast: bool) -> None:
+        super().__init__(root, ports.amqp, fast)
+        self.ports = ports
+        self.home = root / "rabbitmq"
+        self.server_bin = _bin("/usr/lib/rabbitmq/bin/rabbitmq-server", "rabbitmq-server")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}/"
+
+    def env(self) -> dict[str, str]:
+        h = self.home
+        return {
+            "HOME": str(h),  # where the Erlang cookie lives
+            "RABBITMQ_NODENAME": f"flashclaim{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.ports.erlang_dist),
+            "ERL_EPMD_PORT": str(self.ports.epmd),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_MNESIA_BASE": str(h / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(h / "log"),
+            "RABBITMQ_LOGS": "-",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(h / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(h / "rabbitmq.conf"),
+            "RABBITMQ_PID_FILE": str(h / "rabbitmq.pid"),
+        }
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "enabled_plugins").write_text("[" + ",".join(self.PLUGINS) + "].\n")
+        (self.home / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            f"management.tcp.ip = 127.0.0.1\n"
+            f"management.tcp.port = {self.ports.management}\n"
+            f"prometheus.tcp.ip = 127.0.0.1\n"
+            f"prometheus.tcp.port = {self.ports.prometheus}\n"
+            "loopback_users.guest = true\n"
+        )
+        self._spawn([self.server_bin], env=self.env())
+        wait_for_port(self.port, 120, self.proc, self.name)
+
+    def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> None:
+        super().stop(timeout, sig)
+
+    def shutdown_epmd(self) -> None:
+        epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")),
+                                            None)
+        if epmd:
+            subprocess.run([epmd, "-port", str(self.ports.epmd), "-kill"],
+                           capture_output=True, check=False)
+
+
+class Redis(Server):
+    name = "redis"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        data = self.root / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self._spawn([_bin("/usr/bin/redis-server", "redis-server"),
+                     "--port", str(self.port), "--bind", "127.0.0.1",
+                     "--dir", str(data), "--save", "", "--appendonly", "no",
+                     "--protected-mode", "no"])
+        wait_for_port(self.port, 30, self.proc, self.name)
+
+
+ENV_URLS = {"postgres": "FLASHCLAIM_DATABASE_URL", "rabbitmq": "FLASHCLAIM_AMQP_URL",
+            "redis": "FLASHCLAIM_REDIS_URL"}
+
+
+class Stack:
+    """The three servers of one profile, minus those given by URL in ``environ``."""
+
+    def __init__(self, profile: str, root: Path | None = None,
+                 environ: Mapping[str, str] | None = None, fresh: bool = False) -> None:
+        env = os.environ if environ is None else environ
+        self.ports = PROFILES[profile]
+        self.root = (root or Path.cwd() / ".stack") / profile
+        if fresh and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        fast = profile == "test"
+        self.external = {k: env[v] for k, v in ENV_URLS.items() if env.get(v)}
+        self.postgres = None if "postgres" in self.external else Postgres(
+            self.root, self.ports.postgres, fast)
+        if fresh and self.postgres is not None and self.postgres.pgroot != self.root / "postgres":
+            shutil.rmtree(self.postgres.data, ignore_errors=True)
+        self.rabbitmq = None if "rabbitmq" in self.external else RabbitMQ(
+            self.root, self.ports, fast)
+        self.redis = None if "redis" in self.external else Redis(self.root, self.ports.redis, fast)
+
+    @property
+    def owned(self) -> list[Server]:
+        return [s for s in (self.postgres, self.rabbitmq, self.redis) if s is not None]
+
+    def urls(self) -> dict[str, str]:
+        return {
+            "FLASHCLAIM_DATABASE_URL": self.external.get("postgres")
+            or self.postgres.url,  # type: ignore[union-attr]
+            "FLASHCLAIM_AMQP_URL": self.external.get("rabbitmq")
+            or self.rabbitmq.url,  # type: ignore[union-attr]
+            "FLASHCLAIM_REDIS_URL": self.external.get("redis")
+            or self.redis.url,  # type: ignore[union-attr]
+        }
+
+    def start(self) -> None:
+        try:
+            for server in self.owned:
+                server.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in reversed(self.owned):
+            with contextlib.suppress(Exception):
+                server.stop()
+        if self.rabbitmq is not None:
+            self.rabbitmq.shutdown_epmd()
+
+
+def run_foreground(profile: str, consumers: int = 1) -> int:
+    """``make run``: the servers, the schema, a gateway and consumers, until Ctrl-C."""
+    from flashclaim.db import apply_schema
+
+    stack = Stack(profile)
+    stop_requested = False
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        print(f"flashclaim: starting servers in {stack.root} ...", file=sys.stderr, flush=True)
+        stack.start()
+        env = {**os.environ, **stack.urls()}
+        apply_schema(env["FLASHCLAIM_DATABASE_URL"])
+        exe = [sys.executable, "-m", "flashclaim.cli"]
+        children.append(subprocess.Popen([*exe, "gateway"], env=env))
+        children += [subprocess.Popen([*exe, "consumer"], env=env) for _ in range(consumers)]
+        _print_summary(stack, env)
+        while not stop_requested:
+            if any(c.poll() is not None for c in children):
+                print("flashclaim: a service exited; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("flashclaim: stopping ...", file=sys.stderr, flush=True)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        stack.stop()
+        print("flashclaim: stopped", file=sys.stderr, flush=True)
+
+
+def _print_summary(stack: Stack, env: Mapping[str, str]) -> None:
+    port = env.get("FLASHCLAIM_HTTP_PORT", "8080")
+    lines = [
+        "",
+        "flashclaim is running (Ctrl-C stops everything):",
+        f"  API              http://127.0.0.1:{port}/api/coupons",
+        f"  PostgreSQL       {env['FLASHCLAIM_DATABASE_URL']}",
+        f"  RabbitMQ         {env['FLASHCLAIM_AMQP_URL']}",
+    ]
+    if stack.rabbitmq is not None:
+        lines.append(f"  RabbitMQ UI      {stack.rabbitmq.management_url}  (guest / guest)")
+    lines += [f"  Redis            {env['FLASHCLAIM_REDIS_URL']}",
+              f"  server logs      {stack.root}/*.log", ""]
+    print("\n".join(lines), file=sys.stderr, flush=True)

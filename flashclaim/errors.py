@@ -1,0 +1,35 @@
+"""The project's exception root; driver errors are translated into these at the boundary."""
+
+from __future__ import annotations
+
+
+class FlashclaimError(Exception):
+    """Root of every error flashclaim raises on purpose."""
+
+
+class ConfigError(FlashclaimError):
+    """A setting is missing or malformed."""
+
+
+class InvalidInput(FlashclaimError):
+    """A request or command does not follow the contract."""
+
+
+class PoisonMessage(FlashclaimError):
+    """A queued command that can never be applied (unparseable, unknown version...)."""
+
+
+class DependencyUnavailable(FlashclaimError):
+    """A server flashclaim needs (broker, database, Redis) cannot be reached now."""
+
+    def __init__(self, service: str, detail: str = "") -> None:
+        super().__init__(f"{service} is unavailable" + (f": {detail}" if detail else ""))
+        self.service = service
+
+
+class CouponExists(FlashclaimError):
+    """A coupon with this name already exists."""
+
+
+class CouponNotFound(FlashclaimError):
+    """No coupon has this name."""

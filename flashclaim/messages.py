@@ -1,0 +1,117 @@
+"""The claim command that travels on RabbitMQ, and the result that comes back.
+
+Body of a command (JSON, ``content_type: application/json``)::
+
+    {"v": 1, "user_id": "user_12345", "coupon_name": "PROMO_SUPER"}
+
+Its AMQP ``message_id`` is the request id (a UUID); ``reply_to`` names the Redis channel
+of the gateway waiting for the answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from flashclaim.errors import InvalidInput, PoisonMessage
+
+VERSION = 1
+CLAIM_EVENT = "coupon.claim.requested"
+NAME_MAX = 128
+# Idempotency-Key values map to request ids in this UUID namespace, so that a retried
+# HTTP request becomes the same message and the inbox de-duplicates it.
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c1c36-5b8e-4a53-9a55-0c56f1a4b7e2")
+
+
+def check_name(value: object, field: str) -> str:
+    """Return ``value`` if it is a non-empty string of at most 128 characters."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"'{field}' must be a non-empty string")
+    if len(value) > NAME_MAX:
+        raise InvalidInput(f"'{field}' must be at most {NAME_MAX} characters")
+    if "\x00" in value:
+        raise InvalidInput(f"'{field}' must not contain NUL characters")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimCommand:
+    request_id: uuid.UUID
+    user_id: str
+    coupon_name: str
+    reply_to: str | None = None
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {"v": VERSION, "user_id": self.user_id, "coupon_name": self.coupon_name}
+        )
+
+    @classmethod
+    def decode(cls, message_id: str | None, body: bytes, reply_to: str | None) -> ClaimCommand:
+        """Parse a delivered command; raise :class:`PoisonMessage` if it can never apply."""
+        try:
+            request_id = uuid.UUID(message_id or "")
+        except ValueError:
+            raise PoisonMessage(f"message_id {message_id!r} is not a UUID") from None
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise PoisonMessage(f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise PoisonMessage("body is not a JSON object")
+        if data.get("v") != VERSION:
+            raise PoisonMessage(f"unknown message version {data.get('v')!r}")
+        try:
+            user_id = check_name(data.get("user_id"), "user_id")
+            coupon_name = check_name(data.get("coupon_name"), "coupon_name")
+        except InvalidInput as exc:
+            raise PoisonMessage(str(exc)) from None
+        return cls(request_id, user_id, coupon_name, reply_to or None)
+
+
+class Outcome(enum.Enum):
+    """Each business answer a claim can get, with its HTTP status and error code."""
+
+    CLAIMED = (200, "claimed", "")
+    ALREADY_CLAIMED = (409, "already_claimed", "this user already claimed this coupon")
+    OUT_OF_STOCK = (400, "out_of_stock", "coupon is out of stock")
+    NO_SUCH_COUPON = (404, "coupon_not_found", "no such coupon")
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """The final answer to one claim request, as the HTTP client sees it."""
+
+    request_id: uuid.UUID
+    status: int
+    body: dict[str, Any]
+
+    @classmethod
+    def of(cls, command: ClaimCommand, outcome: Outcome) -> ClaimResult:
+        rid = str(command.request_id)
+        common = {"user_id": command.user_id, "coupon_name": command.coupon_name,
+                  "request_id": rid}
+        if outcome is Outcome.CLAIMED:
+            body: dict[str, Any] = {"status": "claimed", **common}
+        else:
+            body = {"error": outcome.message, "code": outcome.code, **common}
+        return cls(command.request_id, outcome.status, body)
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(
+            {"request_id": str(self.request_id), "status": self.status, "body": self.body}
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> ClaimResult:
+        data = orjson.loads(raw)
+        return cls(uuid.UUID(data["request_id"]), int(data["status"]), data["body"])

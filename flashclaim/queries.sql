@@ -1,0 +1,78 @@
+-- Named statements, loaded once by flashclaim.db. Each starts with "-- name: <name>".
+-- Parameters always go through the driver.
+
+-- name: create_coupon
+INSERT INTO coupons (name, amount, remaining_amount)
+VALUES (%(name)s, %(amount)s, %(amount)s)
+ON CONFLICT (name) DO NOTHING
+RETURNING name, amount, remaining_amount;
+
+-- name: get_coupon
+SELECT c.name, c.amount, c.remaining_amount,
+       ARRAY(SELECT cl.user_id FROM claims cl
+             WHERE cl.coupon_name = c.name ORDER BY cl.id) AS claimed_by
+FROM coupons c
+WHERE c.name = %(name)s;
+
+-- name: inbox_insert
+-- Message ids are inserted in sorted order so that two consumers holding overlapping
+-- batches take the unique-index locks in the same order and cannot deadlock.
+INSERT INTO inbox (message_id, sender, event_type, payload, exchange, routing_key,
+                   locked_at, locked_by)
+SELECT m.message_id, m.sender, %(event_type)s, m.payload::jsonb, %(exchange)s,
+       %(routing_key)s, now(), %(locked_by)s
+FROM unnest(%(message_ids)s::uuid[], %(senders)s::text[], %(payloads)s::text[])
+     AS m (message_id, sender, payload)
+ORDER BY m.message_id
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id;
+
+-- name: inbox_lock_existing
+-- Rows that already existed: a PENDING one was left by an earlier failed attempt and is
+-- applied now; a PROCESSED one is a redelivery and only gets its recorded result again.
+SELECT message_id, status, result_status, result_body
+FROM inbox
+WHERE message_id = ANY(%(message_ids)s::uuid[])
+ORDER BY message_id
+FOR UPDATE;
+
+-- name: lock_coupons
+-- Pessimistic lock on every coupon the batch touches, in name order (no deadlocks).
+-- Stock check, claim inserts and stock deduction all happen under this lock.
+SELECT name, remaining_amount
+FROM coupons
+WHERE name = ANY(%(names)s::text[])
+ORDER BY name
+FOR UPDATE;
+
+-- name: existing_holders
+SELECT cl.coupon_name, cl.user_id
+FROM claims cl
+JOIN unnest(%(coupon_names)s::text[], %(user_ids)s::text[]) AS r (coupon_name, user_id)
+  ON cl.coupon_name = r.coupon_name AND cl.user_id = r.user_id;
+
+-- name: insert_claims
+INSERT INTO claims (coupon_name, user_id, message_id)
+SELECT g.coupon_name, g.user_id, g.message_id
+FROM unnest(%(coupon_names)s::text[], %(user_ids)s::text[], %(message_ids)s::uuid[])
+     WITH ORDINALITY AS g (coupon_name, user_id, message_id, ord)
+ORDER BY g.ord;
+
+-- name: deduct_stock
+UPDATE coupons c
+SET remaining_amount = c.remaining_amount - d.taken
+FROM unnest(%(names)s::text[], %(taken)s::int[]) AS d (name, taken)
+WHERE c.name = d.name;
+
+-- name: record_results
+UPDATE inbox i
+SET status = 'PROCESSED', result_status = r.status, result_body = r.body::jsonb,
+    error = NULL, locked_at = NULL, locked_by = NULL, updated_at = now()
+FROM unnest(%(message_ids)s::uuid[], %(statuses)s::int[], %(bodies)s::text[])
+     AS r (message_id, status, body)
+WHERE i.message_id = r.message_id;
+
+-- name: inbox_result
+SELECT status, result_status, result_body
+FROM inbox
+WHERE message_id = %(message_id)s;

@@ -1,0 +1,57 @@
+"""Claim results in Redis: stored under the request id, and pushed to the waiting gateway.
+
+Keys (``<ns>`` is the namespace setting):
+
+- ``<ns>:result:<request_id>``: the final result, JSON, with a TTL;
+- ``<ns>:pending:<request_id>``: set when a client was answered 202, until the result lands;
+- ``<ns>:replies:<gateway instance>``: the pub/sub channel one gateway listens on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+import redis.asyncio as aioredis
+
+from flashclaim.messages import ClaimResult
+
+
+class ResultStore:
+    def __init__(self, client: aioredis.Redis, namespace: str, ttl_seconds: int) -> None:
+        self._redis = client
+        self._ns = namespace
+        self._ttl = ttl_seconds
+
+    def result_key(self, request_id: uuid.UUID) -> str:
+        return f"{self._ns}:result:{request_id}"
+
+    def pending_key(self, request_id: uuid.UUID) -> str:
+        return f"{self._ns}:pending:{request_id}"
+
+    def reply_channel(self, instance_id: str) -> str:
+        return f"{self._ns}:replies:{instance_id}"
+
+    async def publish(self, results: Iterable[tuple[ClaimResult, str | None]]) -> None:
+        """Store each result and push it to its gateway's channel, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        queued = False
+        for result, reply_to in results:
+            raw = result.dumps()
+            pipe.set(self.result_key(result.request_id), raw, ex=self._ttl)
+            pipe.delete(self.pending_key(result.request_id))
+            if reply_to:
+                pipe.publish(reply_to, raw)
+            queued = True
+        if queued:
+            await pipe.execute()
+
+    async def get(self, request_id: uuid.UUID) -> ClaimResult | None:
+        raw = await self._redis.get(self.result_key(request_id))
+        return None if raw is None else ClaimResult.loads(raw)
+
+    async def mark_pending(self, request_id: uuid.UUID) -> None:
+        await self._redis.set(self.pending_key(request_id), b"1", ex=self._ttl)
+
+    async def is_pending(self, request_id: uuid.UUID) -> bool:
+        return bool(await self._redis.exists(self.pending_key(request_id)))

@@ -1,0 +1,100 @@
+"""Typed settings, read once from ``FLASHCLAIM_*`` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from flashclaim.errors import ConfigError
+
+PREFIX = "FLASHCLAIM_"
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a flashclaim process can be configured with.
+
+    Each field ``name`` is read from ``FLASHCLAIM_<NAME>``; the defaults match the local
+    stack that ``make run`` starts.
+    """
+
+    database_url: str = "postgresql://flashclaim@127.0.0.1:55432/flashclaim"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:55672/"
+    redis_url: str = "redis://127.0.0.1:56379/0"
+    # Prefix of every exchange, queue and Redis key, so that several deployments (or
+    # test runs) can share one broker and one Redis.
+    namespace: str = "flashclaim"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # How long a claim request waits for its result before answering 202.
+    claim_wait_seconds: float = 5.0
+    # How long results stay in Redis for GET /api/claims/{id} and Idempotency-Key replays
+    # (PostgreSQL's inbox keeps them for good).
+    result_ttl_seconds: int = 86_400
+    max_body_bytes: int = 65_536
+    # How long the gateway waits for the broker to confirm a claim before answering 503.
+    publish_timeout_seconds: float = 5.0
+    db_pool_min_size: int = 1
+    db_pool_max_size: int = 10
+    consumer_prefetch: int = 1000
+    batch_size: int = 200
+    batch_linger_ms: float = 1.0
+    # Times RabbitMQ redelivers a command before dead-lettering it.
+    delivery_limit: int = 5
+    # Seconds a stopping consumer or gateway gets to finish what it has in hand.
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    instance_id: str = field(default_factory=_default_instance_id)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``), failing clearly."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f, raw)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def validate(self) -> None:
+        positive = (
+            "http_port", "claim_wait_seconds", "result_ttl_seconds", "max_body_bytes",
+            "publish_timeout_seconds", "db_pool_min_size", "db_pool_max_size",
+            "consumer_prefetch", "batch_size", "delivery_limit",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be greater than 0")
+        if self.batch_linger_ms < 0 or self.shutdown_grace_seconds < 0:
+            raise ConfigError("linger and grace periods cannot be negative")
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ConfigError(f"{PREFIX}DB_POOL_MIN_SIZE exceeds {PREFIX}DB_POOL_MAX_SIZE")
+        if not self.namespace.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ConfigError(f"{PREFIX}NAMESPACE may hold only letters, digits, '.', '-', '_'")
+
+
+def _parse(f: dataclasses.Field[object], raw: str) -> object:
+    kind = f.type
+    name = PREFIX + f.name.upper()
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,25 @@
+"""One canonical JSON log line per HTTP request."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+
+class CanonicalAccessLogger(AbstractAccessLogger):
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": request.get("request_id"),
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "duration_ms": round(time * 1000, 2),
+        }
+        for key in ("claim_id", "coupon_name", "outcome", "error"):
+            if key in request:
+                fields[key] = request[key]
+        self.logger.info("request", extra=fields)

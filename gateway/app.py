@@ -1,0 +1,96 @@
+"""The aiohttp application factory: routes, middleware and one cleanup context a resource."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aio_pika
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+
+from flashclaim.db import create_pool
+from flashclaim.errors import DependencyUnavailable
+from flashclaim.results import ResultStore
+from flashclaim.settings import Settings
+from flashclaim.topology import Topology
+from gateway.claims import ClaimService
+from gateway.handlers import routes
+from gateway.middleware import errors_middleware
+from gateway.publisher import ClaimPublisher
+from gateway.replies import ReplyListener
+from gateway.repository import Repository
+from gateway.state import CLAIMS, READINESS, REPOSITORY
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", aioredis.Redis)
+AMQP = web.AppKey("amqp", AbstractRobustConnection)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the gateway; nothing connects until the app starts."""
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[errors_middleware])
+    app[SETTINGS] = settings
+    app[READINESS] = {}
+    app.add_routes(routes)
+    app.cleanup_ctx.extend([_database, _redis, _broker, _claims])
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    pool = create_pool(s.database_url, s.db_pool_min_size, s.db_pool_max_size,
+                       f"flashclaim-gateway-{s.instance_id}")
+    # Not waiting: claims need no database, so the gateway starts even while it is down.
+    await pool.open(wait=False)
+    app[REPOSITORY] = Repository(pool)
+    app[READINESS]["database"] = app[REPOSITORY].ping
+    yield
+    await pool.close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    client = aioredis.from_url(app[SETTINGS].redis_url, socket_timeout=2.0,
+                               socket_connect_timeout=2.0)
+    app[REDIS] = client
+
+    async def ping() -> None:
+        await client.ping()
+
+    app[READINESS]["redis"] = ping
+    yield
+    await client.aclose()
+
+
+async def _broker(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    connection = await aio_pika.connect_robust(
+        s.amqp_url, client_properties={"connection_name": f"gateway {s.instance_id}"}
+    )
+    app[AMQP] = connection
+    app[READINESS]["broker"] = _connected(connection)
+    yield
+    await connection.close()
+
+
+async def _claims(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    channel = await app[AMQP].channel(publisher_confirms=True, on_return_raises=True)
+    exchange, _ = await Topology(s.namespace, s.delivery_limit).declare(channel)
+    results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds)
+    replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
+    await replies.start()
+    app[CLAIMS] = ClaimService(ClaimPublisher(exchange, s.publish_timeout_seconds),
+                               replies, results, s.claim_wait_seconds)
+    yield
+    await replies.stop()
+    await channel.close()
+
+
+def _connected(connection: AbstractRobustConnection) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        if connection.is_closed:
+            raise DependencyUnavailable("broker", "not connected")
+
+    return check

@@ -1,0 +1,85 @@
+"""Submitting a claim: publish the command, then wait for its result (or answer 202)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from flashclaim.errors import FlashclaimError
+from flashclaim.messages import ClaimCommand, ClaimResult
+from flashclaim.results import ResultStore
+from gateway.publisher import ClaimPublisher
+from gateway.replies import ReplyListener
+
+log = logging.getLogger(__name__)
+
+
+class IdempotencyKeyReused(FlashclaimError):
+    """An Idempotency-Key was sent again with a different claim."""
+
+
+class ClaimService:
+    def __init__(
+        self,
+        publisher: ClaimPublisher,
+        replies: ReplyListener,
+        results: ResultStore,
+        wait_seconds: float,
+    ) -> None:
+        self._publisher = publisher
+        self._replies = replies
+        self._results = results
+        self._wait = wait_seconds
+
+    @property
+    def reply_channel(self) -> str:
+        return self._replies.channel
+
+    async def submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
+        """The claim's final result, or ``None`` if it is still pending after the wait.
+
+        ``replayable`` (an Idempotency-Key was given): a result already recorded for this
+        request id is returned as it is, without publishing again.
+        """
+        if replayable:
+            prior = await self.lookup(command.request_id)
+            if prior is not None:
+                return _same_claim(prior, command)
+        with self._replies.expect(command.request_id) as reply:
+            await self._publisher.publish(command)
+            try:
+                result = await asyncio.wait_for(reply, self._wait)
+            except TimeoutError:
+                result = await self.lookup(command.request_id)
+                if result is None:
+                    await self._mark_pending(command.request_id)
+                    return None
+        return _same_claim(result, command) if replayable else result
+
+    async def lookup(self, request_id: uuid.UUID) -> ClaimResult | None:
+        """The result held in Redis, or ``None`` (also when Redis cannot be reached)."""
+        try:
+            return await self._results.get(request_id)
+        except Exception as exc:
+            log.warning("result lookup failed", extra={"error": repr(exc)})
+            return None
+
+    async def is_pending(self, request_id: uuid.UUID) -> bool:
+        try:
+            return await self._results.is_pending(request_id)
+        except Exception:
+            return False
+
+    async def _mark_pending(self, request_id: uuid.UUID) -> None:
+        try:
+            await self._results.mark_pending(request_id)
+        except Exception as exc:
+            log.warning("pending mark failed", extra={"error": repr(exc)})
+
+
+def _same_claim(result: ClaimResult, command: ClaimCommand) -> ClaimResult:
+    body = result.body
+    if body.get("user_id") != command.user_id or body.get("coupon_name") != command.coupon_name:
+        raise IdempotencyKeyReused("Idempotency-Key was already used for a different claim")
+    return result

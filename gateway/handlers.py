@@ -1,0 +1,108 @@
+"""HTTP handlers of the REST contract."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiohttp import web
+
+from flashclaim.errors import DependencyUnavailable
+from flashclaim.messages import IDEMPOTENCY_NAMESPACE, ClaimCommand, ClaimResult
+from gateway import validation
+from gateway.middleware import error_response
+from gateway.state import CLAIMS, READINESS, REPOSITORY
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/api/coupons")
+async def create_coupon(request: web.Request) -> web.Response:
+    body = await validation.json_object(request)
+    name = validation.name(body.get("name"), "name")
+    amount = validation.amount(body.get("amount"))
+    request["coupon_name"] = name
+    coupon = await request.app[REPOSITORY].create_coupon(name, amount)
+    return web.json_response(coupon, status=201, headers={"Location": f"/api/coupons/{name}"})
+
+
+@routes.get("/api/coupons/{name}")
+async def get_coupon(request: web.Request) -> web.Response:
+    name = validation.name(request.match_info["name"], "name")
+    return web.json_response(await request.app[REPOSITORY].get_coupon(name))
+
+
+@routes.post("/api/coupons/claim")
+async def claim(request: web.Request) -> web.Response:
+    body = await validation.json_object(request)
+    user_id = validation.name(body.get("user_id"), "user_id")
+    coupon_name = validation.name(body.get("coupon_name"), "coupon_name")
+    key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
+    request_id = uuid.uuid5(IDEMPOTENCY_NAMESPACE, key) if key else uuid.uuid4()
+    request["claim_id"] = str(request_id)
+    request["coupon_name"] = coupon_name
+    service = request.app[CLAIMS]
+    command = ClaimCommand(request_id, user_id, coupon_name, reply_to=service.reply_channel)
+    result = await service.submit(command, replayable=key is not None)
+    if result is None:
+        request["outcome"] = "pending"
+        return pending_response(request_id)
+    request["outcome"] = result.body.get("code", "claimed")
+    return result_response(result)
+
+
+@routes.get("/api/claims/{request_id}")
+async def get_claim(request: web.Request) -> web.Response:
+    try:
+        request_id = uuid.UUID(request.match_info["request_id"])
+    except ValueError:
+        return error_response(404, "claim_not_found", "no such claim request")
+    service = request.app[CLAIMS]
+    result = await service.lookup(request_id)
+    if result is not None:
+        return result_response(result)
+    if await service.is_pending(request_id):
+        return pending_response(request_id)
+    status, result = await request.app[REPOSITORY].recorded_result(request_id)
+    if result is not None:
+        return result_response(result)
+    if status != "UNKNOWN":
+        return pending_response(request_id)
+    return error_response(404, "claim_not_found", "no such claim request",
+                          request_id=str(request_id))
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    checks = request.app[READINESS]
+    names = list(checks)
+    outcomes = await asyncio.gather(
+        *(asyncio.wait_for(checks[n](), 2.0) for n in names), return_exceptions=True
+    )
+    report = {n: "ok" if o is None else _reason(o) for n, o in zip(names, outcomes)}
+    ready = all(v == "ok" for v in report.values())
+    return web.json_response({"status": "ready" if ready else "unavailable", "checks": report},
+                             status=200 if ready else 503)
+
+
+def _reason(exc: BaseException | None) -> str:
+    if isinstance(exc, DependencyUnavailable):
+        return str(exc)
+    return f"unavailable: {type(exc).__name__}"
+
+
+def result_response(result: ClaimResult) -> web.Response:
+    return web.json_response(result.body, status=result.status)
+
+
+def pending_response(request_id: uuid.UUID) -> web.Response:
+    return web.json_response(
+        {"request_id": str(request_id), "status": "pending"},
+        status=202,
+        headers={"Location": f"/api/claims/{request_id}"},
+    )

@@ -1,0 +1,67 @@
+"""Every error becomes the JSON error body; every request gets a request id."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from flashclaim.errors import (
+    CouponExists,
+    CouponNotFound,
+    DependencyUnavailable,
+    FlashclaimError,
+    InvalidInput,
+)
+from gateway.claims import IdempotencyKeyReused
+
+log = logging.getLogger(__name__)
+
+# The one table from the project's exceptions to HTTP answers.
+ERRORS: dict[type[FlashclaimError], tuple[int, str]] = {
+    InvalidInput: (400, "invalid_request"),
+    CouponExists: (409, "coupon_exists"),
+    CouponNotFound: (404, "coupon_not_found"),
+    IdempotencyKeyReused: (422, "idempotency_key_reused"),
+    DependencyUnavailable: (503, "service_unavailable"),
+}
+RETRY_AFTER_SECONDS = "1"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    response = web.json_response({"error": message, "code": code, **extra}, status=status)
+    if status == 503:
+        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return response
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    request["request_id"] = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    try:
+        response = await handler(request)
+    except FlashclaimError as exc:
+        status, code = next(
+            (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")
+        )
+        request["error"] = str(exc)
+        response = error_response(status, code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = re.sub(r"\W+", "_", exc.reason.lower()).strip("_")
+        response = error_response(exc.status, code, exc.reason)
+        if allow := exc.headers.get("Allow"):
+            response.headers["Allow"] = allow
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request["request_id"],
+                                                "path": request.path})
+        response = error_response(500, "internal_error", "internal server error")
+    response.headers["X-Request-Id"] = request["request_id"]
+    return response

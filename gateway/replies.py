@@ -1,0 +1,95 @@
+"""One Redis subscription per gateway process, resolving every waiting claim request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Iterator
+
+import redis.asyncio as aioredis
+
+from flashclaim.messages import ClaimResult
+
+log = logging.getLogger(__name__)
+
+
+class ReplyListener:
+    """Listens on this gateway's reply channel and hands each result to its waiters.
+
+    Several requests may wait on the same request id (a retried request with the same
+    Idempotency-Key): all of them get the one result.
+    """
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        self._redis = client
+        self.channel = channel
+        self._waiters: dict[uuid.UUID, list[asyncio.Future[ClaimResult]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self, timeout: float = 10.0) -> None:
+        self._task = asyncio.create_task(self._listen(), name="reply-listener")
+        await asyncio.wait_for(self._subscribed.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                fut.cancel()
+
+    @contextlib.contextmanager
+    def expect(self, request_id: uuid.UUID) -> Iterator[asyncio.Future[ClaimResult]]:
+        """Register interest *before* publishing, so that a fast reply is never missed."""
+        fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, []).append(fut)
+        try:
+            yield fut
+        finally:
+            waiters = self._waiters.get(request_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self._waiters.pop(request_id, None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _resolve(self, result: ClaimResult) -> None:
+        for fut in self._waiters.pop(result.request_id, []):
+            if not fut.done():
+                fut.set_result(result)
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self._subscribed.set()
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=5.0)
+                    if message is None:
+                        continue
+                    try:
+                        self._resolve(ClaimResult.loads(message["data"]))
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("malformed reply ignored")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Redis away: waiting requests will answer 202 and be found later in
+                # Redis or the inbox; keep trying to subscribe again.
+                self._subscribed.clear()
+                log.warning("reply subscription lost", extra={"error": repr(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

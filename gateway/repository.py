@@ -1,0 +1,52 @@
+"""The gateway's own reads and writes against PostgreSQL (claims go through the queue)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from flashclaim.db import queries
+from flashclaim.errors import CouponExists, CouponNotFound, DependencyUnavailable
+from flashclaim.messages import ClaimResult
+
+
+class Repository:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def create_coupon(self, name: str, amount: int) -> dict[str, Any]:
+        row = await self._fetchone(queries()["create_coupon"], {"name": name, "amount": amount})
+        if row is None:
+            raise CouponExists(f"coupon {name!r} already exists")
+        return {**row, "claimed_by": []}
+
+    async def get_coupon(self, name: str) -> dict[str, Any]:
+        row = await self._fetchone(queries()["get_coupon"], {"name": name})
+        if row is None:
+            raise CouponNotFound(f"no coupon named {name!r}")
+        return row
+
+    async def recorded_result(self, request_id: uuid.UUID) -> tuple[str, ClaimResult | None]:
+        """``(inbox status, result)``; status ``"UNKNOWN"`` when the inbox has no row."""
+        row = await self._fetchone(queries()["inbox_result"], {"message_id": request_id})
+        if row is None:
+            return "UNKNOWN", None
+        if row["status"] != "PROCESSED":
+            return row["status"], None
+        return row["status"], ClaimResult(request_id, row["result_status"], row["result_body"])
+
+    async def ping(self) -> None:
+        await self._fetchone("SELECT 1 AS ok", {})
+
+    async def _fetchone(self, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            async with self._pool.connection(timeout=5.0) as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(sql, params)  # type: ignore[arg-type]
+                return await cur.fetchone()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DependencyUnavailable("database", type(exc).__name__) from exc

@@ -1,0 +1,126 @@
+"""Real gateway and consumer processes, started from the ``flashclaim`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from flashclaim.settings import Settings
+
+LOGS = Path(__file__).resolve().parents[2] / ".stack" / "test" / "services"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_env(settings: Settings, **overrides: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHCLAIM_")}
+    values = {
+        "database_url": settings.database_url,
+        "amqp_url": settings.amqp_url,
+        "redis_url": settings.redis_url,
+        "namespace": settings.namespace,
+        "log_level": "INFO",
+        "shutdown_grace_seconds": 5,
+        **overrides,
+    }
+    env.update({f"FLASHCLAIM_{k.upper()}": str(v) for k, v in values.items()})
+    return env
+
+
+@dataclass
+class Services:
+    """Gateway and consumer processes sharing one namespace."""
+
+    settings: Settings
+    port: int = field(default_factory=free_port)
+    gateway_overrides: dict[str, Any] = field(default_factory=dict)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, role: str, **overrides: Any) -> subprocess.Popen[bytes]:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        instance = f"{role}-{uuid.uuid4().hex[:8]}"
+        log = open(LOGS / f"{self.settings.namespace}-{instance}.log", "wb")  # noqa: SIM115
+        env = service_env(self.settings, instance_id=instance, **overrides)
+        proc = subprocess.Popen([sys.executable, "-m", "flashclaim.cli", role], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    async def start_gateway(self, **overrides: Any) -> subprocess.Popen[bytes]:
+        proc = self._spawn("gateway", http_port=self.port,
+                           **{**self.gateway_overrides, **overrides})
+        await self.wait_healthy(proc)
+        return proc
+
+    def start_consumer(self, **overrides: Any) -> subprocess.Popen[bytes]:
+        return self._spawn("consumer", **overrides)
+
+    async def wait_healthy(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(int(timeout / 0.1)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {proc.returncode}")
+                try:
+                    async with http.get(f"{self.base_url}/healthz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError("gateway did not become healthy")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+@pytest.fixture
+def services(settings: Settings) -> Iterator[Services]:
+    running = Services(settings)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def api(services: Services) -> AsyncIterator[Services]:
+    """One gateway and one consumer, ready to serve."""
+    services.start_consumer()
+    await services.start_gateway()
+    yield services
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session

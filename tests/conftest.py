@@ -1,0 +1,86 @@
+"""Shared fixtures: the real servers of the ``test`` profile, and isolated namespaces.
+
+The servers are started once per test session, on ports and in a folder of their own,
+so a running ``make run`` stack is left alone. Where FLASHCLAIM_DATABASE_URL,
+FLASHCLAIM_AMQP_URL or FLASHCLAIM_REDIS_URL is set, that server is used instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from flashclaim.db import apply_schema
+from flashclaim.devstack import ENV_URLS, Stack
+from flashclaim.settings import PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+_URL_VARS = set(ENV_URLS.values())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_environment() -> Iterator[None]:
+    """No FLASHCLAIM_* variable of the developer's shell may change an outcome."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
+    for key in saved:
+        if key not in _URL_VARS:
+            del os.environ[key]
+    yield
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def stack(clean_environment: None) -> Iterator[Stack]:
+    servers = Stack("test", root=ROOT / ".stack", fresh=True)
+    servers.start()
+    try:
+        apply_schema(servers.urls()["FLASHCLAIM_DATABASE_URL"])
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of queues and Redis keys that no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def settings(stack: Stack, namespace: str) -> Settings:
+    urls = stack.urls()
+    return Settings(
+        database_url=urls["FLASHCLAIM_DATABASE_URL"],
+        amqp_url=urls["FLASHCLAIM_AMQP_URL"],
+        redis_url=urls["FLASHCLAIM_REDIS_URL"],
+        namespace=namespace,
+        instance_id=f"test-{uuid.uuid4().hex[:8]}",
+        claim_wait_seconds=10.0,
+        shutdown_grace_seconds=5.0,
+    )
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
+    async with AsyncConnectionPool(settings.database_url, min_size=1, max_size=4,
+                                   open=False) as p:
+        yield p
+
+
+@pytest.fixture
+def coupon_name() -> str:
+    return f"PROMO_{uuid.uuid4().hex[:10]}"
+
+
+def create_coupon_row(database_url: str, name: str, amount: int) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, %s, %s)",
+            (name, amount, amount),
+        )

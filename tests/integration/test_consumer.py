@@ -1,0 +1,152 @@
+"""The consumer against real RabbitMQ, PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aio_pika
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from consumer import service
+from flashclaim.messages import ClaimCommand, ClaimResult
+from flashclaim.results import ResultStore
+from flashclaim.settings import Settings
+from flashclaim.topology import CLAIM_ROUTING_KEY, Topology
+from tests.conftest import create_coupon_row
+
+REPLIES = "replies-under-test"
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel()
+    await Topology(settings.namespace, settings.delivery_limit).declare(channel)
+    yield channel
+    topo = Topology(settings.namespace, settings.delivery_limit)
+    for queue in (topo.claims_queue, topo.claims_dlq):
+        await channel.queue_delete(queue)
+    await connection.close()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+Runner = Callable[[], Awaitable[None]]
+
+
+@pytest.fixture
+async def consumers(settings: Settings) -> AsyncIterator[Callable[[int], None]]:
+    """Start n consumer services in this event loop; all are stopped at teardown."""
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(n: int) -> None:
+        for i in range(n):
+            s = settings.replace(instance_id=f"{settings.instance_id}-{len(tasks)}-{i}")
+            tasks.append(asyncio.create_task(service.run(s, stop)))
+
+    yield start
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+async def publish(channel: aio_pika.abc.AbstractChannel, settings: Settings,
+                  command: ClaimCommand, body: bytes | None = None) -> None:
+    exchange = await channel.get_exchange(Topology(settings.namespace, 1).commands_exchange)
+    await exchange.publish(
+        aio_pika.Message(body if body is not None else command.body(),
+                         message_id=str(command.request_id), reply_to=command.reply_to,
+                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        CLAIM_ROUTING_KEY,
+    )
+
+
+async def collect_replies(pubsub: aioredis.client.PubSub, count: int,
+                          timeout: float = 20.0) -> list[ClaimResult]:
+    replies: list[ClaimResult] = []
+    async with asyncio.timeout(timeout):
+        while len(replies) < count:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                replies.append(ClaimResult.loads(message["data"]))
+    return replies
+
+
+@contextlib.asynccontextmanager
+async def subscribed(redis: aioredis.Redis) -> AsyncIterator[aioredis.client.PubSub]:
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(REPLIES)
+    try:
+        yield pubsub
+    finally:
+        await pubsub.aclose()
+
+
+async def test_same_message_delivered_many_times_has_one_effect_and_identical_answers(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, redis: aioredis.Redis,
+    consumers: Callable[[int], None], coupon_name: str,
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    command = ClaimCommand(uuid.uuid4(), "alice", coupon_name, REPLIES)
+    async with subscribed(redis) as pubsub:
+        # Two consumers compete for the copies, some arriving in the same batch.
+        consumers(2)
+        await asyncio.gather(*(publish(broker, settings, command) for _ in range(8)))
+        replies = await collect_replies(pubsub, 8)
+    assert {r.status for r in replies} == {200}
+    assert len({orjson.dumps(r.body) for r in replies}) == 1
+    import psycopg
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute("SELECT remaining_amount FROM coupons WHERE name = %s",
+                            (coupon_name,)).fetchone() == (9,)
+        assert conn.execute("SELECT count(*) FROM claims WHERE coupon_name = %s",
+                            (coupon_name,)).fetchone() == (1,)
+    stored = await ResultStore(redis, settings.namespace, 60).get(command.request_id)
+    assert stored == replies[0]
+
+
+async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, redis: aioredis.Redis,
+    consumers: Callable[[int], None], coupon_name: str,
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 3)
+    poison = ClaimCommand(uuid.uuid4(), "mallory", coupon_name, REPLIES)
+    good = [ClaimCommand(uuid.uuid4(), f"user{i}", coupon_name, REPLIES) for i in range(3)]
+    await publish(broker, settings, poison, body=b"{not json")
+    for command in good:
+        await publish(broker, settings, command)
+    async with subscribed(redis) as pubsub:
+        consumers(1)
+        replies = await collect_replies(pubsub, 3)
+    assert sorted(r.status for r in replies) == [200, 200, 200]
+
+    dlq = await broker.declare_queue(Topology(settings.namespace, 1).claims_dlq, passive=True)
+    dead = await dlq.get(timeout=10, fail=True)
+    assert dead is not None
+    assert dead.message_id == str(poison.request_id)
+    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    await dead.ack()
+
+
+async def test_unknown_coupon_is_answered_404_not_dead_lettered(
+    settings: Settings, broker: aio_pika.abc.AbstractChannel, redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+) -> None:
+    command = ClaimCommand(uuid.uuid4(), "alice", f"NOPE_{uuid.uuid4().hex}", REPLIES)
+    async with subscribed(redis) as pubsub:
+        consumers(1)
+        await publish(broker, settings, command)
+        (reply,) = await collect_replies(pubsub, 1)
+    assert reply.status == 404
+    dlq = await broker.declare_queue(Topology(settings.namespace, 1).claims_dlq, passive=True)
+    assert await dlq.get(fail=False) is None
