@@ -28,11 +28,14 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """
     stop = stop or stop_event_on_signals()
     topology = Topology(settings.namespace, settings.delivery_limit)
-    pool = create_pool(settings.database_url, settings.db_pool_min_size,
-                       settings.db_pool_max_size, f"flashclaim-consumer-{settings.instance_id}")
+    pool = create_pool(
+        settings.database_url,
+        settings.db_pool_min_size,
+        settings.db_pool_max_size,
+        f"flashclaim-consumer-{settings.instance_id}",
+    )
     await pool.open(wait=True, timeout=30)
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0,
-                              socket_connect_timeout=2.0)
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     connection = await aio_pika.connect_robust(
         settings.amqp_url,
         client_properties={"connection_name": f"consumer {settings.instance_id}"},
@@ -47,9 +50,14 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             ResultStore(redis, settings.namespace, settings.result_ttl_seconds),
             worker_id=settings.instance_id,
         )
-        log.info("consumer started", extra={"queue": topology.claims_queue,
-                                            "prefetch": settings.consumer_prefetch,
-                                            "batch_size": settings.batch_size})
+        log.info(
+            "consumer started",
+            extra={
+                "queue": topology.claims_queue,
+                "prefetch": settings.consumer_prefetch,
+                "batch_size": settings.batch_size,
+            },
+        )
         await worker.run(stop, grace=settings.shutdown_grace_seconds)
     finally:
         await connection.close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import orjson
 from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
 
 from consumer.decide import decide
 from flashclaim.db import queries
@@ -42,7 +43,7 @@ class BatchOutcome:
 
 
 async def apply_batch(
-    conn: AsyncConnection[object], deliveries: Sequence[Delivery], worker_id: str
+    conn: AsyncConnection[TupleRow], deliveries: Sequence[Delivery], worker_id: str
 ) -> BatchOutcome:
     """Apply ``deliveries`` in arrival order; return the result of every message id.
 
@@ -61,8 +62,12 @@ async def apply_batch(
             "message_ids": ids,
             "senders": [unique[i].sender for i in ids],
             "payloads": [
-                orjson.dumps({"user_id": unique[i].command.user_id,
-                              "coupon_name": unique[i].command.coupon_name}).decode()
+                orjson.dumps(
+                    {
+                        "user_id": unique[i].command.user_id,
+                        "coupon_name": unique[i].command.coupon_name,
+                    }
+                ).decode()
                 for i in ids
             ],
             "event_type": CLAIM_EVENT,
@@ -71,13 +76,13 @@ async def apply_batch(
             "locked_by": worker_id,
         },
     )
-    fresh = {row[0] for row in await cur.fetchall()}  # type: ignore[index]
+    fresh = {row[0] for row in await cur.fetchall()}
 
     results: dict[uuid.UUID, ClaimResult] = {}
     existing = [i for i in ids if i not in fresh]
     if existing:
         cur = await conn.execute(q["inbox_lock_existing"], {"message_ids": existing})
-        for message_id, status, result_status, result_body in await cur.fetchall():  # type: ignore[misc]
+        for message_id, status, result_status, result_body in await cur.fetchall():
             if status == "PROCESSED":
                 results[message_id] = ClaimResult(message_id, result_status, result_body)
             else:
@@ -88,15 +93,15 @@ async def apply_batch(
 
     names = sorted({c.coupon_name for c in todo})
     cur = await conn.execute(q["lock_coupons"], {"names": names})
-    stock = {name: remaining for name, remaining in await cur.fetchall()}  # type: ignore[misc]
+    stock = {name: remaining for name, remaining in await cur.fetchall()}
     cur = await conn.execute(
         q["existing_holders"],
         {"coupon_names": [c.coupon_name for c in todo], "user_ids": [c.user_id for c in todo]},
     )
-    holders = [(coupon, user) for coupon, user in await cur.fetchall()]  # type: ignore[misc]
+    holders = [(coupon, user) for coupon, user in await cur.fetchall()]
 
     outcomes = decide(stock, holders, todo)
-    granted = [c for c, o in zip(todo, outcomes) if o is Outcome.CLAIMED]
+    granted = [c for c, o in zip(todo, outcomes, strict=True) if o is Outcome.CLAIMED]
     if granted:
         await conn.execute(
             q["insert_claims"],
@@ -107,10 +112,8 @@ async def apply_batch(
             },
         )
         taken = Counter(c.coupon_name for c in granted)
-        await conn.execute(
-            q["deduct_stock"], {"names": list(taken), "taken": list(taken.values())}
-        )
-    fresh_results = [ClaimResult.of(c, o) for c, o in zip(todo, outcomes)]
+        await conn.execute(q["deduct_stock"], {"names": list(taken), "taken": list(taken.values())})
+    fresh_results = [ClaimResult.of(c, o) for c, o in zip(todo, outcomes, strict=True)]
     await conn.execute(
         q["record_results"],
         {

@@ -79,18 +79,26 @@ class ClaimWorker:
                 )
                 await message.reject(requeue=False)
                 continue
-            pairs.append((message, Delivery(
-                command=command,
-                sender=message.app_id or "unknown",
-                exchange=message.exchange or "",
-                routing_key=message.routing_key or "",
-            )))
+            pairs.append(
+                (
+                    message,
+                    Delivery(
+                        command=command,
+                        sender=message.app_id or "unknown",
+                        exchange=message.exchange or "",
+                        routing_key=message.routing_key or "",
+                    ),
+                )
+            )
         if pairs:
             await self._apply_and_settle(pairs)
         log.info(
             "batch done",
-            extra={"size": len(messages), "poison": poison,
-                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+            extra={
+                "size": len(messages),
+                "poison": poison,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
         )
 
     async def _apply_and_settle(self, pairs: Sequence[Pair]) -> None:
@@ -111,17 +119,24 @@ class ClaimWorker:
                     await self._apply_and_settle([pair])
                 return
             message = pairs[0][0]
-            log.error("command failed, dead-lettered",
-                      extra={"message_id": message.message_id, "error": repr(exc)})
+            log.error(
+                "command failed, dead-lettered",
+                extra={"message_id": message.message_id, "error": repr(exc)},
+            )
             await message.reject(requeue=False)
             return
         await self._report(pairs, outcome)
         # Deliveries reach this consumer in order and every earlier one is settled
         # already, so one cumulative ack covers the whole batch.
         await pairs[-1][0].ack(multiple=True)
-        log.debug("batch applied", extra={"applied": outcome.applied,
-                                          "replayed": outcome.replayed,
-                                          "granted": outcome.granted})
+        log.debug(
+            "batch applied",
+            extra={
+                "applied": outcome.applied,
+                "replayed": outcome.replayed,
+                "granted": outcome.granted,
+            },
+        )
 
     async def _apply(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
         async for attempt in transient_retry(self._retry_seconds):

@@ -55,6 +55,17 @@ def _stack(settings: Settings, args: argparse.Namespace) -> int:
     return devstack.run_foreground(args.profile, consumers=args.consumers)
 
 
+def _scenarios(settings: Settings, args: argparse.Namespace) -> int:
+    from flashclaim import scenarios
+
+    reports = asyncio.run(scenarios.run_all(args.url.rstrip("/"), burst=args.burst))
+    for report in reports:
+        print(report.summary())
+    failed = [r for r in reports if r.violations]
+    print("scenarios: " + ("all passed" if not failed else f"{len(failed)} failed"))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashclaim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -78,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="run", choices=["run", "test"])
     p.add_argument("--consumers", type=int, default=1)
     p.set_defaults(func=_stack, service="stack")
+
+    p = sub.add_parser(
+        "scenarios", help="run Flash Sale, Double Dip and a burst over HTTP, and check them"
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--burst", type=int, default=2000, help="claims in the burst (stock 100)")
+    p.set_defaults(func=_scenarios, service="scenarios")
     return parser
 
 

@@ -17,7 +17,9 @@ def queries() -> dict[str, str]:
     """Every statement of ``queries.sql`` by name, parsed once."""
     text = importlib.resources.files("flashclaim").joinpath("queries.sql").read_text()
     parts = _NAME.split(text)
-    return {name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2])}
+    return {
+        name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
 
 
 def schema_sql() -> str:
@@ -29,7 +31,7 @@ def apply_schema(conninfo: str) -> None:
     with psycopg.connect(conninfo, autocommit=False) as conn:
         # Serialize concurrent appliers: CREATE ... IF NOT EXISTS is not race-free.
         conn.execute("SELECT pg_advisory_xact_lock(4232017)")
-        conn.execute(schema_sql())  # type: ignore[arg-type]
+        conn.execute(schema_sql().encode())
 
 
 def create_pool(conninfo: str, min_size: int, max_size: int, name: str) -> AsyncConnectionPool:

@@ -48,8 +48,9 @@ PROFILES: dict[str, Ports] = {
 }
 
 
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None,
-                  name: str = "server") -> None:
+def wait_for_port(
+    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, name: str = "server"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -86,8 +87,9 @@ class Server:
     def log_path(self) -> Path:
         return self.root / f"{self.name}.log"
 
-    def _spawn(self, argv: list[str], env: Mapping[str, str] | None = None,
-               user: str | None = None) -> None:
+    def _spawn(
+        self, argv: list[str], env: Mapping[str, str] | None = None, user: str | None = None
+    ) -> None:
         if port_is_open(self.port):
             raise StackError(
                 f"port {self.port} for {self.name} is taken: is another stack running? "
@@ -95,8 +97,13 @@ class Server:
             )
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, user=user, start_new_session=True,
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            user=user,
+            start_new_session=True,
         )
 
     def start(self) -> None:
@@ -121,10 +128,11 @@ class Server:
 
 
 def _bin(pattern: str, name: str) -> str:
-    found = sorted(glob.glob(pattern)) or ([shutil.which(name)] if shutil.which(name) else [])
-    if not found:
+    found = sorted(glob.glob(pattern))
+    path = found[-1] if found else shutil.which(name)
+    if path is None:
         raise StackError(f"{name} not found: run `make deps` (Debian packages) first")
-    return str(found[-1])
+    return path
 
 
 class Postgres(Server):
@@ -150,8 +158,12 @@ class Postgres(Server):
         for candidate in (preferred, self._fallback(preferred)):
             candidate.mkdir(parents=True, exist_ok=True)
             os.chown(candidate, account.pw_uid, account.pw_gid)
-            ok = subprocess.run(["test", "-w", str(candidate)], user=self.user,
-                                check=False).returncode == 0
+            ok = (
+                subprocess.run(
+                    ["test", "-w", str(candidate)], user=self.user, check=False
+                ).returncode
+                == 0
+            )
             if ok:
                 return candidate
         raise StackError(f"no folder writable by the {self.user} account for PostgreSQL")
@@ -166,19 +178,48 @@ class Postgres(Server):
     def start(self) -> None:
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
-        settings = ["-c", "max_connections=200", "-c", "shared_buffers=256MB",
-                    "-c", "listen_addresses=127.0.0.1"]
+        settings = [
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=256MB",
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]
         if self.fast:
             settings += ["-c", "fsync=off", "-c", "full_page_writes=off"]
-        self._spawn([str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                     "-k", str(self.pgroot), *settings], user=self.user)
+        self._spawn(
+            [
+                str(self.bindir / "postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.pgroot),
+                *settings,
+            ],
+            user=self.user,
+        )
         self.wait_ready()
 
     def _initdb(self) -> None:
         result = subprocess.run(
-            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-             "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
-            user=self.user, capture_output=True, check=False,
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
+            user=self.user,
+            capture_output=True,
+            check=False,
         )
         if result.returncode != 0:
             raise StackError(f"initdb failed: {result.stderr.decode(errors='replace')}")
@@ -191,11 +232,13 @@ class Postgres(Server):
         while True:
             try:
                 with psycopg.connect(admin, autocommit=True, connect_timeout=2) as conn:
-                    if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname='flashclaim'"
-                                        ).fetchone():
+                    if not conn.execute(
+                        "SELECT 1 FROM pg_roles WHERE rolname='flashclaim'"
+                    ).fetchone():
                         conn.execute("CREATE ROLE flashclaim LOGIN")
-                    if not conn.execute("SELECT 1 FROM pg_database WHERE datname='flashclaim'"
-                                        ).fetchone():
+                    if not conn.execute(
+                        "SELECT 1 FROM pg_database WHERE datname='flashclaim'"
+                    ).fetchone():
                         conn.execute("CREATE DATABASE flashclaim OWNER flashclaim")
                 return
             except psycopg.OperationalError:
@@ -210,9 +253,13 @@ class Postgres(Server):
 
 class RabbitMQ(Server):
     name = "rabbitmq"
-    PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus",
-               "rabbitmq_consistent_hash_exchange", "rabbitmq_shovel",
-               "rabbitmq_shovel_management")
+    PLUGINS = (
+        "rabbitmq_management",
+        "rabbitmq_prometheus",
+        "rabbitmq_consistent_hash_exchange",
+        "rabbitmq_shovel",
+        "rabbitmq_shovel_management",
+    )
 
     def __init__(self, root: Path, ports: Ports, fast: bool) -> None:
         super().__init__(root, ports.amqp, fast)
@@ -264,11 +311,13 @@ class RabbitMQ(Server):
         super().stop(timeout, sig)
 
     def shutdown_epmd(self) -> None:
-        epmd = shutil.which("epmd") or next(iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")),
-                                            None)
+        epmd = shutil.which("epmd") or next(
+            iter(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")), None
+        )
         if epmd:
-            subprocess.run([epmd, "-port", str(self.ports.epmd), "-kill"],
-                           capture_output=True, check=False)
+            subprocess.run(
+                [epmd, "-port", str(self.ports.epmd), "-kill"], capture_output=True, check=False
+            )
 
 
 class Redis(Server):
@@ -281,22 +330,43 @@ class Redis(Server):
     def start(self) -> None:
         data = self.root / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        self._spawn([_bin("/usr/bin/redis-server", "redis-server"),
-                     "--port", str(self.port), "--bind", "127.0.0.1",
-                     "--dir", str(data), "--save", "", "--appendonly", "no",
-                     "--protected-mode", "no"])
+        self._spawn(
+            [
+                _bin("/usr/bin/redis-server", "redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ]
+        )
         wait_for_port(self.port, 30, self.proc, self.name)
 
 
-ENV_URLS = {"postgres": "FLASHCLAIM_DATABASE_URL", "rabbitmq": "FLASHCLAIM_AMQP_URL",
-            "redis": "FLASHCLAIM_REDIS_URL"}
+ENV_URLS = {
+    "postgres": "FLASHCLAIM_DATABASE_URL",
+    "rabbitmq": "FLASHCLAIM_AMQP_URL",
+    "redis": "FLASHCLAIM_REDIS_URL",
+}
 
 
 class Stack:
     """The three servers of one profile, minus those given by URL in ``environ``."""
 
-    def __init__(self, profile: str, root: Path | None = None,
-                 environ: Mapping[str, str] | None = None, fresh: bool = False) -> None:
+    def __init__(
+        self,
+        profile: str,
+        root: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        fresh: bool = False,
+    ) -> None:
         env = os.environ if environ is None else environ
         self.ports = PROFILES[profile]
         self.root = (root or Path.cwd() / ".stack") / profile
@@ -305,12 +375,14 @@ class Stack:
         self.root.mkdir(parents=True, exist_ok=True)
         fast = profile == "test"
         self.external = {k: env[v] for k, v in ENV_URLS.items() if env.get(v)}
-        self.postgres = None if "postgres" in self.external else Postgres(
-            self.root, self.ports.postgres, fast)
+        self.postgres = (
+            None if "postgres" in self.external else Postgres(self.root, self.ports.postgres, fast)
+        )
         if fresh and self.postgres is not None and self.postgres.pgroot != self.root / "postgres":
             shutil.rmtree(self.postgres.data, ignore_errors=True)
-        self.rabbitmq = None if "rabbitmq" in self.external else RabbitMQ(
-            self.root, self.ports, fast)
+        self.rabbitmq = (
+            None if "rabbitmq" in self.external else RabbitMQ(self.root, self.ports, fast)
+        )
         self.redis = None if "redis" in self.external else Redis(self.root, self.ports.redis, fast)
 
     @property
@@ -319,12 +391,9 @@ class Stack:
 
     def urls(self) -> dict[str, str]:
         return {
-            "FLASHCLAIM_DATABASE_URL": self.external.get("postgres")
-            or self.postgres.url,  # type: ignore[union-attr]
-            "FLASHCLAIM_AMQP_URL": self.external.get("rabbitmq")
-            or self.rabbitmq.url,  # type: ignore[union-attr]
-            "FLASHCLAIM_REDIS_URL": self.external.get("redis")
-            or self.redis.url,  # type: ignore[union-attr]
+            "FLASHCLAIM_DATABASE_URL": self.external.get("postgres") or self.postgres.url,  # type: ignore[union-attr]
+            "FLASHCLAIM_AMQP_URL": self.external.get("rabbitmq") or self.rabbitmq.url,  # type: ignore[union-attr]
+            "FLASHCLAIM_REDIS_URL": self.external.get("redis") or self.redis.url,  # type: ignore[union-attr]
         }
 
     def start(self) -> None:
@@ -397,6 +466,9 @@ def _print_summary(stack: Stack, env: Mapping[str, str]) -> None:
     ]
     if stack.rabbitmq is not None:
         lines.append(f"  RabbitMQ UI      {stack.rabbitmq.management_url}  (guest / guest)")
-    lines += [f"  Redis            {env['FLASHCLAIM_REDIS_URL']}",
-              f"  server logs      {stack.root}/*.log", ""]
+    lines += [
+        f"  Redis            {env['FLASHCLAIM_REDIS_URL']}",
+        f"  server logs      {stack.root}/*.log",
+        "",
+    ]
     print("\n".join(lines), file=sys.stderr, flush=True)

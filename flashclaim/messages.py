@@ -98,8 +98,7 @@ class ClaimResult:
     @classmethod
     def of(cls, command: ClaimCommand, outcome: Outcome) -> ClaimResult:
         rid = str(command.request_id)
-        common = {"user_id": command.user_id, "coupon_name": command.coupon_name,
-                  "request_id": rid}
+        common = {"user_id": command.user_id, "coupon_name": command.coupon_name, "request_id": rid}
         if outcome is Outcome.CLAIMED:
             body: dict[str, Any] = {"status": "claimed", **common}
         else:

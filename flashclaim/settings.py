@@ -72,9 +72,16 @@ class Settings:
 
     def validate(self) -> None:
         positive = (
-            "http_port", "claim_wait_seconds", "result_ttl_seconds", "max_body_bytes",
-            "publish_timeout_seconds", "db_pool_min_size", "db_pool_max_size",
-            "consumer_prefetch", "batch_size", "delivery_limit",
+            "http_port",
+            "claim_wait_seconds",
+            "result_ttl_seconds",
+            "max_body_bytes",
+            "publish_timeout_seconds",
+            "db_pool_min_size",
+            "db_pool_max_size",
+            "consumer_prefetch",
+            "batch_size",
+            "delivery_limit",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -29,8 +29,7 @@ AMQP = web.AppKey("amqp", AbstractRobustConnection)
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway; nothing connects until the app starts."""
-    app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[errors_middleware])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_middleware])
     app[SETTINGS] = settings
     app[READINESS] = {}
     app.add_routes(routes)
@@ -40,8 +39,12 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    pool = create_pool(s.database_url, s.db_pool_min_size, s.db_pool_max_size,
-                       f"flashclaim-gateway-{s.instance_id}")
+    pool = create_pool(
+        s.database_url,
+        s.db_pool_min_size,
+        s.db_pool_max_size,
+        f"flashclaim-gateway-{s.instance_id}",
+    )
     # Not waiting: claims need no database, so the gateway starts even while it is down.
     await pool.open(wait=False)
     app[REPOSITORY] = Repository(pool)
@@ -51,8 +54,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client = aioredis.from_url(app[SETTINGS].redis_url, socket_timeout=2.0,
-                               socket_connect_timeout=2.0)
+    client = aioredis.from_url(
+        app[SETTINGS].redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+    )
     app[REDIS] = client
 
     async def ping() -> None:
@@ -81,8 +85,9 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
     results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds)
     replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
     await replies.start()
-    app[CLAIMS] = ClaimService(ClaimPublisher(exchange, s.publish_timeout_seconds),
-                               replies, results, s.claim_wait_seconds)
+    app[CLAIMS] = ClaimService(
+        ClaimPublisher(exchange, s.publish_timeout_seconds), replies, results, s.claim_wait_seconds
+    )
     yield
     await replies.stop()
     await channel.close()

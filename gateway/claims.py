@@ -49,12 +49,13 @@ class ClaimService:
         with self._replies.expect(command.request_id) as reply:
             await self._publisher.publish(command)
             try:
-                result = await asyncio.wait_for(reply, self._wait)
+                result: ClaimResult | None = await asyncio.wait_for(reply, self._wait)
             except TimeoutError:
+                # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)
-                if result is None:
-                    await self._mark_pending(command.request_id)
-                    return None
+        if result is None:
+            await self._mark_pending(command.request_id)
+            return None
         return _same_claim(result, command) if replayable else result
 
     async def lookup(self, request_id: uuid.UUID) -> ClaimResult | None:

@@ -68,8 +68,9 @@ async def get_claim(request: web.Request) -> web.Response:
         return result_response(result)
     if status != "UNKNOWN":
         return pending_response(request_id)
-    return error_response(404, "claim_not_found", "no such claim request",
-                          request_id=str(request_id))
+    return error_response(
+        404, "claim_not_found", "no such claim request", request_id=str(request_id)
+    )
 
 
 @routes.get("/healthz")
@@ -84,10 +85,12 @@ async def readyz(request: web.Request) -> web.Response:
     outcomes = await asyncio.gather(
         *(asyncio.wait_for(checks[n](), 2.0) for n in names), return_exceptions=True
     )
-    report = {n: "ok" if o is None else _reason(o) for n, o in zip(names, outcomes)}
+    report = {n: "ok" if o is None else _reason(o) for n, o in zip(names, outcomes, strict=True)}
     ready = all(v == "ok" for v in report.values())
-    return web.json_response({"status": "ready" if ready else "unavailable", "checks": report},
-                             status=200 if ready else 503)
+    return web.json_response(
+        {"status": "ready" if ready else "unavailable", "checks": report},
+        status=200 if ready else 503,
+    )
 
 
 def _reason(exc: BaseException | None) -> str:

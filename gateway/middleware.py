@@ -60,8 +60,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if allow := exc.headers.get("Allow"):
             response.headers["Allow"] = allow
     except Exception:
-        log.exception("unhandled error", extra={"request_id": request["request_id"],
-                                                "path": request.path})
+        log.exception(
+            "unhandled error", extra={"request_id": request["request_id"], "path": request.path}
+        )
         response = error_response(500, "internal_error", "internal server error")
     response.headers["X-Request-Id"] = request["request_id"]
     return response

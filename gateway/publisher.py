@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 
 import aio_pika
@@ -40,8 +39,14 @@ class ClaimPublisher:
             confirmation = await self._exchange.publish(
                 message, CLAIM_ROUTING_KEY, mandatory=True, timeout=self._timeout
             )
-        except (AMQPError, aiormq.exceptions.AMQPError, ChannelInvalidStateError,
-                ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
+        except (
+            AMQPError,
+            aiormq.exceptions.AMQPError,
+            ChannelInvalidStateError,
+            ConnectionError,
+            TimeoutError,
+            RuntimeError,
+        ) as exc:
             raise DependencyUnavailable("broker", type(exc).__name__) from exc
         if isinstance(confirmation, aiormq.spec.Basic.Nack | aiormq.spec.Basic.Return):
             raise DependencyUnavailable("broker", "claim not accepted by the broker")

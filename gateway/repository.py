@@ -46,7 +46,7 @@ class Repository:
         try:
             async with self._pool.connection(timeout=5.0) as conn:
                 cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(sql, params)  # type: ignore[arg-type]
+                await cur.execute(sql.encode(), params)
                 return await cur.fetchone()
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise DependencyUnavailable("database", type(exc).__name__) from exc

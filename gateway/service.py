@@ -25,8 +25,12 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await runner.setup()
     # On cleanup the site stops listening, lets in-flight requests finish for at most
     # the grace period, then closes connections and the app's resources.
-    site = web.TCPSite(runner, settings.http_host, settings.http_port,
-                       shutdown_timeout=settings.shutdown_grace_seconds)
+    site = web.TCPSite(
+        runner,
+        settings.http_host,
+        settings.http_port,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+    )
     await site.start()
     log.info("gateway listening", extra={"host": settings.http_host, "port": settings.http_port})
     try:

@@ -52,8 +52,7 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def settings(stack: Stack, namespace: str) -> Settings:
+def make_settings(stack: Stack, namespace: str) -> Settings:
     urls = stack.urls()
     return Settings(
         database_url=urls["FLASHCLAIM_DATABASE_URL"],
@@ -67,9 +66,13 @@ def settings(stack: Stack, namespace: str) -> Settings:
 
 
 @pytest.fixture
+def settings(stack: Stack, namespace: str) -> Settings:
+    return make_settings(stack, namespace)
+
+
+@pytest.fixture
 async def pool(settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
-    async with AsyncConnectionPool(settings.database_url, min_size=1, max_size=4,
-                                   open=False) as p:
+    async with AsyncConnectionPool(settings.database_url, min_size=1, max_size=4, open=False) as p:
         yield p
 
 

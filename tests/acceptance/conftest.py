@@ -17,7 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from flashclaim.devstack import Stack
 from flashclaim.settings import Settings
+from tests.conftest import make_settings
 
 LOGS = Path(__file__).resolve().parents[2] / ".stack" / "test" / "services"
 
@@ -61,15 +63,20 @@ class Services:
         instance = f"{role}-{uuid.uuid4().hex[:8]}"
         log = open(LOGS / f"{self.settings.namespace}-{instance}.log", "wb")  # noqa: SIM115
         env = service_env(self.settings, instance_id=instance, **overrides)
-        proc = subprocess.Popen([sys.executable, "-m", "flashclaim.cli", role], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flashclaim.cli", role],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.procs.append(proc)
         return proc
 
     async def start_gateway(self, **overrides: Any) -> subprocess.Popen[bytes]:
-        proc = self._spawn("gateway", http_port=self.port,
-                           **{**self.gateway_overrides, **overrides})
+        proc = self._spawn(
+            "gateway", http_port=self.port, **{**self.gateway_overrides, **overrides}
+        )
         await self.wait_healthy(proc)
         return proc
 
@@ -110,17 +117,23 @@ def services(settings: Settings) -> Iterator[Services]:
     running.stop()
 
 
-@pytest.fixture
-async def api(services: Services) -> AsyncIterator[Services]:
-    """One gateway and one consumer, ready to serve."""
-    services.start_consumer()
-    await services.start_gateway()
-    yield services
+@pytest.fixture(scope="module")
+async def api(stack: Stack) -> AsyncIterator[Services]:
+    """One gateway and one consumer, ready to serve, shared by a module's tests.
+
+    Tests sharing it use coupon names of their own, so they cannot see each other's data.
+    """
+    running = Services(make_settings(stack, f"m{uuid.uuid4().hex[:12]}"))
+    running.start_consumer()
+    await running.start_gateway()
+    yield running
+    running.stop()
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
         yield session

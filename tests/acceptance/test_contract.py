@@ -15,23 +15,31 @@ from flashclaim.topology import Topology
 from tests.acceptance.conftest import Services
 
 
-async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any
-               ) -> tuple[int, Any, Any]:
+async def call(
+    http: aiohttp.ClientSession, method: str, url: str, **kw: Any
+) -> tuple[int, Any, Any]:
     async with http.request(method, url, **kw) as response:
         assert response.content_type == "application/json", await response.text()
         return response.status, await response.json(), response.headers
 
 
 async def create(http: aiohttp.ClientSession, api: Services, name: str, amount: int) -> None:
-    status, body, _ = await call(http, "POST", f"{api.base_url}/api/coupons",
-                                 json={"name": name, "amount": amount})
+    status, body, _ = await call(
+        http, "POST", f"{api.base_url}/api/coupons", json={"name": name, "amount": amount}
+    )
     assert status == 201, body
 
 
-async def claim(http: aiohttp.ClientSession, api: Services, user: str, coupon: str,
-                **kw: Any) -> tuple[int, Any, Any]:
-    return await call(http, "POST", f"{api.base_url}/api/coupons/claim",
-                      json={"user_id": user, "coupon_name": coupon}, **kw)
+async def claim(
+    http: aiohttp.ClientSession, api: Services, user: str, coupon: str, **kw: Any
+) -> tuple[int, Any, Any]:
+    return await call(
+        http,
+        "POST",
+        f"{api.base_url}/api/coupons/claim",
+        json={"user_id": user, "coupon_name": coupon},
+        **kw,
+    )
 
 
 async def test_create_coupon_then_conflict(
@@ -51,21 +59,40 @@ async def test_create_coupon_then_conflict(
 @pytest.mark.parametrize(
     "payload",
     [
-        b"", b"not json", b"[]", b'"text"', b"null", b"{}",
-        b'{"amount": 5}', b'{"name": "", "amount": 5}', b'{"name": "   ", "amount": 5}',
-        b'{"name": 42, "amount": 5}', b'{"name": "' + b"x" * 129 + b'", "amount": 5}',
-        b'{"name": "OK"}', b'{"name": "OK", "amount": 0}', b'{"name": "OK", "amount": -1}',
-        b'{"name": "OK", "amount": 1.5}', b'{"name": "OK", "amount": 2.0}',
-        b'{"name": "OK", "amount": "5"}', b'{"name": "OK", "amount": true}',
-        b'{"name": "OK", "amount": null}', b'{"name": "OK", "amount": 99999999999}',
-        b'{"name": "OK", "amount": 1e400}', b'{"name": "a\\u0000b", "amount": 1}',
+        b"",
+        b"not json",
+        b"[]",
+        b'"text"',
+        b"null",
+        b"{}",
+        b'{"amount": 5}',
+        b'{"name": "", "amount": 5}',
+        b'{"name": "   ", "amount": 5}',
+        b'{"name": 42, "amount": 5}',
+        b'{"name": "' + b"x" * 129 + b'", "amount": 5}',
+        b'{"name": "OK"}',
+        b'{"name": "OK", "amount": 0}',
+        b'{"name": "OK", "amount": -1}',
+        b'{"name": "OK", "amount": 1.5}',
+        b'{"name": "OK", "amount": 2.0}',
+        b'{"name": "OK", "amount": "5"}',
+        b'{"name": "OK", "amount": true}',
+        b'{"name": "OK", "amount": null}',
+        b'{"name": "OK", "amount": 99999999999}',
+        b'{"name": "OK", "amount": 1e400}',
+        b'{"name": "a\\u0000b", "amount": 1}',
     ],
 )
 async def test_create_coupon_rejects_invalid_input(
     api: Services, http: aiohttp.ClientSession, payload: bytes
 ) -> None:
-    status, body, _ = await call(http, "POST", f"{api.base_url}/api/coupons", data=payload,
-                                 headers={"Content-Type": "application/json"})
+    status, body, _ = await call(
+        http,
+        "POST",
+        f"{api.base_url}/api/coupons",
+        data=payload,
+        headers={"Content-Type": "application/json"},
+    )
     assert status == 400, body
     assert body["code"] == "invalid_request"
     assert body["error"]
@@ -96,14 +123,20 @@ async def test_get_coupon_lists_claimers_in_order_and_404s(
         status, body, _ = await claim(http, api, user, coupon_name)
         assert status == 200, body
     status, body, _ = await call(http, "GET", f"{api.base_url}/api/coupons/{coupon_name}")
-    assert (status, body) == (200, {"name": coupon_name, "amount": 5, "remaining_amount": 2,
-                                    "claimed_by": ["carol", "alice", "bob"]})
+    assert (status, body) == (
+        200,
+        {
+            "name": coupon_name,
+            "amount": 5,
+            "remaining_amount": 2,
+            "claimed_by": ["carol", "alice", "bob"],
+        },
+    )
     status, body, _ = await call(http, "GET", f"{api.base_url}/api/coupons/NOPE_{coupon_name}")
     assert (status, body["code"]) == (404, "coupon_not_found")
 
 
-async def test_claim_answers(api: Services, http: aiohttp.ClientSession,
-                             coupon_name: str) -> None:
+async def test_claim_answers(api: Services, http: aiohttp.ClientSession, coupon_name: str) -> None:
     await create(http, api, coupon_name, 1)
     status, body, _ = await claim(http, api, "user_12345", coupon_name)
     assert status == 200
@@ -122,17 +155,22 @@ async def test_claim_answers(api: Services, http: aiohttp.ClientSession,
 @pytest.mark.parametrize(
     "payload",
     [
-        b"{}", b"[]", b"nope", b'{"user_id": "u"}', b'{"coupon_name": "c"}',
-        b'{"user_id": "", "coupon_name": "c"}', b'{"user_id": 12345, "coupon_name": "c"}',
-        b'{"user_id": "u", "coupon_name": null}', b'{"user_id": ["u"], "coupon_name": "c"}',
+        b"{}",
+        b"[]",
+        b"nope",
+        b'{"user_id": "u"}',
+        b'{"coupon_name": "c"}',
+        b'{"user_id": "", "coupon_name": "c"}',
+        b'{"user_id": 12345, "coupon_name": "c"}',
+        b'{"user_id": "u", "coupon_name": null}',
+        b'{"user_id": ["u"], "coupon_name": "c"}',
         b'{"user_id": "' + b"u" * 129 + b'", "coupon_name": "c"}',
     ],
 )
 async def test_claim_rejects_invalid_input(
     api: Services, http: aiohttp.ClientSession, payload: bytes
 ) -> None:
-    status, body, _ = await call(http, "POST", f"{api.base_url}/api/coupons/claim",
-                                 data=payload)
+    status, body, _ = await call(http, "POST", f"{api.base_url}/api/coupons/claim", data=payload)
     assert (status, body["code"]) == (400, "invalid_request")
 
 
@@ -141,10 +179,12 @@ async def test_idempotency_key_replays_the_first_answer(
 ) -> None:
     await create(http, api, coupon_name, 10)
     key = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
-    answers = await asyncio.gather(*(claim(http, api, "alice", coupon_name, headers=key)
-                                     for _ in range(5)))
+    answers = await asyncio.gather(
+        *(claim(http, api, "alice", coupon_name, headers=key) for _ in range(5))
+    )
     assert {(s, b["status"], b["request_id"]) for s, b, _ in answers} == {
-        (200, "claimed", answers[0][1]["request_id"])}
+        (200, "claimed", answers[0][1]["request_id"])
+    }
     status, body, _ = await claim(http, api, "alice", coupon_name, headers=key)
     assert (status, body["request_id"]) == (200, answers[0][1]["request_id"])
     status, body, _ = await call(http, "GET", f"{api.base_url}/api/coupons/{coupon_name}")
@@ -152,8 +192,9 @@ async def test_idempotency_key_replays_the_first_answer(
     # The same key for another claim is refused, not silently answered.
     status, body, _ = await claim(http, api, "bob", coupon_name, headers=key)
     assert (status, body["code"]) == (422, "idempotency_key_reused")
-    status, body, _ = await claim(http, api, "bob", coupon_name,
-                                  headers={"Idempotency-Key": "x" * 300})
+    status, body, _ = await claim(
+        http, api, "bob", coupon_name, headers={"Idempotency-Key": "x" * 300}
+    )
     assert (status, body["code"]) == (400, "invalid_request")
 
 
@@ -191,8 +232,10 @@ async def test_slow_result_answers_202_then_the_final_answer(
 
 
 async def test_broker_refusing_a_claim_answers_503_with_retry_after(
-    api: Services, http: aiohttp.ClientSession, settings: Settings, coupon_name: str
+    services: Services, http: aiohttp.ClientSession, settings: Settings, coupon_name: str
 ) -> None:
+    api = services  # a gateway of its own: this test removes its command queue
+    await api.start_gateway()
     await create(http, api, coupon_name, 5)
     # With the command queue gone, the broker cannot route (store) the claim.
     connection = await aio_pika.connect(settings.amqp_url)

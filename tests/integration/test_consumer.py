@@ -60,19 +60,27 @@ async def consumers(settings: Settings) -> AsyncIterator[Callable[[int], None]]:
     await asyncio.gather(*tasks)
 
 
-async def publish(channel: aio_pika.abc.AbstractChannel, settings: Settings,
-                  command: ClaimCommand, body: bytes | None = None) -> None:
+async def publish(
+    channel: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    command: ClaimCommand,
+    body: bytes | None = None,
+) -> None:
     exchange = await channel.get_exchange(Topology(settings.namespace, 1).commands_exchange)
     await exchange.publish(
-        aio_pika.Message(body if body is not None else command.body(),
-                         message_id=str(command.request_id), reply_to=command.reply_to,
-                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        aio_pika.Message(
+            body if body is not None else command.body(),
+            message_id=str(command.request_id),
+            reply_to=command.reply_to,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
         CLAIM_ROUTING_KEY,
     )
 
 
-async def collect_replies(pubsub: aioredis.client.PubSub, count: int,
-                          timeout: float = 20.0) -> list[ClaimResult]:
+async def collect_replies(
+    pubsub: aioredis.client.PubSub, count: int, timeout: float = 20.0
+) -> list[ClaimResult]:
     replies: list[ClaimResult] = []
     async with asyncio.timeout(timeout):
         while len(replies) < count:
@@ -93,8 +101,11 @@ async def subscribed(redis: aioredis.Redis) -> AsyncIterator[aioredis.client.Pub
 
 
 async def test_same_message_delivered_many_times_has_one_effect_and_identical_answers(
-    settings: Settings, broker: aio_pika.abc.AbstractChannel, redis: aioredis.Redis,
-    consumers: Callable[[int], None], coupon_name: str,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+    coupon_name: str,
 ) -> None:
     create_coupon_row(settings.database_url, coupon_name, 10)
     command = ClaimCommand(uuid.uuid4(), "alice", coupon_name, REPLIES)
@@ -106,18 +117,24 @@ async def test_same_message_delivered_many_times_has_one_effect_and_identical_an
     assert {r.status for r in replies} == {200}
     assert len({orjson.dumps(r.body) for r in replies}) == 1
     import psycopg
+
     with psycopg.connect(settings.database_url) as conn:
-        assert conn.execute("SELECT remaining_amount FROM coupons WHERE name = %s",
-                            (coupon_name,)).fetchone() == (9,)
-        assert conn.execute("SELECT count(*) FROM claims WHERE coupon_name = %s",
-                            (coupon_name,)).fetchone() == (1,)
+        assert conn.execute(
+            "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
+        ).fetchone() == (9,)
+        assert conn.execute(
+            "SELECT count(*) FROM claims WHERE coupon_name = %s", (coupon_name,)
+        ).fetchone() == (1,)
     stored = await ResultStore(redis, settings.namespace, 60).get(command.request_id)
     assert stored == replies[0]
 
 
 async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
-    settings: Settings, broker: aio_pika.abc.AbstractChannel, redis: aioredis.Redis,
-    consumers: Callable[[int], None], coupon_name: str,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+    coupon_name: str,
 ) -> None:
     create_coupon_row(settings.database_url, coupon_name, 3)
     poison = ClaimCommand(uuid.uuid4(), "mallory", coupon_name, REPLIES)
@@ -139,7 +156,9 @@ async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
 
 
 async def test_unknown_coupon_is_answered_404_not_dead_lettered(
-    settings: Settings, broker: aio_pika.abc.AbstractChannel, redis: aioredis.Redis,
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
     consumers: Callable[[int], None],
 ) -> None:
     command = ClaimCommand(uuid.uuid4(), "alice", f"NOPE_{uuid.uuid4().hex}", REPLIES)

@@ -27,7 +27,8 @@ async def coupon_state(pool: AsyncConnectionPool, name: str) -> tuple[int, list[
         cur = await conn.execute("SELECT remaining_amount FROM coupons WHERE name = %s", (name,))
         (remaining,) = await cur.fetchone()  # type: ignore[misc]
         cur = await conn.execute(
-            "SELECT user_id FROM claims WHERE coupon_name = %s ORDER BY id", (name,))
+            "SELECT user_id FROM claims WHERE coupon_name = %s ORDER BY id", (name,)
+        )
         return remaining, [r[0] for r in await cur.fetchall()]
 
 
@@ -43,7 +44,8 @@ async def test_batch_grants_in_order_and_records_every_result(
     async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM inbox WHERE message_id = ANY(%s) AND status = 'PROCESSED'",
-            ([d.command.request_id for d in batch],))
+            ([d.command.request_id for d in batch],),
+        )
         assert (await cur.fetchone()) == (5,)
 
 
@@ -64,12 +66,18 @@ async def test_concurrent_transactions_with_the_same_messages_have_one_effect(
 ) -> None:
     create_coupon_row(settings.database_url, coupon_name, 100)
     batch = [delivery(f"user{i}", coupon_name) for i in range(20)]
-    outcomes = await asyncio.gather(*(apply(pool, list(reversed(batch)) if i % 2 else batch)
-                                      for i in range(4)))
+    outcomes = await asyncio.gather(
+        *(apply(pool, list(reversed(batch)) if i % 2 else batch) for i in range(4))
+    )
     assert sum(o.applied for o in outcomes) == 20
     for d in batch:
-        answers = {(o.results[d.command.request_id].status,
-                    o.results[d.command.request_id].body["request_id"]) for o in outcomes}
+        answers = {
+            (
+                o.results[d.command.request_id].status,
+                o.results[d.command.request_id].body["request_id"],
+            )
+            for o in outcomes
+        }
         assert answers == {(200, str(d.command.request_id))}
     remaining, holders = await coupon_state(pool, coupon_name)
     assert remaining == 80

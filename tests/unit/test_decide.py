@@ -34,7 +34,10 @@ def test_unknown_coupon_is_a_business_answer() -> None:
 def test_coupons_are_independent() -> None:
     requests = [claim("alice", "A"), claim("alice", "B"), claim("bob", "A"), claim("bob", "B")]
     assert decide({"A": 1, "B": 2}, [], requests) == [
-        Outcome.CLAIMED, Outcome.CLAIMED, Outcome.OUT_OF_STOCK, Outcome.CLAIMED,
+        Outcome.CLAIMED,
+        Outcome.CLAIMED,
+        Outcome.OUT_OF_STOCK,
+        Outcome.CLAIMED,
     ]
 
 

@@ -15,8 +15,14 @@ def test_defaults_match_the_local_stack() -> None:
 
 
 def test_values_are_read_with_the_prefix_and_typed() -> None:
-    s = Settings.from_env({"FLASHCLAIM_HTTP_PORT": "9090", "FLASHCLAIM_CLAIM_WAIT_SECONDS": "0.5",
-                           "FLASHCLAIM_NAMESPACE": "shop-1", "HTTP_PORT": "1"})
+    s = Settings.from_env(
+        {
+            "FLASHCLAIM_HTTP_PORT": "9090",
+            "FLASHCLAIM_CLAIM_WAIT_SECONDS": "0.5",
+            "FLASHCLAIM_NAMESPACE": "shop-1",
+            "HTTP_PORT": "1",
+        }
+    )
     assert (s.http_port, s.claim_wait_seconds, s.namespace) == (9090, 0.5, "shop-1")
 
 

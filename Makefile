@@ -1,0 +1,35 @@
+# The commands people and CI use. `make run` and `make test` install what is missing.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint deps venv scenarios clean
+
+run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
+	$(BIN)/flashclaim stack --profile run
+
+test: deps venv  ## the whole suite, against servers it starts on ports of its own
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+scenarios: venv  ## Flash Sale, Double Dip and a burst against a running `make run`
+	$(BIN)/flashclaim scenarios --url http://127.0.0.1:8080
+
+deps:
+	bash deploy/install-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,143 @@
+"""The concurrency scenarios the contract promises, run over HTTP against any gateway.
+
+``flashclaim scenarios --url http://127.0.0.1:8080`` runs them against a live stack; the
+acceptance tests run the same code against processes they start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Report:
+    name: str
+    coupon: str
+    statuses: Counter[int] = field(default_factory=Counter)
+    winners: list[str] = field(default_factory=list)
+    pending_followed: int = 0
+    coupon_state: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    violations: list[str] = field(default_factory=list)
+
+    def check(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.violations.append(message)
+
+    def summary(self) -> str:
+        codes = ", ".join(f"{n}x{code}" for code, n in sorted(self.statuses.items()))
+        verdict = "ok" if not self.violations else "FAILED: " + "; ".join(self.violations)
+        return (
+            f"{self.name:<12} {codes:<28} remaining={self.coupon_state.get('remaining_amount')}"
+            f" 202s-followed={self.pending_followed} {self.seconds:.2f}s  {verdict}"
+        )
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    return await response.json(content_type=None)
+
+
+async def _final_claim(
+    http: aiohttp.ClientSession, base: str, user: str, coupon: str, report: Report, deadline: float
+) -> tuple[int, dict[str, Any]]:
+    """POST a claim; follow a 202 to its final answer."""
+    async with http.post(
+        f"{base}/api/coupons/claim", json={"user_id": user, "coupon_name": coupon}
+    ) as r:
+        status, body = r.status, await _json(r)
+        location = r.headers.get("Location")
+    if status == 202 and location:
+        report.pending_followed += 1
+        while status == 202 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            async with http.get(f"{base}{location}") as r:
+                status, body = r.status, await _json(r)
+    return status, body
+
+
+async def _run(
+    http: aiohttp.ClientSession, base: str, name: str, stock: int, users: list[str], timeout: float
+) -> Report:
+    coupon = f"{name.upper().replace('-', '_')}_{uuid.uuid4().hex[:10]}"
+    report = Report(name, coupon)
+    async with http.post(f"{base}/api/coupons", json={"name": coupon, "amount": stock}) as r:
+        if r.status != 201:
+            report.violations.append(f"coupon creation answered {r.status}: {await r.text()}")
+            return report
+    started = time.monotonic()
+    deadline = started + timeout
+    answers = await asyncio.gather(
+        *(_final_claim(http, base, u, coupon, report, deadline) for u in users),
+        return_exceptions=True,
+    )
+    report.seconds = time.monotonic() - started
+    for user, answer in zip(users, answers, strict=True):
+        if isinstance(answer, BaseException):
+            report.statuses[0] += 1
+            report.check(False, f"{user}: {type(answer).__name__}: {answer}")
+            continue
+        status, _ = answer
+        report.statuses[status] += 1
+        if status == 200:
+            report.winners.append(user)
+    async with http.get(f"{base}/api/coupons/{coupon}") as r:
+        report.coupon_state = await _json(r)
+    state = report.coupon_state
+    report.check(report.statuses[202] == 0, "some answers were never final")
+    report.check(not any(s >= 500 for s in report.statuses), "server errors")
+    report.check(
+        state.get("remaining_amount") == stock - len(report.winners),
+        "remaining_amount does not match the 200 answers",
+    )
+    report.check(
+        sorted(state.get("claimed_by", [])) == sorted(report.winners),
+        "claimed_by does not match the users told they won",
+    )
+    report.check(len(set(report.winners)) == len(report.winners), "a user won twice")
+    return report
+
+
+async def flash_sale(
+    http: aiohttp.ClientSession, base: str, users: int = 50, stock: int = 5, timeout: float = 60
+) -> Report:
+    """N different users race for S coupons: exactly S win, the rest are told sold out."""
+    names = [f"user_{i:05d}" for i in range(users)]
+    report = await _run(http, base, "flash-sale", stock, names, timeout)
+    winners = min(users, stock)
+    report.check(report.statuses[200] == winners, f"expected {winners} winners")
+    report.check(
+        report.statuses[400] == users - winners, f"expected {users - winners} out-of-stock answers"
+    )
+    return report
+
+
+async def double_dip(
+    http: aiohttp.ClientSession,
+    base: str,
+    attempts: int = 10,
+    stock: int = 100,
+    timeout: float = 60,
+) -> Report:
+    """One user claims the same coupon N times at once: one 200, the rest 409."""
+    report = await _run(http, base, "double-dip", stock, ["user_12345"] * attempts, timeout)
+    report.check(report.statuses[200] == 1, "expected exactly one success")
+    report.check(report.statuses[409] == attempts - 1, f"expected {attempts - 1} x 409")
+    return report
+
+
+async def run_all(base: str, burst: int = 2000, burst_stock: int = 100) -> list[Report]:
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        return [
+            await flash_sale(http, base),
+            await double_dip(http, base),
+            await flash_sale(http, base, users=burst, stock=burst_stock),
+        ]
