@@ -26,10 +26,18 @@ class BatchReceiver:
         self._consumer_tag = await self._queue.consume(self._on_message)
 
     async def stop(self) -> None:
-        """Stop new deliveries; what is buffered stays available to ``next_batch``."""
+        """Stop new deliveries; what is buffered stays available to ``next_batch``.
+
+        Messages already delivered stay unacknowledged, held by this consumer: the
+        broker neither redelivers them nor sends more until ``start`` is called again.
+        """
         if self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             await self._queue.cancel(tag)
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
 
     @property
     def buffered(self) -> int:

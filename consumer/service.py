@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aio_pika
 import redis.asyncio as aioredis
 
+from consumer.deadletter import DeadLetterer
 from consumer.receiver import BatchReceiver
 from consumer.worker import ClaimWorker
+from flashclaim import broker
 from flashclaim.db import create_pool
 from flashclaim.results import ResultStore
 from flashclaim.settings import Settings
@@ -36,19 +37,18 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     )
     await pool.open(wait=True, timeout=30)
     redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    connection = await aio_pika.connect_robust(
-        settings.amqp_url,
-        client_properties={"connection_name": f"consumer {settings.instance_id}"},
-    )
+    connection = await broker.connect(settings.amqp_url, f"consumer {settings.instance_id}")
     try:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
-        _, queue = await topology.declare(channel)
+        declared = await topology.declare(channel)
         worker = ClaimWorker(
-            BatchReceiver(queue, settings.batch_size, settings.batch_linger_ms / 1000),
+            BatchReceiver(declared.claims, settings.batch_size, settings.batch_linger_ms / 1000),
             pool,
             ResultStore(redis, settings.namespace, settings.result_ttl_seconds),
+            DeadLetterer(declared.dead_letters, f"consumer {settings.instance_id}"),
             worker_id=settings.instance_id,
+            max_attempts=settings.max_attempts,
         )
         log.info(
             "consumer started",

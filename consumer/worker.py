@@ -2,12 +2,19 @@
 
 Acknowledgement protocol (the one place messages are settled):
 
-1. poison messages (that can never apply) are rejected at once, without requeue, so the
-   broker dead-letters them and they never hold up the messages behind them;
-2. the rest are applied in one PostgreSQL transaction, retried on transient faults;
+1. poison messages (that can never apply) go to the dead-letter queue at once, so they
+   never hold up the messages behind them;
+2. the rest are applied in one PostgreSQL transaction. A lost race (deadlock,
+   serialization failure) runs again a few times. A database outage is not the
+   messages' fault: the consumer stops taking new ones, holds those it has
+   unacknowledged, and waits for the database to come back;
 3. only after the commit are results written to Redis and the messages acknowledged.
    If the process dies between commit and ack, the broker redelivers and the inbox
-   answers with the recorded result: the client still gets its answer, once.
+   answers with the recorded result: the client still gets its answer, once;
+4. a batch that fails for another reason is split, so that one bad command cannot sink
+   the others; a single command that fails is retried through the broker (nack with
+   requeue) until the broker's delivery count reaches ``max_attempts``, then it is
+   marked FAILED in the inbox and dead-lettered with the error.
 """
 
 from __future__ import annotations
@@ -17,19 +24,27 @@ import logging
 import time
 from collections.abc import Sequence
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from psycopg_pool import AsyncConnectionPool
+from tenacity import RetryCallState
 
+from consumer.deadletter import DeadLetterer, delivery_count
 from consumer.receiver import BatchReceiver
 from consumer.store import BatchOutcome, Delivery, apply_batch
+from flashclaim.db import queries
 from flashclaim.errors import PoisonMessage
-from flashclaim.messages import ClaimCommand
+from flashclaim.messages import CLAIM_EVENT, ClaimCommand
 from flashclaim.results import ResultStore
-from flashclaim.retry import is_transient, transient_retry
+from flashclaim.retry import contention_retry, is_outage, outage_retry, transient_retry
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[AbstractIncomingMessage, Delivery]
+
+
+class Stopping(Exception):
+    """Shutdown was requested while waiting for a server to come back."""
 
 
 class ClaimWorker:
@@ -38,14 +53,18 @@ class ClaimWorker:
         receiver: BatchReceiver,
         pool: AsyncConnectionPool,
         results: ResultStore,
+        dead_letters: DeadLetterer,
         worker_id: str,
-        retry_seconds: float = 30.0,
+        max_attempts: int = 3,
     ) -> None:
         self._receiver = receiver
         self._pool = pool
         self._results = results
+        self._dead_letters = dead_letters
         self._worker_id = worker_id
-        self._retry_seconds = retry_seconds
+        self._max_attempts = max_attempts
+        self._stop = asyncio.Event()
+        self._holding = False
 
     async def run(self, stop: asyncio.Event, grace: float) -> None:
         """Process batches until ``stop`` is set, then drain what was delivered.
@@ -54,15 +73,19 @@ class ClaimWorker:
         processed for at most ``grace`` seconds; any left are returned to the broker
         when the channel closes (they were never acknowledged).
         """
+        self._stop = stop
         await self._receiver.start()
-        while not stop.is_set():
-            batch = await self._receiver.next_batch(wait=0.2)
-            if batch:
-                await self.handle(batch)
-        await self._receiver.stop()
-        deadline = time.monotonic() + grace
-        while self._receiver.buffered and time.monotonic() < deadline:
-            await self.handle(await self._receiver.next_batch(wait=0))
+        try:
+            while not stop.is_set():
+                batch = await self._receiver.next_batch(wait=0.2)
+                if batch:
+                    await self.handle(batch)
+            await self._receiver.stop()
+            deadline = time.monotonic() + grace
+            while self._receiver.buffered and time.monotonic() < deadline:
+                await self.handle(await self._receiver.next_batch(wait=0))
+        except Stopping:
+            log.info("stopped while the database was unavailable; messages go back")
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         started = time.perf_counter()
@@ -73,11 +96,7 @@ class ClaimWorker:
                 command = ClaimCommand.decode(message.message_id, message.body, message.reply_to)
             except PoisonMessage as exc:
                 poison += 1
-                log.warning(
-                    "poison message dead-lettered",
-                    extra={"message_id": message.message_id, "error": str(exc)},
-                )
-                await message.reject(requeue=False)
+                await self._settle(self._dead_letters.send(message, "poison", exc))
                 continue
             pairs.append(
                 (
@@ -90,66 +109,136 @@ class ClaimWorker:
                     ),
                 )
             )
-        if pairs:
-            await self._apply_and_settle(pairs)
+        outcome = await self._apply_and_settle(pairs) if pairs else None
         log.info(
             "batch done",
             extra={
                 "size": len(messages),
                 "poison": poison,
+                "applied": outcome.applied if outcome else 0,
+                "replayed": outcome.replayed if outcome else 0,
+                "granted": outcome.granted if outcome else 0,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
 
-    async def _apply_and_settle(self, pairs: Sequence[Pair]) -> None:
+    async def _apply_and_settle(self, pairs: Sequence[Pair]) -> BatchOutcome | None:
         try:
             outcome = await self._apply([d for _, d in pairs])
+        except Stopping:
+            raise
         except Exception as exc:
-            if is_transient(exc):
-                # Still failing after the retry window: give the messages back to the
-                # broker, whose delivery limit bounds how often this can happen.
-                log.error("batch failed, requeued", extra={"error": repr(exc)})
-                for message, _ in pairs:
-                    await message.nack(requeue=True)
-                return
             if len(pairs) > 1:
                 # One bad command must not sink the batch: apply them one by one.
                 log.warning("batch failed, splitting", extra={"error": repr(exc)})
                 for pair in pairs:
                     await self._apply_and_settle([pair])
-                return
-            message = pairs[0][0]
-            log.error(
-                "command failed, dead-lettered",
-                extra={"message_id": message.message_id, "error": repr(exc)},
-            )
-            await message.reject(requeue=False)
-            return
+                return None
+            await self._failed_attempt(pairs[0], exc)
+            return None
         await self._report(pairs, outcome)
         # Deliveries reach this consumer in order and every earlier one is settled
-        # already, so one cumulative ack covers the whole batch.
-        await pairs[-1][0].ack(multiple=True)
-        log.debug(
-            "batch applied",
-            extra={
-                "applied": outcome.applied,
-                "replayed": outcome.replayed,
-                "granted": outcome.granted,
-            },
-        )
+        # already, so one cumulative ack covers the whole batch. (A message from a
+        # channel that has since closed cannot be acked: it is redelivered, and the
+        # inbox answers it.)
+        await self._settle(pairs[-1][0].ack(multiple=True))
+        return outcome
 
     async def _apply(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
-        async for attempt in transient_retry(self._retry_seconds):
-            with attempt:
-                async with self._pool.connection() as conn, conn.transaction():
-                    return await apply_batch(conn, deliveries, self._worker_id)
+        try:
+            async for outage in outage_retry(self._stop, self._hold):
+                with outage:
+                    async for attempt in contention_retry():
+                        with attempt:
+                            async with (
+                                self._pool.connection(timeout=5.0) as conn,
+                                conn.transaction(),
+                            ):
+                                return await apply_batch(conn, deliveries, self._worker_id)
+        except Exception as exc:
+            if self._stop.is_set() and is_outage(exc):
+                raise Stopping from exc
+            raise
+        finally:
+            if self._holding:
+                self._holding = False
+                log.info("database is back; resuming")
+                await self._receiver.start()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _hold(self, state: RetryCallState) -> None:
+        """Database outage: take no new messages, keep the ones in hand unacknowledged."""
+        if not self._holding:
+            self._holding = True
+            exc = state.outcome.exception() if state.outcome else None
+            log.error("database unavailable; holding messages", extra={"error": repr(exc)})
+            await self._receiver.stop()
+
+    async def _failed_attempt(self, pair: Pair, exc: BaseException) -> None:
+        """Count the attempt with the broker's counter; retry through the broker or fail."""
+        message, delivery = pair
+        attempts = delivery_count(message) + 1
+        final = attempts >= self._max_attempts
+        await self._record_failure(delivery, attempts, exc, final)
+        if final:
+            await self._settle(self._dead_letters.send(message, "failed", exc))
+        else:
+            log.warning(
+                "command failed; requeued",
+                extra={"message_id": message.message_id, "attempt": attempts, "error": repr(exc)},
+            )
+            await self._settle(message.nack(requeue=True))
+
+    async def _record_failure(
+        self, delivery: Delivery, attempts: int, exc: BaseException, final: bool
+    ) -> None:
+        command = delivery.command
+        try:
+            async for attempt in transient_retry(2.0):
+                with attempt:
+                    async with self._pool.connection(timeout=2.0) as conn:
+                        await conn.execute(
+                            queries()["inbox_record_failure"],
+                            {
+                                "message_ids": [command.request_id],
+                                "senders": [delivery.sender],
+                                "payloads": [
+                                    orjson.dumps(
+                                        {
+                                            "user_id": command.user_id,
+                                            "coupon_name": command.coupon_name,
+                                        }
+                                    ).decode()
+                                ],
+                                "attempts": [attempts],
+                                "statuses": ["FAILED" if final else "PENDING"],
+                                "event_type": CLAIM_EVENT,
+                                "exchange": delivery.exchange,
+                                "routing_key": delivery.routing_key,
+                                "error": f"{type(exc).__name__}: {exc}"[:2000],
+                            },
+                        )
+        except Exception as record_exc:
+            log.warning("failure not recorded in the inbox", extra={"error": repr(record_exc)})
 
     async def _report(self, pairs: Sequence[Pair], outcome: BatchOutcome) -> None:
         """Push results to Redis; a Redis fault loses nothing (the inbox has them)."""
         try:
-            await self._results.publish(
-                (outcome.results[d.command.request_id], d.command.reply_to) for _, d in pairs
-            )
+            async for attempt in transient_retry(1.0):
+                with attempt:
+                    await self._results.publish(
+                        (outcome.results[d.command.request_id], d.command.reply_to)
+                        for _, d in pairs
+                    )
         except Exception as exc:
             log.warning("results not published to redis", extra={"error": repr(exc)})
+
+    @staticmethod
+    async def _settle(operation: object) -> None:
+        """Ack, nack or dead-letter; a closed channel means the broker redelivers."""
+        try:
+            await operation  # type: ignore[misc]
+        except Exception as exc:
+            log.warning(
+                "message not settled; the broker will redeliver it", extra={"error": repr(exc)}
+            )

@@ -22,9 +22,24 @@ class PoisonMessage(FlashclaimError):
 class DependencyUnavailable(FlashclaimError):
     """A server flashclaim needs (broker, database, Redis) cannot be reached now."""
 
-    def __init__(self, service: str, detail: str = "") -> None:
+    def __init__(self, service: str, detail: str = "", retry_after: int = 1) -> None:
         super().__init__(f"{service} is unavailable" + (f": {detail}" if detail else ""))
         self.service = service
+        self.retry_after = retry_after
+
+
+class Overloaded(FlashclaimError):
+    """This process already holds as much work as it is allowed to."""
+
+    retry_after = 1
+
+
+class RateLimited(FlashclaimError):
+    """This client sent more requests than its rate allows."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many requests")
+        self.retry_after = retry_after
 
 
 class CouponExists(FlashclaimError):

@@ -76,3 +76,20 @@ WHERE i.message_id = r.message_id;
 SELECT status, result_status, result_body
 FROM inbox
 WHERE message_id = %(message_id)s;
+
+-- name: inbox_record_failure
+-- A failed attempt, recorded in its own transaction (the batch's was rolled back).
+-- Rows already PROCESSED are left alone: their effect and answer stand.
+INSERT INTO inbox (message_id, sender, event_type, payload, exchange, routing_key,
+                   status, retry_count, error)
+SELECT m.message_id, m.sender, %(event_type)s, m.payload::jsonb, %(exchange)s,
+       %(routing_key)s, m.status, m.attempts, %(error)s
+FROM unnest(%(message_ids)s::uuid[], %(senders)s::text[], %(payloads)s::text[],
+            %(attempts)s::int[], %(statuses)s::text[])
+     AS m (message_id, sender, payload, attempts, status)
+ORDER BY m.message_id
+ON CONFLICT (message_id) DO UPDATE
+SET retry_count = GREATEST(inbox.retry_count, EXCLUDED.retry_count),
+    status = EXCLUDED.status, error = EXCLUDED.error,
+    locked_at = NULL, locked_by = NULL, updated_at = now()
+WHERE inbox.status <> 'PROCESSED';

@@ -1,30 +1,66 @@
-"""Which faults are transient, and the one retry policy applied to them."""
+"""Which faults are transient, and the retry policy applied to them.
+
+Two kinds of transient database fault are told apart:
+
+- an **outage** (the server is unreachable or shutting down): nothing is wrong with the
+  work, so it is held, not counted as a failed attempt, and retried until the server is
+  back;
+- **contention** (serialization failure, deadlock, lock timeout): the transaction lost a
+  race and simply runs again, a bounded number of times.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import psycopg
 import redis.exceptions
+from psycopg_pool import PoolTimeout
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
+    stop_after_attempt,
     stop_after_delay,
     wait_exponential_jitter,
 )
 
-# Database faults that a retry can cure: the server went away, or the transaction lost
-# a race (serialization failure, deadlock) and may simply run again.
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57P")
+# 08: connection exceptions; 57P01-57P03: admin/crash shutdown, cannot connect now;
+# 53300: too many connections.
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# 40001 serialization failure, 40P01 deadlock, 55P03 lock not available.
+_CONTENTION_SQLSTATES = ("40001", "40P01", "55P03")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The database cannot be reached now; the work itself is fine."""
+    if isinstance(exc, PoolTimeout | psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate
+        return state is None or state.startswith(_OUTAGE_SQLSTATES)
+    return isinstance(exc, OSError)
+
+
+def is_contention(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "") in _CONTENTION_SQLSTATES
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, psycopg.OperationalError | psycopg.errors.InterfaceError):
+    if is_outage(exc) or is_contention(exc):
         return True
-    if isinstance(exc, psycopg.Error):
-        state = exc.sqlstate or ""
-        return state.startswith(_TRANSIENT_SQLSTATE_CLASSES)
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return True
-    return isinstance(exc, ConnectionError | TimeoutError)
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+
+
+def contention_retry(attempts: int = 5) -> AsyncRetrying:
+    """Run a transaction again after a lost race: backoff with jitter, bounded."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_contention),
+        wait=wait_exponential_jitter(multiplier=0.02, max=0.5, jitter=0.05),
+        stop=stop_after_attempt(attempts),
+        reraise=True,
+    )
 
 
 def transient_retry(max_seconds: float) -> AsyncRetrying:
@@ -33,5 +69,21 @@ def transient_retry(max_seconds: float) -> AsyncRetrying:
         retry=retry_if_exception(is_transient),
         wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
         stop=stop_after_delay(max_seconds),
+        reraise=True,
+    )
+
+
+def outage_retry(
+    stop: asyncio.Event, on_outage: Callable[[RetryCallState], Awaitable[None]]
+) -> AsyncRetrying:
+    """Retry through a database outage for as long as it lasts, until ``stop`` is set.
+
+    ``on_outage`` runs before each pause (the caller stops taking new work there).
+    """
+    return AsyncRetrying(
+        retry=retry_if_exception(is_outage),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
+        stop=lambda state: stop.is_set(),
+        before_sleep=on_outage,
         reraise=True,
     )

@@ -46,8 +46,21 @@ class Settings:
     consumer_prefetch: int = 1000
     batch_size: int = 200
     batch_linger_ms: float = 1.0
-    # Times RabbitMQ redelivers a command before dead-lettering it.
+    # Failed attempts (counted by the broker's x-delivery-count) after which a command
+    # is marked FAILED in the inbox and dead-lettered with its error.
+    max_attempts: int = 3
+    # The broker's own bound on redeliveries (a backstop for consumers that crash before
+    # they can count): it dead-letters with x-death reason "delivery_limit".
     delivery_limit: int = 5
+    # Claims one gateway process holds at once; beyond that it answers 503 at once.
+    max_in_flight_claims: int = 10_000
+    # Per-client token bucket in Redis (client = remote address); 0 turns it off.
+    rate_limit_per_second: float = 0.0
+    rate_limit_burst: int = 0
+    # Broker circuit breaker: consecutive failed publishes that open it, and how long
+    # it stays open (answering 503 at once) before a publish is tried again.
+    breaker_failure_threshold: int = 5
+    breaker_recovery_seconds: float = 2.0
     # Seconds a stopping consumer or gateway gets to finish what it has in hand.
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -86,6 +99,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be greater than 0")
+        if self.delivery_limit < self.max_attempts:
+            raise ConfigError(f"{PREFIX}DELIVERY_LIMIT must be at least {PREFIX}MAX_ATTEMPTS")
+        if self.rate_limit_per_second < 0 or self.rate_limit_burst < 0:
+            raise ConfigError("rate limits cannot be negative")
         if self.batch_linger_ms < 0 or self.shutdown_grace_seconds < 0:
             raise ConfigError("linger and grace periods cannot be negative")
         if self.db_pool_min_size > self.db_pool_max_size:

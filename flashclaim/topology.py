@@ -52,8 +52,8 @@ class Topology:
             "x-overflow": "reject-publish",
         }
 
-    async def declare(self, channel: AbstractChannel) -> tuple[AbstractExchange, AbstractQueue]:
-        """Declare everything; return the commands exchange and the claims queue."""
+    async def declare(self, channel: AbstractChannel) -> Declared:
+        """Declare everything (a no-op for what exists already) and return it."""
         dlx = await channel.declare_exchange(
             self.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
@@ -70,4 +70,12 @@ class Topology:
             self.claims_queue, durable=True, arguments=self.claims_queue_arguments()
         )
         await queue.bind(commands, CLAIM_ROUTING_KEY)
-        return commands, queue
+        return Declared(commands, queue, dlx, dlq)
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    commands: AbstractExchange
+    claims: AbstractQueue
+    dead_letters: AbstractExchange
+    claims_dlq: AbstractQueue

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from flashclaim import broker
 from flashclaim.db import create_pool
 from flashclaim.errors import DependencyUnavailable
 from flashclaim.results import ResultStore
@@ -18,6 +19,7 @@ from gateway.claims import ClaimService
 from gateway.handlers import routes
 from gateway.middleware import errors_middleware
 from gateway.publisher import ClaimPublisher
+from gateway.ratelimit import RateLimiter
 from gateway.replies import ReplyListener
 from gateway.repository import Repository
 from gateway.state import CLAIMS, READINESS, REPOSITORY
@@ -25,6 +27,16 @@ from gateway.state import CLAIMS, READINESS, REPOSITORY
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
 AMQP = web.AppKey("amqp", AbstractRobustConnection)
+LIMITER = web.AppKey("limiter", RateLimiter)
+
+
+@web.middleware
+async def _rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Per-client token bucket on the public API, when configured (off by default)."""
+    limiter = request.app.get(LIMITER)
+    if limiter is not None and request.path.startswith("/api/"):
+        await limiter.check(request.remote or "unknown")
+    return await handler(request)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -54,10 +66,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client = aioredis.from_url(
-        app[SETTINGS].redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-    )
+    s = app[SETTINGS]
+    client = aioredis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     app[REDIS] = client
+    if s.rate_limit_per_second > 0:
+        app[LIMITER] = RateLimiter(client, s.namespace, s.rate_limit_per_second, s.rate_limit_burst)
 
     async def ping() -> None:
         await client.ping()
@@ -69,9 +82,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    connection = await aio_pika.connect_robust(
-        s.amqp_url, client_properties={"connection_name": f"gateway {s.instance_id}"}
-    )
+    connection = await broker.connect(s.amqp_url, f"gateway {s.instance_id}")
     app[AMQP] = connection
     app[READINESS]["broker"] = _connected(connection)
     yield
@@ -81,12 +92,19 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
 async def _claims(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     channel = await app[AMQP].channel(publisher_confirms=True, on_return_raises=True)
-    exchange, _ = await Topology(s.namespace, s.delivery_limit).declare(channel)
+    declared = await Topology(s.namespace, s.delivery_limit).declare(channel)
     results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds)
     replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
     await replies.start()
+    publisher = ClaimPublisher(
+        app[AMQP],
+        declared.commands,
+        s.publish_timeout_seconds,
+        s.breaker_failure_threshold,
+        s.breaker_recovery_seconds,
+    )
     app[CLAIMS] = ClaimService(
-        ClaimPublisher(exchange, s.publish_timeout_seconds), replies, results, s.claim_wait_seconds
+        publisher, replies, results, s.claim_wait_seconds, s.max_in_flight_claims
     )
     yield
     await replies.stop()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 
-from flashclaim.errors import FlashclaimError
+from flashclaim.errors import FlashclaimError, Overloaded
 from flashclaim.messages import ClaimCommand, ClaimResult
 from flashclaim.results import ResultStore
 from gateway.publisher import ClaimPublisher
 from gateway.replies import ReplyListener
 
 log = logging.getLogger(__name__)
+
+ACCEPTED_MEMORY = 200_000
 
 
 class IdempotencyKeyReused(FlashclaimError):
@@ -26,11 +29,23 @@ class ClaimService:
         replies: ReplyListener,
         results: ResultStore,
         wait_seconds: float,
+        max_in_flight: int,
     ) -> None:
         self._publisher = publisher
         self._replies = replies
         self._results = results
         self._wait = wait_seconds
+        # A non-blocking semaphore: over the bound a claim is refused at once (503)
+        # rather than queued in memory behind the others.
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        # Request ids this process answered 202 for, so that GET /api/claims/{id} says
+        # "pending" (not 404) even while Redis, which normally keeps that mark, is away.
+        self._accepted: OrderedDict[uuid.UUID, None] = OrderedDict()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     @property
     def reply_channel(self) -> str:
@@ -42,6 +57,15 @@ class ClaimService:
         ``replayable`` (an Idempotency-Key was given): a result already recorded for this
         request id is returned as it is, without publishing again.
         """
+        if self._in_flight >= self._max_in_flight:
+            raise Overloaded("too many claims in flight; retry shortly")
+        self._in_flight += 1
+        try:
+            return await self._submit(command, replayable)
+        finally:
+            self._in_flight -= 1
+
+    async def _submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
         if replayable:
             prior = await self.lookup(command.request_id)
             if prior is not None:
@@ -67,12 +91,17 @@ class ClaimService:
             return None
 
     async def is_pending(self, request_id: uuid.UUID) -> bool:
+        if request_id in self._accepted:
+            return True
         try:
             return await self._results.is_pending(request_id)
         except Exception:
             return False
 
     async def _mark_pending(self, request_id: uuid.UUID) -> None:
+        self._accepted[request_id] = None
+        while len(self._accepted) > ACCEPTED_MEMORY:
+            self._accepted.popitem(last=False)
         try:
             await self._results.mark_pending(request_id)
         except Exception as exc:

@@ -16,6 +16,8 @@ from flashclaim.errors import (
     DependencyUnavailable,
     FlashclaimError,
     InvalidInput,
+    Overloaded,
+    RateLimited,
 )
 from gateway.claims import IdempotencyKeyReused
 
@@ -27,16 +29,21 @@ ERRORS: dict[type[FlashclaimError], tuple[int, str]] = {
     CouponExists: (409, "coupon_exists"),
     CouponNotFound: (404, "coupon_not_found"),
     IdempotencyKeyReused: (422, "idempotency_key_reused"),
+    RateLimited: (429, "rate_limited"),
+    Overloaded: (503, "overloaded"),
     DependencyUnavailable: (503, "service_unavailable"),
 }
-RETRY_AFTER_SECONDS = "1"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
-def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, retry_after: int | None = None, **extra: Any
+) -> web.Response:
     response = web.json_response({"error": message, "code": code, **extra}, status=status)
-    if status == 503:
-        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    if retry_after is None and status in (429, 503):
+        retry_after = 1
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, retry_after))
     return response
 
 
@@ -51,7 +58,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")
         )
         request["error"] = str(exc)
-        response = error_response(status, code, str(exc))
+        response = error_response(status, code, str(exc), getattr(exc, "retry_after", None))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

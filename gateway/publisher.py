@@ -1,13 +1,15 @@
-"""Publishing claim commands to RabbitMQ with publisher confirms."""
+"""Publishing claim commands to RabbitMQ with publisher confirms, behind a circuit breaker."""
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
 from flashclaim.errors import DependencyUnavailable
 from flashclaim.messages import CLAIM_EVENT, ClaimCommand
@@ -15,16 +17,47 @@ from flashclaim.topology import CLAIM_ROUTING_KEY
 
 
 class ClaimPublisher:
-    def __init__(self, exchange: AbstractExchange, timeout: float) -> None:
+    """Publishes a claim and returns only once the broker has stored it.
+
+    While the broker is away, requests must not pile up waiting for confirms that
+    cannot come: when the connection is down, or after ``failure_threshold`` failed
+    publishes in a row (the breaker opens for ``recovery_seconds``), the publisher
+    refuses at once and the client gets 503 with a Retry-After.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        exchange: AbstractExchange,
+        timeout: float,
+        failure_threshold: int,
+        recovery_seconds: float,
+    ) -> None:
+        self._connection = connection
         self._exchange = exchange
         self._timeout = timeout
+        self._breaker = CircuitBreaker(
+            failure_threshold=failure_threshold,
+            recovery_timeout=recovery_seconds,
+            expected_exception=DependencyUnavailable,
+            name="broker",
+        )
+
+    @property
+    def breaker_state(self) -> str:
+        return str(self._breaker.state)
 
     async def publish(self, command: ClaimCommand) -> None:
-        """Return once the broker has confirmed the command as stored.
+        """Raise :class:`DependencyUnavailable` unless the broker confirmed the claim."""
+        if self._connection.is_closed:
+            raise DependencyUnavailable("broker", "not connected")
+        try:
+            await self._breaker.call_async(self._publish, command)
+        except CircuitBreakerError:
+            wait = math.ceil(max(self._breaker.open_remaining, 1))
+            raise DependencyUnavailable("broker", "circuit open", retry_after=wait) from None
 
-        Raises :class:`DependencyUnavailable` when the broker refuses it (nack, queue
-        full, unroutable) or does not confirm in time; the caller answers 503.
-        """
+    async def _publish(self, command: ClaimCommand) -> None:
         message = aio_pika.Message(
             command.body(),
             message_id=str(command.request_id),
@@ -50,5 +83,3 @@ class ClaimPublisher:
             raise DependencyUnavailable("broker", type(exc).__name__) from exc
         if isinstance(confirmation, aiormq.spec.Basic.Nack | aiormq.spec.Basic.Return):
             raise DependencyUnavailable("broker", "claim not accepted by the broker")
-        if isinstance(confirmation, DeliveryError):  # pragma: no cover - defensive
-            raise DependencyUnavailable("broker", "claim not routed")

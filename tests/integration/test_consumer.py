@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aio_pika
 import orjson
+import psycopg
 import pytest
 import redis.asyncio as aioredis
 
@@ -151,8 +152,16 @@ async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
     dead = await dlq.get(timeout=10, fail=True)
     assert dead is not None
     assert dead.message_id == str(poison.request_id)
-    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    assert dead.body == b"{not json"
+    headers = dead.headers
+    assert headers["x-flashclaim-reason"] == "poison"
+    assert headers["x-flashclaim-error-type"] == "PoisonMessage"
+    assert "not JSON" in headers["x-flashclaim-error"]
+    assert str(headers["x-flashclaim-service"]).startswith("consumer ")
+    assert headers["x-flashclaim-original-routing-key"] == CLAIM_ROUTING_KEY
+    assert headers["x-flashclaim-failed-at"]
     await dead.ack()
+    assert await dlq.get(fail=False) is None  # exactly one copy
 
 
 async def test_unknown_coupon_is_answered_404_not_dead_lettered(
@@ -169,3 +178,64 @@ async def test_unknown_coupon_is_answered_404_not_dead_lettered(
     assert reply.status == 404
     dlq = await broker.declare_queue(Topology(settings.namespace, 1).claims_dlq, passive=True)
     assert await dlq.get(fail=False) is None
+
+
+@pytest.fixture
+def exploding_user(settings: Settings) -> Iterator[str]:
+    """A user whose claims the database refuses with an error no retry can cure."""
+    user = f"boom-{uuid.uuid4().hex[:8]}"
+    trigger = f"explode_{user.replace('-', '_')}"
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"""
+            CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refusing claims of %', NEW.user_id; END $$;
+            CREATE TRIGGER {trigger} BEFORE INSERT ON claims FOR EACH ROW
+            WHEN (NEW.user_id = '{user}') EXECUTE FUNCTION {trigger}();
+        """)
+    yield user
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"DROP TRIGGER {trigger} ON claims; DROP FUNCTION {trigger}();")
+
+
+async def test_failing_command_is_retried_by_the_broker_then_failed_and_dead_lettered(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+    coupon_name: str,
+    exploding_user: str,
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    bad = ClaimCommand(uuid.uuid4(), exploding_user, coupon_name, REPLIES)
+    good = [ClaimCommand(uuid.uuid4(), f"user{i}", coupon_name, REPLIES) for i in range(4)]
+    # The bad command lands in the same batch as good ones: they must not suffer.
+    for command in [good[0], bad, *good[1:]]:
+        await publish(broker, settings, command)
+    async with subscribed(redis) as pubsub:
+        consumers(1)
+        replies = await collect_replies(pubsub, 4)
+    assert sorted(r.status for r in replies) == [200] * 4
+
+    dlq = await broker.declare_queue(Topology(settings.namespace, 1).claims_dlq, passive=True)
+    dead = None
+    for _ in range(100):
+        dead = await dlq.get(fail=False)
+        if dead is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert dead is not None
+    assert dead.message_id == str(bad.request_id)
+    assert dead.headers["x-flashclaim-reason"] == "failed"
+    assert dead.headers["x-flashclaim-attempts"] == settings.max_attempts
+    assert "refusing claims" in str(dead.headers["x-flashclaim-error"])
+    await dead.ack()
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(
+            "SELECT status, retry_count, error FROM inbox WHERE message_id = %s", (bad.request_id,)
+        ).fetchone()
+        assert row is not None
+        assert (row[0], row[1]) == ("FAILED", settings.max_attempts)
+        assert "refusing claims" in row[2]
+        assert conn.execute(
+            "SELECT count(*) FROM claims WHERE user_id = %s", (exploding_user,)
+        ).fetchone() == (0,)

@@ -1,0 +1,33 @@
+"""Connecting to RabbitMQ: a robust connection, retried while the broker starts."""
+
+from __future__ import annotations
+
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
+from tenacity import wait_exponential_jitter as backoff
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, name: str, wait_seconds: float = 60.0) -> AbstractRobustConnection:
+    """A connection that reconnects by itself and restores its channels, exchanges,
+    queues and consumers. The first connection is retried for ``wait_seconds``, so a
+    process may start before the broker is up.
+    """
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(CONNECTION_EXCEPTIONS),
+        wait=backoff(multiplier=0.2, max=3.0, jitter=0.2),
+        stop=stop_after_delay(wait_seconds),
+        before_sleep=lambda state: log.warning("broker not reachable yet; retrying"),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await aio_pika.connect_robust(
+                url, client_properties={"connection_name": name}, reconnect_interval=1.0
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
