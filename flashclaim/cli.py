@@ -55,6 +55,30 @@ def _stack(settings: Settings, args: argparse.Namespace) -> int:
     return devstack.run_foreground(args.profile, consumers=args.consumers)
 
 
+def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    import psycopg
+
+    from flashclaim.audit import run_audit
+
+    try:
+        report = run_audit(settings.database_url, pending_older_than=args.pending_older_than)
+    except psycopg.OperationalError as exc:
+        print(f"flashclaim audit: cannot reach the database: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {"ok": report.ok, "totals": report.totals, "violations": report.violations},
+                indent=2,
+            )
+        )
+    else:
+        print(report.render())
+    return 0 if report.ok else 1
+
+
 def _scenarios(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim import scenarios
 
@@ -89,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="run", choices=["run", "test"])
     p.add_argument("--consumers", type=int, default=1)
     p.set_defaults(func=_stack, service="stack")
+
+    p = sub.add_parser("audit", help="check the database's invariants; exit 1 on a violation")
+    p.add_argument(
+        "--pending-older-than",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a PENDING inbox row older than this is a violation (default 60)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_audit, service="audit")
 
     p = sub.add_parser(
         "scenarios", help="run Flash Sale, Double Dip and a burst over HTTP, and check them"

@@ -93,3 +93,48 @@ SET retry_count = GREATEST(inbox.retry_count, EXCLUDED.retry_count),
     status = EXCLUDED.status, error = EXCLUDED.error,
     locked_at = NULL, locked_by = NULL, updated_at = now()
 WHERE inbox.status <> 'PROCESSED';
+
+-- name: audit_stock
+SELECT c.name, c.amount, c.remaining_amount, count(cl.id) AS claimed
+FROM coupons c
+LEFT JOIN claims cl ON cl.coupon_name = c.name
+GROUP BY c.name
+HAVING c.remaining_amount <> c.amount - count(cl.id) OR c.remaining_amount < 0
+ORDER BY c.name
+LIMIT 100;
+
+-- name: audit_duplicate_holders
+SELECT coupon_name, user_id, count(*) AS claims
+FROM claims
+GROUP BY coupon_name, user_id
+HAVING count(*) > 1
+LIMIT 100;
+
+-- name: audit_claims_without_success
+-- Every claim row must come from a command whose recorded answer was 200.
+SELECT cl.message_id, cl.coupon_name, i.status, i.result_status
+FROM claims cl
+LEFT JOIN inbox i ON i.message_id = cl.message_id
+WHERE i.message_id IS NULL OR i.status <> 'PROCESSED' OR i.result_status <> 200
+LIMIT 100;
+
+-- name: audit_success_without_claim
+-- Every 200 answer must have its claim row.
+SELECT i.message_id, i.payload ->> 'coupon_name' AS coupon_name
+FROM inbox i
+LEFT JOIN claims cl ON cl.message_id = i.message_id
+WHERE i.status = 'PROCESSED' AND i.result_status = 200 AND cl.id IS NULL
+LIMIT 100;
+
+-- name: audit_stale_pending
+SELECT message_id, created_at, retry_count, error
+FROM inbox
+WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => %(older_than)s)
+ORDER BY created_at
+LIMIT 100;
+
+-- name: audit_totals
+SELECT (SELECT count(*) FROM coupons) AS coupons,
+       (SELECT count(*) FROM claims) AS claims,
+       (SELECT count(*) FROM inbox) AS inbox,
+       (SELECT count(*) FROM inbox WHERE status = 'FAILED') AS failed;

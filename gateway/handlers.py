@@ -53,6 +53,12 @@ async def claim(request: web.Request) -> web.Response:
 
 @routes.get("/api/claims/{request_id}")
 async def get_claim(request: web.Request) -> web.Response:
+    """The claim's final answer; 202 while it is on its way; 404 if never accepted.
+
+    Redis answers first; the inbox in PostgreSQL is the record when Redis has no result
+    (expired, restarted, or down when the consumer reported). A claim is "on its way"
+    while the inbox has no result but the request was accepted (answered 202).
+    """
     try:
         request_id = uuid.UUID(request.match_info["request_id"])
     except ValueError:
@@ -61,12 +67,18 @@ async def get_claim(request: web.Request) -> web.Response:
     result = await service.lookup(request_id)
     if result is not None:
         return result_response(result)
-    if await service.is_pending(request_id):
-        return pending_response(request_id)
-    status, result = await request.app[REPOSITORY].recorded_result(request_id)
+    try:
+        status, result = await request.app[REPOSITORY].recorded_result(request_id)
+    except DependencyUnavailable:
+        if await service.is_pending(request_id):
+            return pending_response(request_id)
+        raise
     if result is not None:
         return result_response(result)
-    if status != "UNKNOWN":
+    if status == "FAILED":
+        # Dead-lettered: kept for an operator to replay, after which it gets its answer.
+        return pending_response(request_id, "dead_lettered")
+    if status == "PENDING" or await service.is_pending(request_id):
         return pending_response(request_id)
     return error_response(
         404, "claim_not_found", "no such claim request", request_id=str(request_id)
@@ -103,9 +115,9 @@ def result_response(result: ClaimResult) -> web.Response:
     return web.json_response(result.body, status=result.status)
 
 
-def pending_response(request_id: uuid.UUID) -> web.Response:
+def pending_response(request_id: uuid.UUID, status: str = "pending") -> web.Response:
     return web.json_response(
-        {"request_id": str(request_id), "status": "pending"},
+        {"request_id": str(request_id), "status": status},
         status=202,
         headers={"Location": f"/api/claims/{request_id}"},
     )

@@ -1,0 +1,59 @@
+"""``flashclaim audit``: check the database's invariants and say what was found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from flashclaim.db import queries
+
+# (query, what a row found by it means)
+CHECKS: tuple[tuple[str, str], ...] = (
+    ("audit_stock", "remaining_amount differs from amount - claims, or is negative"),
+    ("audit_duplicate_holders", "a user holds the same coupon more than once"),
+    ("audit_claims_without_success", "a claim whose command was not recorded as granted"),
+    ("audit_success_without_claim", "a command recorded as granted without its claim"),
+    ("audit_stale_pending", "a command left PENDING longer than the threshold"),
+)
+
+
+@dataclass
+class AuditReport:
+    totals: dict[str, int] = field(default_factory=dict)
+    violations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.violations.values())
+
+    def render(self) -> str:
+        lines = ["totals: " + ", ".join(f"{k}={v}" for k, v in self.totals.items())]
+        for name, meaning in CHECKS:
+            rows = self.violations.get(name, [])
+            verdict = (
+                "ok" if not rows else f"VIOLATION ({len(rows)}{'+' if len(rows) >= 100 else ''})"
+            )
+            lines.append(f"{name.removeprefix('audit_'):<24} {verdict:<16} {meaning}")
+            lines += [f"    {row}" for row in rows[:10]]
+        lines.append("audit: " + ("passed" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def run_audit(conninfo: str, pending_older_than: float = 60.0) -> AuditReport:
+    """Run every check in one repeatable-read snapshot, so they see one state."""
+    q = queries()
+    report = AuditReport()
+    with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            row = conn.execute(q["audit_totals"].encode()).fetchone()
+            report.totals = dict(row) if row else {}
+            for name, _ in CHECKS:
+                rows = conn.execute(q[name].encode(), {"older_than": pending_older_than})
+                report.violations[name] = [
+                    {k: str(v) for k, v in r.items()} for r in rows.fetchall()
+                ]
+    return report

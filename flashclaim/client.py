@@ -1,0 +1,87 @@
+"""An HTTP client for claims that behaves as a careful shop front end should.
+
+Every claim carries an ``Idempotency-Key``, so a retry after a 503, a 429 or a lost
+connection is the same claim, applied at most once; a 202 is followed to its final
+answer. Used by the scenarios, the load tests and the fault tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+FINAL = frozenset({200, 400, 404, 409, 422})
+
+
+@dataclass
+class Answer:
+    user_id: str
+    coupon_name: str
+    status: int  # the final status, or 0 if there was none before the deadline
+    body: dict[str, Any]
+    retries: int = 0  # 503s, 429s and connection errors retried
+    pending: bool = False  # a 202 was followed
+    latency: float = 0.0  # seconds from the first attempt to the final answer
+
+    @property
+    def request_id(self) -> str | None:
+        value = self.body.get("request_id")
+        return value if isinstance(value, str) else None
+
+
+class ClaimClient:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        base_url: str,
+        deadline: float = 60.0,
+        poll_interval: float = 0.2,
+    ) -> None:
+        self._http = http
+        self._base = base_url.rstrip("/")
+        self._deadline = deadline
+        self._poll = poll_interval
+
+    async def claim(self, user_id: str, coupon_name: str, key: str | None = None) -> Answer:
+        """The claim's final answer, retrying and following 202s until the deadline."""
+        headers = {"Idempotency-Key": key or uuid.uuid4().hex}
+        payload = {"user_id": user_id, "coupon_name": coupon_name}
+        answer = Answer(user_id, coupon_name, 0, {})
+        started = time.monotonic()
+        end = started + self._deadline
+        location: str | None = None
+        while time.monotonic() < end:
+            try:
+                if location is None:
+                    async with self._http.post(
+                        f"{self._base}/api/coupons/claim", json=payload, headers=headers
+                    ) as r:
+                        status, body = r.status, await r.json(content_type=None)
+                        retry_after = r.headers.get("Retry-After")
+                        if status == 202:
+                            location = r.headers["Location"]
+                            answer.pending = True
+                else:
+                    async with self._http.get(f"{self._base}{location}") as r:
+                        status, body = r.status, await r.json(content_type=None)
+                        retry_after = r.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                answer.retries += 1
+                await asyncio.sleep(self._poll)
+                continue
+            unseen = status == 404 and body.get("code") == "claim_not_found"
+            if status in FINAL and not unseen:
+                answer.status, answer.body = status, body
+                break
+            if status in (429, 503):
+                answer.retries += 1
+                await asyncio.sleep(min(float(retry_after or 1), 2.0))
+            else:  # 202 (pending), or a claim not visible yet
+                await asyncio.sleep(self._poll)
+        answer.latency = time.monotonic() - started
+        return answer

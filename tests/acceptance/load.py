@@ -1,0 +1,128 @@
+"""A few thousand claims over tens of coupons with repeated users, and the checks that
+the answers and the database agree exactly afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import aiohttp
+import psycopg
+
+from flashclaim.client import Answer, ClaimClient
+from flashclaim.settings import Settings
+from tests.acceptance.conftest import Services, service_env
+
+
+@dataclass
+class Load:
+    services: Services
+    http: aiohttp.ClientSession
+    claims: int = 2500
+    coupons: int = 20
+    stock: int = 40
+    users: int = 300
+    concurrency: int = 64
+    seed: int = 7
+    names: list[str] = field(default_factory=list)
+    done: int = 0
+    task: asyncio.Future[list[Answer]] | None = None
+
+    async def start(self) -> Load:
+        tag = uuid.uuid4().hex[:8]
+        self.names = [f"LOAD_{tag}_{i:02d}" for i in range(self.coupons)]
+        for name in self.names:
+            async with self.http.post(
+                f"{self.services.base_url}/api/coupons", json={"name": name, "amount": self.stock}
+            ) as r:
+                assert r.status == 201, await r.text()
+        rng = random.Random(self.seed)
+        requests = [
+            (f"user_{rng.randrange(self.users):04d}", rng.choice(self.names))
+            for _ in range(self.claims)
+        ]
+        client = ClaimClient(self.http, self.services.base_url, deadline=150)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(user: str, coupon: str) -> Answer:
+            async with gate:
+                answer = await client.claim(user, coupon)
+            self.done += 1
+            return answer
+
+        self.task = asyncio.gather(*(one(u, c) for u, c in requests))
+        return self
+
+    async def reached(self, fraction: float) -> None:
+        """Wait until this share of the claims has its final answer."""
+        while self.done < fraction * self.claims:
+            assert self.task is not None and not self.task.done()
+            await asyncio.sleep(0.05)
+
+    async def finish(self, timeout: float = 200) -> list[Answer]:
+        assert self.task is not None
+        async with asyncio.timeout(timeout):
+            return await self.task
+
+
+def verify(settings: Settings, load: Load, answers: list[Answer]) -> None:
+    """Every request answered; answers and database agree exactly; the audit passes."""
+    unanswered = [a for a in answers if a.status == 0]
+    assert not unanswered, f"{len(unanswered)} requests got no final answer"
+    assert {a.status for a in answers} <= {200, 400, 409}, {a.status for a in answers}
+
+    granted = [a for a in answers if a.status == 200]
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT coupon_name, user_id, message_id::text FROM claims WHERE coupon_name = ANY(%s)",
+            (load.names,),
+        ).fetchall()
+        stock = dict(
+            conn.execute(
+                "SELECT name, remaining_amount FROM coupons WHERE name = ANY(%s)", (load.names,)
+            ).fetchall()
+        )
+    # No granted claim missing, no claim nobody was told about.
+    assert sorted(r[2] for r in rows) == sorted(str(a.request_id) for a in granted)
+    # Nobody twice, and whoever was told "already claimed" does hold it.
+    holders = {(r[0], r[1]) for r in rows}
+    assert len(holders) == len(rows)
+    per_pair: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for a in answers:
+        per_pair[(a.coupon_name, a.user_id)].append(a.status)
+    for pair, statuses in per_pair.items():
+        assert statuses.count(200) <= 1, pair
+        if 409 in statuses:
+            assert pair in holders, pair
+    # No oversell, and stock matches the grants exactly.
+    claimed = defaultdict(int)
+    for coupon, _, _ in rows:
+        claimed[coupon] += 1
+    for name in load.names:
+        assert stock[name] == load.stock - claimed[name] >= 0, name
+    # Sold-out answers only once the stock was really gone.
+    for a in answers:
+        if a.status == 400:
+            assert stock[a.coupon_name] == 0, a
+    audit = subprocess.run(
+        [sys.executable, "-m", "flashclaim.cli", "audit", "--pending-older-than", "300"],
+        env=service_env(settings),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def outcome_counts(answers: list[Answer]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for a in answers:
+        counts[str(a.status)] += 1
+        counts["pending_followed"] += a.pending
+        counts["retried"] += a.retries > 0
+    return dict(counts)

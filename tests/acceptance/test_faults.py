@@ -1,0 +1,236 @@
+"""Faults injected under load: no claim lost, doubled or left unanswered.
+
+Each test runs a few thousand claims over tens of coupons with repeated users through
+real gateway and consumer processes, injects one fault mid-load, then checks that every
+request got a final answer, that the answers and the database agree exactly, and that
+``flashclaim audit`` passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import aio_pika
+import aiohttp
+import psycopg
+import pytest
+
+from flashclaim.devstack import Stack
+from flashclaim.settings import Settings
+from flashclaim.topology import CLAIM_ROUTING_KEY, Topology
+from tests.acceptance.conftest import Services
+from tests.acceptance.load import Load, verify
+
+# Short waits so that outages produce 202s, which the clients then follow.
+GATEWAY = {"claim_wait_seconds": 2, "breaker_recovery_seconds": 1}
+
+
+@pytest.fixture
+def own_servers(stack: Stack) -> Stack:
+    if len(stack.owned) < 3:
+        pytest.skip("fault tests restart servers: they need the suite's own servers")
+    return stack
+
+
+@pytest.fixture
+def restore(own_servers: Stack) -> Iterator[Stack]:
+    """Whatever a test stopped is running again afterwards, for the tests that follow."""
+    yield own_servers
+    for server in own_servers.owned:
+        if server.proc is None or server.proc.poll() is not None:
+            server.stop()
+            server.start()
+
+
+async def started(services: Services, http: aiohttp.ClientSession, consumers: int = 1) -> Load:
+    for _ in range(consumers):
+        services.start_consumer()
+    await services.start_gateway(**GATEWAY)
+    return await Load(services, http).start()
+
+
+async def test_consumer_killed_and_restarted_mid_load(
+    services: Services, http: aiohttp.ClientSession, settings: Settings
+) -> None:
+    services.start_consumer()
+    victim = services.start_consumer()
+    await services.start_gateway(**GATEWAY)
+    load = await Load(services, http).start()
+    await load.reached(0.3)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    await load.reached(0.5)
+    services.start_consumer()
+    answers = await load.finish()
+    verify(settings, load, answers)
+
+
+async def test_rabbitmq_restarted_mid_load(
+    services: Services, http: aiohttp.ClientSession, settings: Settings, restore: Stack
+) -> None:
+    load = await started(services, http)
+    await load.reached(0.3)
+    assert restore.rabbitmq is not None
+    await asyncio.to_thread(restore.rabbitmq.stop)
+    await asyncio.sleep(1)
+    await asyncio.to_thread(restore.rabbitmq.start)
+    answers = await load.finish()
+    verify(settings, load, answers)
+    assert any(a.retries for a in answers), "the outage never reached a client"
+
+
+async def test_postgres_stopped_for_ten_seconds_mid_load(
+    services: Services, http: aiohttp.ClientSession, settings: Settings, restore: Stack
+) -> None:
+    load = await started(services, http)
+    await load.reached(0.3)
+    assert restore.postgres is not None
+    await asyncio.to_thread(restore.postgres.stop)
+    before = load.done
+    await asyncio.sleep(10)
+    await asyncio.to_thread(restore.postgres.start)
+    answers = await load.finish()
+    verify(settings, load, answers)
+    assert any(a.pending for a in answers), "no claim waited for the database"
+    assert load.done > before
+
+
+async def test_redis_restarted_mid_load(
+    services: Services, http: aiohttp.ClientSession, settings: Settings, restore: Stack
+) -> None:
+    load = await started(services, http)
+    await load.reached(0.3)
+    assert restore.redis is not None
+    await asyncio.to_thread(restore.redis.stop)
+    await asyncio.sleep(2)
+    await asyncio.to_thread(restore.redis.start)
+    answers = await load.finish()
+    verify(settings, load, answers)
+
+
+async def test_malformed_message_mid_load_is_dead_lettered_without_delaying_others(
+    services: Services, http: aiohttp.ClientSession, settings: Settings
+) -> None:
+    load = await started(services, http)
+    await load.reached(0.3)
+    topology = Topology(settings.namespace, settings.delivery_limit)
+    poison_id = str(uuid.uuid4())
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(topology.commands_exchange)
+        await exchange.publish(
+            aio_pika.Message(
+                b'{"v": 1, "user_id": 42',
+                message_id=poison_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            CLAIM_ROUTING_KEY,
+        )
+        answers = await load.finish()
+        dlq = await channel.declare_queue(topology.claims_dlq, passive=True)
+        dead = await dlq.get(timeout=10, fail=True)
+        assert dead is not None
+        assert dead.message_id == poison_id
+        assert dead.headers["x-flashclaim-reason"] == "poison"
+        assert dead.headers["x-flashclaim-error-type"] == "PoisonMessage"
+        await dead.ack()
+        assert await dlq.get(fail=False) is None
+    verify(settings, load, answers)
+    # The claims behind it were answered without waiting for a timeout.
+    assert not any(a.pending for a in answers)
+
+
+class Blackhole:
+    """A TCP server that accepts connections and never answers: a stalled Redis."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> Blackhole:
+        self.server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self.writers:
+            writer.close()
+        assert self.server is not None
+        self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def blackhole() -> AsyncIterator[Blackhole]:
+    async with Blackhole() as hole:
+        yield hole
+
+
+async def test_consumer_killed_between_commit_and_ack_answers_once_from_the_inbox(
+    services: Services, http: aiohttp.ClientSession, settings: Settings, coupon_name: str
+) -> None:
+    # The consumer commits, then stalls reporting to Redis before it acknowledges:
+    # killing it there leaves committed claims whose messages the broker still holds.
+    await services.start_gateway(claim_wait_seconds=60)
+    async with http.post(
+        f"{services.base_url}/api/coupons", json={"name": coupon_name, "amount": 10}
+    ) as r:
+        assert r.status == 201
+    async with blackhole() as hole:
+        victim = services.start_consumer(redis_url=hole.url)
+        users = [f"user_{i}" for i in range(15)]
+        claims = [
+            asyncio.create_task(
+                http.post(
+                    f"{services.base_url}/api/coupons/claim",
+                    json={"user_id": u, "coupon_name": coupon_name},
+                )
+            )
+            for u in users
+        ]
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            for _ in range(600):
+                (committed,) = conn.execute(
+                    "SELECT count(*) FROM inbox WHERE payload ->> 'coupon_name' = %s "
+                    "AND status = 'PROCESSED'",
+                    (coupon_name,),
+                ).fetchone() or (0,)
+                if committed == len(users):
+                    break
+                await asyncio.sleep(0.02)
+            assert committed == len(users)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+    # Committed but never acknowledged: all of them are back in the queue.
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            Topology(settings.namespace, 1).claims_queue, passive=True
+        )
+        assert queue.declaration_result.message_count == len(users)
+    services.start_consumer()
+    responses = await asyncio.gather(*claims)
+    answers = [(r.status, await r.json()) for r in responses]
+    assert sorted(s for s, _ in answers) == [200] * 10 + [400] * 5
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute(
+            "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
+        ).fetchone() == (0,)
+        rows = conn.execute(
+            "SELECT message_id::text FROM claims WHERE coupon_name = %s", (coupon_name,)
+        ).fetchall()
+    assert sorted(r[0] for r in rows) == sorted(b["request_id"] for s, b in answers if s == 200)
