@@ -41,7 +41,9 @@ async def _rate_limit(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway; nothing connects until the app starts."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[errors_middleware, _rate_limit]
+    )
     app[SETTINGS] = settings
     app[READINESS] = {}
     app.add_routes(routes)

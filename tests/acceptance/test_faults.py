@@ -76,7 +76,14 @@ async def test_rabbitmq_restarted_mid_load(
     await load.reached(0.3)
     assert restore.rabbitmq is not None
     await asyncio.to_thread(restore.rabbitmq.stop)
-    await asyncio.sleep(1)
+    # While the broker is away, a claim is refused at once with a Retry-After.
+    async with http.post(
+        f"{services.base_url}/api/coupons/claim",
+        json={"user_id": "late", "coupon_name": load.names[0]},
+    ) as r:
+        assert r.status == 503
+        assert (await r.json())["code"] == "service_unavailable"
+        assert int(r.headers["Retry-After"]) >= 1
     await asyncio.to_thread(restore.rabbitmq.start)
     answers = await load.finish()
     verify(settings, load, answers)
@@ -91,6 +98,14 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
     assert restore.postgres is not None
     await asyncio.to_thread(restore.postgres.stop)
     before = load.done
+    # Coupon reads and writes need the database: 503, not a hang or a 500.
+    async with http.get(f"{services.base_url}/api/coupons/{load.names[0]}") as r:
+        assert (r.status, (await r.json())["code"]) == (503, "service_unavailable")
+        assert "Retry-After" in r.headers
+    async with http.post(
+        f"{services.base_url}/api/coupons", json={"name": f"NEW_{uuid.uuid4().hex}", "amount": 1}
+    ) as r:
+        assert r.status == 503
     await asyncio.sleep(10)
     await asyncio.to_thread(restore.postgres.start)
     answers = await load.finish()

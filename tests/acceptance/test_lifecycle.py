@@ -1,0 +1,130 @@
+"""Graceful shutdown, overload and rate limiting, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+
+import aio_pika
+import aiohttp
+import psycopg
+
+from flashclaim.messages import ClaimCommand
+from flashclaim.settings import Settings
+from flashclaim.topology import CLAIM_ROUTING_KEY, Topology
+from tests.acceptance.conftest import Services
+from tests.conftest import create_coupon_row
+
+
+async def test_consumer_sigterm_finishes_its_batch_and_loses_nothing(
+    services: Services, settings: Settings, coupon_name: str
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 100_000)
+    topology = Topology(settings.namespace, settings.delivery_limit)
+    total = 3000
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        declared = await topology.declare(channel)
+        for i in range(total):
+            command = ClaimCommand(uuid.uuid4(), f"user_{i}", coupon_name)
+            await declared.commands.publish(
+                aio_pika.Message(command.body(), message_id=str(command.request_id)),
+                CLAIM_ROUTING_KEY,
+            )
+        consumer = services.start_consumer(batch_size=50)
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            count = "SELECT count(*) FROM claims WHERE coupon_name = %s"
+            while (conn.execute(count, (coupon_name,)).fetchone() or (0,))[0] < 300:
+                await asyncio.sleep(0.01)
+            consumer.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(consumer.wait, 30) == 0
+            (applied,) = conn.execute(count, (coupon_name,)).fetchone() or (0,)
+        # Whatever was not applied is back in the queue, unacknowledged by nobody.
+        queue = await channel.declare_queue(topology.claims_queue, passive=True)
+        assert applied < total
+        assert applied + queue.declaration_result.message_count == total
+    services.start_consumer()
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        for _ in range(600):
+            if conn.execute(count, (coupon_name,)).fetchone() == (total,):
+                break
+            await asyncio.sleep(0.05)
+        assert conn.execute(count, (coupon_name,)).fetchone() == (total,)
+        assert conn.execute(
+            "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
+        ).fetchone() == (100_000 - total,)
+
+
+async def test_gateway_sigterm_drains_in_flight_requests(
+    services: Services, http: aiohttp.ClientSession, coupon_name: str, settings: Settings
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    # No consumer: each claim waits its full second in the gateway, then answers 202.
+    gateway = await services.start_gateway(claim_wait_seconds=1.5)
+    in_flight = [
+        asyncio.create_task(
+            http.post(
+                f"{services.base_url}/api/coupons/claim",
+                json={"user_id": f"u{i}", "coupon_name": coupon_name},
+            )
+        )
+        for i in range(20)
+    ]
+    await asyncio.sleep(0.5)
+    gateway.send_signal(signal.SIGTERM)
+    responses = await asyncio.gather(*in_flight)
+    assert [r.status for r in responses] == [202] * 20
+    assert await asyncio.to_thread(gateway.wait, 30) == 0
+    # Nothing accepted was lost: a consumer started now applies every claim.
+    services.start_consumer()
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        for _ in range(300):
+            if conn.execute(
+                "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
+            ).fetchone() == (0,):
+                break
+            await asyncio.sleep(0.05)
+        assert conn.execute(
+            "SELECT count(*) FROM claims WHERE coupon_name = %s", (coupon_name,)
+        ).fetchone() == (10,)
+
+
+async def test_overloaded_gateway_refuses_with_503_instead_of_queueing(
+    services: Services, http: aiohttp.ClientSession, coupon_name: str, settings: Settings
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 100)
+    await services.start_gateway(max_in_flight_claims=5, claim_wait_seconds=1)
+    responses = await asyncio.gather(
+        *(
+            http.post(
+                f"{services.base_url}/api/coupons/claim",
+                json={"user_id": f"u{i}", "coupon_name": coupon_name},
+            )
+            for i in range(30)
+        )
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(202) == 5  # held until the wait ran out (no consumer)
+    assert statuses.count(503) == 25
+    refused = next(r for r in responses if r.status == 503)
+    assert (await refused.json())["code"] == "overloaded"
+    assert "Retry-After" in refused.headers
+
+
+async def test_rate_limit_answers_429_per_client(
+    services: Services, http: aiohttp.ClientSession, coupon_name: str
+) -> None:
+    await services.start_gateway(rate_limit_per_second=0.5, rate_limit_burst=3)
+    statuses = []
+    for _ in range(5):
+        async with http.get(f"{services.base_url}/api/coupons/{coupon_name}") as r:
+            statuses.append(r.status)
+            if r.status == 429:
+                body = await r.json()
+                assert body["code"] == "rate_limited"
+                assert int(r.headers["Retry-After"]) >= 1
+    assert statuses == [404, 404, 404, 429, 429]
+    # Health checks are not rate limited.
+    async with http.get(f"{services.base_url}/healthz") as r:
+        assert r.status == 200

@@ -1,0 +1,93 @@
+"""`flashclaim audit` passes on a consistent database and names each violation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from flashclaim.audit import run_audit
+from flashclaim.settings import Settings
+
+
+def audit(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"FLASHCLAIM_DATABASE_URL": settings.database_url, "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "flashclaim.cli", "audit", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.fixture
+def broken(settings: Settings, coupon_name: str) -> Iterator[str]:
+    """A coupon whose rows break every invariant the audit checks; removed afterwards
+    (other tests audit the whole database)."""
+    granted, orphan, stale = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute(
+            "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, 5, 5)", (coupon_name,)
+        )
+        conn.execute(
+            "INSERT INTO claims (coupon_name, user_id, message_id) VALUES (%s, 'x', %s)",
+            (coupon_name, orphan),
+        )
+        conn.execute(
+            "INSERT INTO inbox (message_id, sender, event_type, payload, status, result_status,"
+            " result_body) VALUES (%s, 't', 'x', %s, 'PROCESSED', 200, '{}')",
+            (granted, f'{{"coupon_name": "{coupon_name}"}}'),
+        )
+        conn.execute(
+            "INSERT INTO inbox (message_id, sender, event_type, payload, created_at)"
+            " VALUES (%s, 't', 'x', '{}', now() - interval '2 hours')",
+            (stale,),
+        )
+    yield coupon_name
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute("DELETE FROM claims WHERE coupon_name = %s", (coupon_name,))
+        conn.execute("DELETE FROM coupons WHERE name = %s", (coupon_name,))
+        conn.execute("DELETE FROM inbox WHERE message_id = ANY(%s)", ([granted, stale],))
+
+
+def test_audit_passes_on_a_consistent_database(settings: Settings) -> None:
+    result = audit(settings, "--pending-older-than", "3600")
+    assert result.returncode == 0, result.stdout
+    assert "audit: passed" in result.stdout
+
+
+def test_audit_reports_every_violation_and_fails(settings: Settings, broken: str) -> None:
+    report = run_audit(settings.database_url, pending_older_than=3600)
+    found = {name for name, rows in report.violations.items() if rows}
+    assert found == {
+        "audit_stock",
+        "audit_claims_without_success",
+        "audit_success_without_claim",
+        "audit_stale_pending",
+    }
+    assert any(row["name"] == broken for row in report.violations["audit_stock"])
+    result = audit(settings, "--pending-older-than", "3600")
+    assert result.returncode == 1
+    assert "audit: FAILED" in result.stdout
+    assert broken in result.stdout
+
+
+def test_audit_says_when_it_cannot_reach_the_database() -> None:
+    env = {
+        "FLASHCLAIM_DATABASE_URL": "postgresql://x@127.0.0.1:1/x?connect_timeout=1",
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "flashclaim.cli", "audit"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "cannot reach the database" in result.stderr
