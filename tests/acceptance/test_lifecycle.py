@@ -35,7 +35,9 @@ async def test_consumer_sigterm_finishes_its_batch_and_loses_nothing(
         consumer = services.start_consumer(batch_size=50)
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             count = "SELECT count(*) FROM claims WHERE coupon_name = %s"
-            while (conn.execute(count, (coupon_name,)).fetchone() or (0,))[0] < 300:
+            for _ in range(3000):
+                if (conn.execute(count, (coupon_name,)).fetchone() or (0,))[0] >= 300:
+                    break
                 await asyncio.sleep(0.01)
             consumer.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(consumer.wait, 30) == 0
