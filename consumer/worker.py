@@ -65,6 +65,11 @@ class ClaimWorker:
         self._max_attempts = max_attempts
         self._stop = asyncio.Event()
         self._holding = False
+        # Committed batches waiting to be reported and acknowledged (bounded: if Redis
+        # stalls, the consumer slows down instead of piling up).
+        self._committed: asyncio.Queue[tuple[Sequence[Pair], BatchOutcome] | None] = asyncio.Queue(
+            maxsize=8
+        )
 
     async def run(self, stop: asyncio.Event, grace: float) -> None:
         """Process batches until ``stop`` is set, then drain what was delivered.
@@ -74,6 +79,7 @@ class ClaimWorker:
         when the channel closes (they were never acknowledged).
         """
         self._stop = stop
+        reporter = asyncio.create_task(self._report_in_order(), name="reporter")
         await self._receiver.start()
         try:
             while not stop.is_set():
@@ -86,6 +92,10 @@ class ClaimWorker:
                 await self.handle(await self._receiver.next_batch(wait=0))
         except Stopping:
             log.info("stopped while the database was unavailable; messages go back")
+        finally:
+            # Committed batches still get their results reported and their acks.
+            await self._committed.put(None)
+            await reporter
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         started = time.perf_counter()
@@ -136,13 +146,20 @@ class ClaimWorker:
                 return None
             await self._failed_attempt(pairs[0], exc)
             return None
-        await self._report(pairs, outcome)
-        # Deliveries reach this consumer in order and every earlier one is settled
-        # already, so one cumulative ack covers the whole batch. (A message from a
-        # channel that has since closed cannot be acked: it is redelivered, and the
-        # inbox answers it.)
-        await self._settle(pairs[-1][0].ack(multiple=True))
+        # Reporting and acknowledging happen in another task, in commit order, while
+        # this one already applies the next batch: the database never waits for Redis.
+        await self._committed.put((pairs, outcome))
         return outcome
+
+    async def _report_in_order(self) -> None:
+        while (item := await self._committed.get()) is not None:
+            pairs, outcome = item
+            await self._report(pairs, outcome)
+            # Deliveries reach this consumer in order and each earlier one is settled or
+            # queued here before this one, so one cumulative ack covers the batch. (A
+            # message from a channel that has since closed cannot be acked: it is
+            # redelivered, and the inbox answers it.)
+            await self._settle(pairs[-1][0].ack(multiple=True))
 
     async def _apply(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
         try:

@@ -30,6 +30,11 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.port is not None:
         settings = settings.replace(http_port=args.port)
+    if args.worker:
+        _run_async(service.run(settings, reuse_port=True))
+        return 0
+    if settings.gateway_workers > 1:
+        return service.supervise(settings)
     _run_async(service.run(settings))
     return 0
 
@@ -90,12 +95,35 @@ def _scenarios(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flashclaim.loadtest import run_scenario
+
+    params = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "func", "service", "url", "report", "chart", "scenario", "quiet")
+        and v is not None
+    }
+    report = asyncio.run(run_scenario(args.scenario, args.url, params, progress=not args.quiet))
+    print(report.summary())
+    if args.report:
+        report.write_json(Path(args.report))
+        print(f"report      {args.report}")
+    if args.chart:
+        report.write_chart(Path(args.chart))
+        print(f"chart       {args.chart}")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashclaim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("gateway", help="serve the HTTP API")
     p.add_argument("--port", type=int, help="override FLASHCLAIM_HTTP_PORT")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_gateway, service="gateway")
 
     p = sub.add_parser("consumer", help="apply claim commands from RabbitMQ to PostgreSQL")
@@ -113,6 +141,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="run", choices=["run", "test"])
     p.add_argument("--consumers", type=int, default=1)
     p.set_defaults(func=_stack, service="stack")
+
+    p = sub.add_parser("loadtest", help="run a load scenario against a gateway and check it")
+    scenarios = p.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default="http://127.0.0.1:8080")
+    common.add_argument("--report", help="write a JSON report here")
+    common.add_argument("--chart", help="write a PNG chart of throughput and latency here")
+    common.add_argument("--connections", type=int, default=512, help="HTTP connections")
+    common.add_argument("--quiet", action="store_true", help="no progress line")
+    s = scenarios.add_parser("flash-sale", parents=[common], help="N users race for S coupons")
+    s.add_argument("--users", type=int, default=1000)
+    s.add_argument("--stock", type=int, default=100)
+    s.add_argument("--concurrency", type=int, default=256)
+    s = scenarios.add_parser("double-dip", parents=[common], help="one user, N claims at once")
+    s.add_argument("--attempts", type=int, default=10)
+    s.add_argument("--stock", type=int, default=100)
+    for name, text in (
+        ("sustained", "open-loop claims at a fixed rate"),
+        ("mixed", "open-loop claims and coupon reads at a fixed rate"),
+    ):
+        s = scenarios.add_parser(name, parents=[common], help=text)
+        s.add_argument("--rate", type=float, default=1000, help="requests per second")
+        s.add_argument("--duration", type=float, default=10, help="seconds")
+        s.add_argument("--coupons", type=int, default=10)
+        s.add_argument(
+            "--hot-share", type=float, default=0.9, help="share of requests on the one hot coupon"
+        )
+        s.add_argument("--stock", type=int, help="per coupon (default: enough for all)")
+        s.add_argument("--seed", type=int, default=1)
+        if name == "mixed":
+            s.add_argument("--read-share", type=float, default=0.3)
+    p.set_defaults(func=_loadtest, service="loadtest")
 
     p = sub.add_parser("audit", help="check the database's invariants; exit 1 on a violation")
     p.add_argument(

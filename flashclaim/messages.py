@@ -112,5 +112,15 @@ class ClaimResult:
 
     @classmethod
     def loads(cls, raw: bytes | str) -> ClaimResult:
-        data = orjson.loads(raw)
+        return cls.from_dict(orjson.loads(raw))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClaimResult:
         return cls(uuid.UUID(data["request_id"]), int(data["status"]), data["body"])
+
+    @classmethod
+    def loads_many(cls, raw: bytes | str) -> list[ClaimResult]:
+        """A reply message: one result, or a JSON list of them."""
+        data = orjson.loads(raw)
+        items = data if isinstance(data, list) else [data]
+        return [cls.from_dict(item) for item in items]

@@ -33,18 +33,23 @@ class ResultStore:
         return f"{self._ns}:replies:{instance_id}"
 
     async def publish(self, results: Iterable[tuple[ClaimResult, str | None]]) -> None:
-        """Store each result and push it to its gateway's channel, in one round trip."""
+        """Store each result, and push each gateway its results in one message.
+
+        One round trip for the whole batch: a SET per result, and a PUBLISH per waiting
+        gateway carrying a JSON list of that gateway's results.
+        """
         pipe = self._redis.pipeline(transaction=False)
-        queued = False
+        by_channel: dict[str, list[bytes]] = {}
         for result, reply_to in results:
             raw = result.dumps()
             pipe.set(self.result_key(result.request_id), raw, ex=self._ttl)
-            pipe.delete(self.pending_key(result.request_id))
             if reply_to:
-                pipe.publish(reply_to, raw)
-            queued = True
-        if queued:
-            await pipe.execute()
+                by_channel.setdefault(reply_to, []).append(raw)
+        if not pipe.command_stack:
+            return
+        for channel, raws in by_channel.items():
+            pipe.publish(channel, b"[" + b",".join(raws) + b"]")
+        await pipe.execute()
 
     async def get(self, request_id: uuid.UUID) -> ClaimResult | None:
         raw = await self._redis.get(self.result_key(request_id))

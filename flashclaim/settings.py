@@ -33,6 +33,8 @@ class Settings:
     namespace: str = "flashclaim"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # Gateway processes sharing the port (SO_REUSEPORT); each has its own reply channel.
+    gateway_workers: int = 1
     # How long a claim request waits for its result before answering 202.
     claim_wait_seconds: float = 5.0
     # How long results stay in Redis for GET /api/claims/{id} and Idempotency-Key replays

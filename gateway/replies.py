@@ -83,9 +83,12 @@ class ReplyListener:
                     if message is None:
                         continue
                     try:
-                        self._resolve(ClaimResult.loads(message["data"]))
+                        results = ClaimResult.loads_many(message["data"])
                     except (ValueError, KeyError, TypeError):
                         log.warning("malformed reply ignored")
+                        continue
+                    for result in results:
+                        self._resolve(result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

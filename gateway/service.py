@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from aiohttp import web
 
@@ -15,7 +16,10 @@ from gateway.app import create_app
 log = logging.getLogger(__name__)
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+async def run(
+    settings: Settings, stop: asyncio.Event | None = None, reuse_port: bool = False
+) -> None:
+    """Serve one gateway process until ``stop`` is set (default: SIGTERM or SIGINT)."""
     stop = stop or stop_event_on_signals()
     runner = web.AppRunner(
         create_app(settings),
@@ -30,6 +34,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         settings.http_host,
         settings.http_port,
         shutdown_timeout=settings.shutdown_grace_seconds,
+        reuse_port=reuse_port or None,
     )
     await site.start()
     log.info("gateway listening", extra={"host": settings.http_host, "port": settings.http_port})
@@ -38,3 +43,59 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     finally:
         await runner.cleanup()
         log.info("gateway stopped")
+
+
+def supervise(settings: Settings) -> int:
+    """Run ``gateway_workers`` gateway processes on one port and keep them running.
+
+    The kernel spreads connections over the workers (SO_REUSEPORT). A worker that dies
+    is started again; SIGTERM or SIGINT is passed on to every worker, which drains its
+    in-flight requests before it exits.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    def spawn(i: int) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "FLASHCLAIM_INSTANCE_ID": f"{settings.instance_id}-w{i}",
+            "FLASHCLAIM_HTTP_PORT": str(settings.http_port),
+        }
+        return subprocess.Popen(
+            [sys.executable, "-m", "flashclaim.cli", "gateway", "--worker"], env=env
+        )
+
+    workers = {i: spawn(i) for i in range(settings.gateway_workers)}
+    log.info("gateway workers started", extra={"workers": len(workers)})
+    while not stopping:
+        time.sleep(0.2)
+        for i, proc in list(workers.items()):
+            if proc.poll() is not None and not stopping:
+                log.error(
+                    "gateway worker exited; restarting",
+                    extra={"worker": i, "status": proc.returncode},
+                )
+                time.sleep(0.5)
+                workers[i] = spawn(i)
+    for proc in workers.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    status = 0
+    for proc in workers.values():
+        try:
+            status |= proc.wait(settings.shutdown_grace_seconds + 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = 1
+    return status

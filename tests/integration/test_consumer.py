@@ -87,7 +87,7 @@ async def collect_replies(
         while len(replies) < count:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None:
-                replies.append(ClaimResult.loads(message["data"]))
+                replies.extend(ClaimResult.loads_many(message["data"]))
     return replies
 
 
