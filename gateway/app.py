@@ -16,6 +16,7 @@ from flashclaim.results import ResultStore
 from flashclaim.settings import Settings
 from flashclaim.topology import Topology
 from gateway.claims import ClaimService
+from gateway.finals import FinalAnswers
 from gateway.handlers import routes
 from gateway.middleware import errors_middleware
 from gateway.publisher import ClaimPublisher
@@ -106,7 +107,12 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         s.breaker_recovery_seconds,
     )
     app[CLAIMS] = ClaimService(
-        publisher, replies, results, s.claim_wait_seconds, s.max_in_flight_claims
+        publisher,
+        replies,
+        results,
+        s.claim_wait_seconds,
+        s.max_in_flight_claims,
+        FinalAnswers(app[REPOSITORY].holders),
     )
     yield
     await replies.stop()

@@ -6,10 +6,13 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
 
 from flashclaim.errors import FlashclaimError, Overloaded
-from flashclaim.messages import ClaimCommand, ClaimResult
+from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
 from flashclaim.results import ResultStore
+from gateway.finals import FinalAnswers
 from gateway.publisher import ClaimPublisher
 from gateway.replies import ReplyListener
 
@@ -30,6 +33,7 @@ class ClaimService:
         results: ResultStore,
         wait_seconds: float,
         max_in_flight: int,
+        finals: FinalAnswers | None = None,
     ) -> None:
         self._publisher = publisher
         self._replies = replies
@@ -42,6 +46,8 @@ class ClaimService:
         # Request ids this process answered 202 for, so that GET /api/claims/{id} says
         # "pending" (not 404) even while Redis, which normally keeps that mark, is away.
         self._accepted: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._finals = finals
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> int:
@@ -70,6 +76,15 @@ class ClaimService:
             prior = await self.lookup(command.request_id)
             if prior is not None:
                 return _same_claim(prior, command)
+        outcome = self._finals.answer(command) if self._finals is not None else None
+        # A retried request may have been granted the first time: only "sold out" (which
+        # a holder never gets) is safe to answer for it without asking the inbox.
+        if outcome is not None and (not replayable or outcome is Outcome.OUT_OF_STOCK):
+            # Final whatever happens next (see gateway/finals.py): no round trip. The
+            # result is still stored, so that GET /api/claims/{id} finds it.
+            fast = ClaimResult.of(command, outcome)
+            self._in_background(self._results.publish([(fast, None)]))
+            return fast
         with self._replies.expect(command.request_id) as reply:
             await self._publisher.publish(command)
             try:
@@ -80,7 +95,20 @@ class ClaimService:
         if result is None:
             await self._mark_pending(command.request_id)
             return None
+        if self._finals is not None:
+            self._finals.learn(result)
         return _same_claim(result, command) if replayable else result
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as exc:
+                log.warning("background result store failed", extra={"error": repr(exc)})
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def lookup(self, request_id: uuid.UUID) -> ClaimResult | None:
         """The result held in Redis, or ``None`` (also when Redis cannot be reached)."""

@@ -12,11 +12,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from flashclaim.db import queries
 from flashclaim.errors import CouponExists, CouponNotFound, DependencyUnavailable
 from flashclaim.messages import ClaimResult
+from gateway.nextflight import NextFlight
 
 
 class Repository:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+        # Concurrent reads of one coupon share a query (see gateway/nextflight.py).
+        self._coupons: NextFlight[str, dict[str, Any] | None] = NextFlight(self._read_coupon)
 
     async def create_coupon(self, name: str, amount: int) -> dict[str, Any]:
         row = await self._fetchone(queries()["create_coupon"], {"name": name, "amount": amount})
@@ -25,10 +28,16 @@ class Repository:
         return {**row, "claimed_by": []}
 
     async def get_coupon(self, name: str) -> dict[str, Any]:
-        row = await self._fetchone(queries()["get_coupon"], {"name": name})
+        row = await self._coupons.get(name)
         if row is None:
             raise CouponNotFound(f"no coupon named {name!r}")
         return row
+
+    async def holders(self, name: str) -> list[str]:
+        return list((await self.get_coupon(name))["claimed_by"])
+
+    async def _read_coupon(self, name: str) -> dict[str, Any] | None:
+        return await self._fetchone(queries()["get_coupon"], {"name": name})
 
     async def recorded_result(self, request_id: uuid.UUID) -> tuple[str, ClaimResult | None]:
         """``(inbox status, result)``; status ``"UNKNOWN"`` when the inbox has no row."""

@@ -1,0 +1,102 @@
+"""The gateway's read sharing and final-answer cache, without I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
+from gateway.finals import FinalAnswers
+from gateway.nextflight import NextFlight
+
+
+async def test_concurrent_reads_share_one_query() -> None:
+    calls = 0
+    release = asyncio.Event()
+
+    async def fetch(key: str) -> int:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return calls
+
+    flight: NextFlight[str, int] = NextFlight(fetch)
+    readers = [asyncio.create_task(flight.get("k")) for _ in range(50)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*readers) == [1] * 50
+    assert calls == 1
+
+
+async def test_a_read_never_joins_a_query_that_started_before_it() -> None:
+    value = 0
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def fetch(key: str) -> int:
+        seen = value
+        started.set()
+        await release.wait()
+        return seen
+
+    flight: NextFlight[str, int] = NextFlight(fetch)
+    early = asyncio.create_task(flight.get("k"))
+    await started.wait()
+    value = 1  # a write acknowledged while the first query runs
+    late = [asyncio.create_task(flight.get("k")) for _ in range(10)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await early == 0
+    assert await asyncio.gather(*late) == [1] * 10  # one new query, after the write
+
+
+async def test_a_failed_query_fails_every_waiter() -> None:
+    async def fetch(key: str) -> int:
+        await asyncio.sleep(0)
+        raise ConnectionError("down")
+
+    flight: NextFlight[str, int] = NextFlight(fetch)
+    results = await asyncio.gather(*(flight.get("k") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+
+
+def claim(user: str, coupon: str = "C") -> ClaimCommand:
+    return ClaimCommand(uuid.uuid4(), user, coupon)
+
+
+async def test_final_answers_come_from_grants_and_sold_out_coupons() -> None:
+    async def holders(coupon: str) -> list[str]:
+        return ["alice", "bob"]
+
+    finals = FinalAnswers(holders)
+    assert finals.answer(claim("alice")) is None
+    finals.learn(ClaimResult.of(claim("alice"), Outcome.CLAIMED))
+    assert finals.answer(claim("alice")) is Outcome.ALREADY_CLAIMED
+    assert finals.answer(claim("carol")) is None  # stock unknown: ask the consumer
+    finals.learn(ClaimResult.of(claim("carol"), Outcome.OUT_OF_STOCK))
+    await asyncio.sleep(0.01)
+    assert finals.answer(claim("bob")) is Outcome.ALREADY_CLAIMED
+    assert finals.answer(claim("dave")) is Outcome.OUT_OF_STOCK
+    assert finals.answer(claim("dave", "OTHER")) is None
+
+
+async def test_sold_out_is_not_assumed_when_holders_cannot_be_read() -> None:
+    async def holders(coupon: str) -> list[str]:
+        raise ConnectionError("database down")
+
+    finals = FinalAnswers(holders)
+    finals.learn(ClaimResult.of(claim("carol"), Outcome.OUT_OF_STOCK))
+    await asyncio.sleep(0.01)
+    assert finals.answer(claim("dave")) is None
+
+
+@pytest.mark.parametrize("outcome", [Outcome.NO_SUCH_COUPON, Outcome.ALREADY_CLAIMED])
+def test_other_answers_teach_nothing(outcome: Outcome) -> None:
+    async def holders(coupon: str) -> list[str]:
+        raise AssertionError("not called")
+
+    finals = FinalAnswers(holders)
+    finals.learn(ClaimResult.of(claim("alice"), outcome))
+    assert finals.answer(claim("alice")) is None
