@@ -35,6 +35,9 @@ async def run(
         settings.http_port,
         shutdown_timeout=settings.shutdown_grace_seconds,
         reuse_port=reuse_port or None,
+        # A flash sale opens thousands of connections in the same instant: a short
+        # accept queue would drop SYNs and make clients wait seconds to retry them.
+        backlog=4096,
     )
     await site.start()
     log.info("gateway listening", extra={"host": settings.http_host, "port": settings.http_port})
