@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint deps venv scenarios clean
+.PHONY: run test lint bench deps venv scenarios clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
@@ -16,6 +16,9 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+bench: deps venv  ## pgbench ceiling and end-to-end figures, on servers of its own
+	$(BIN)/python bench/run.py
 
 scenarios: venv  ## Flash Sale, Double Dip and a burst against a running `make run`
 	$(BIN)/flashclaim scenarios --url http://127.0.0.1:8080

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stack",
         help="start PostgreSQL, RabbitMQ and Redis locally, then the gateway and consumers",
     )
-    p.add_argument("--profile", default="run", choices=["run", "test"])
+    p.add_argument("--profile", default="run", choices=["run", "test", "bench"])
     p.add_argument("--consumers", type=int, default=1)
     p.set_defaults(func=_stack, service="stack")
 

@@ -45,6 +45,7 @@ class Ports:
 PROFILES: dict[str, Ports] = {
     "run": Ports(55432, 55672, 55673, 55674, 55675, 55676, 56379),
     "test": Ports(55532, 55772, 55773, 55774, 55775, 55776, 56479),
+    "bench": Ports(55632, 55872, 55873, 55874, 55875, 55876, 56579),
 }
 
 
@@ -373,7 +374,7 @@ class Stack:
         if fresh and self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        fast = profile == "test"
+        fast = profile == "test"  # benchmarks keep the durable settings of `run`
         self.external = {k: env[v] for k, v in ENV_URLS.items() if env.get(v)}
         self.postgres = (
             None if "postgres" in self.external else Postgres(self.root, self.ports.postgres, fast)
@@ -432,6 +433,8 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         env = {**os.environ, **stack.urls()}
         apply_schema(env["FLASHCLAIM_DATABASE_URL"])
         exe = [sys.executable, "-m", "flashclaim.cli"]
+        # Two gateway processes share the port unless told otherwise (2-core machines).
+        env.setdefault("FLASHCLAIM_GATEWAY_WORKERS", "2")
         children.append(subprocess.Popen([*exe, "gateway"], env=env))
         children += [subprocess.Popen([*exe, "consumer"], env=env) for _ in range(consumers)]
         _print_summary(stack, env)
