@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psycopg
 
 from flashclaim.db import apply_schema
