@@ -122,11 +122,13 @@ class Run:
 
 
 async def _progress(recorder: Recorder, stop: asyncio.Event) -> None:
+    """A progress line every second on stderr, and a last one at the end."""
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
         except TimeoutError:
             print(recorder.progress_line(), file=sys.stderr, flush=True)
+    print(recorder.progress_line(), file=sys.stderr, flush=True)
 
 
 async def _closed_loop(run: Run, jobs: list[tuple[str, str]], concurrency: int) -> None:

@@ -97,8 +97,11 @@ def supervise(settings: Settings) -> int:
     status = 0
     for proc in workers.values():
         try:
-            status |= proc.wait(settings.shutdown_grace_seconds + 10)
+            code = proc.wait(settings.shutdown_grace_seconds + 10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            code = 1
+        # A worker still starting up when SIGTERM came has no handler yet and simply ends.
+        if code not in (0, -signal.SIGTERM):
             status = 1
     return status

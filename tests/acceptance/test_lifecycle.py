@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import uuid
+from pathlib import Path
 
 import aio_pika
 import aiohttp
 import psycopg
 
+from flashclaim import scenarios
 from flashclaim.messages import ClaimCommand
 from flashclaim.settings import Settings
 from flashclaim.topology import CLAIM_ROUTING_KEY, Topology
@@ -130,3 +133,43 @@ async def test_rate_limit_answers_429_per_client(
     # Health checks are not rate limited.
     async with http.get(f"{services.base_url}/healthz") as r:
         assert r.status == 200
+
+
+def any_alive(pids: set[int]) -> bool:
+    return any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{supervisor}/task").iterdir():
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+async def test_gateway_workers_share_the_port_and_are_restarted(
+    services: Services, http: aiohttp.ClientSession
+) -> None:
+    services.start_consumer()
+    supervisor = await services.start_gateway(gateway_workers=2)
+    for _ in range(100):
+        if len(worker_pids(supervisor.pid)) == 2:
+            break
+        await asyncio.sleep(0.1)
+    workers = worker_pids(supervisor.pid)
+    assert len(workers) == 2
+    report = await scenarios.flash_sale(http, services.base_url, users=200, stock=20)
+    assert report.violations == []
+    # A worker that dies is replaced; the port keeps answering meanwhile.
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    report = await scenarios.double_dip(http, services.base_url)
+    assert report.violations == []
+    for _ in range(100):
+        now = worker_pids(supervisor.pid)
+        if len(now) == 2 and victim not in now:
+            break
+        await asyncio.sleep(0.1)
+    assert len(now) == 2 and victim not in now
+    supervisor.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(supervisor.wait, 30) == 0
+    assert not any_alive(now)
