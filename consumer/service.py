@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
-
 from consumer.deadletter import DeadLetterer
 from consumer.receiver import BatchReceiver
 from consumer.worker import ClaimWorker
 from flashclaim import broker
 from flashclaim.db import create_pool
 from flashclaim.results import ResultStore
+from flashclaim.results import connect as connect_redis
 from flashclaim.settings import Settings
 from flashclaim.signals import stop_event_on_signals
 from flashclaim.topology import Topology
@@ -36,7 +35,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         f"flashclaim-consumer-{settings.instance_id}",
     )
     await pool.open(wait=True, timeout=30)
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    redis = connect_redis(settings.redis_url)
     connection = await broker.connect(settings.amqp_url, f"consumer {settings.instance_id}")
     try:
         channel = await connection.channel()

@@ -42,10 +42,13 @@ class Ports:
     redis: int
 
 
+# The test and bench servers listen below Linux's ephemeral port range (32768-60999),
+# so that thousands of client connections (a load test) cannot be holding their port
+# when they start.
 PROFILES: dict[str, Ports] = {
     "run": Ports(55432, 55672, 55673, 55674, 55675, 55676, 56379),
-    "test": Ports(55532, 55772, 55773, 55774, 55775, 55776, 56479),
-    "bench": Ports(55632, 55872, 55873, 55874, 55875, 55876, 56579),
+    "test": Ports(25532, 25772, 25773, 25774, 25775, 25776, 26479),
+    "bench": Ports(25632, 25872, 25873, 25874, 25875, 25876, 26579),
 }
 
 

@@ -17,6 +17,22 @@ import redis.asyncio as aioredis
 from flashclaim.messages import ClaimResult
 
 
+def connect(url: str, max_connections: int = 64) -> aioredis.Redis:
+    """A Redis client whose requests wait (up to 2 s) for a free connection.
+
+    The default pool refuses outright once it has opened its maximum of connections,
+    which under a burst of claims turns into needless failures.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=2.0,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
 class ResultStore:
     def __init__(self, client: aioredis.Redis, namespace: str, ttl_seconds: int) -> None:
         self._redis = client

@@ -13,6 +13,7 @@ from flashclaim import broker
 from flashclaim.db import create_pool
 from flashclaim.errors import DependencyUnavailable
 from flashclaim.results import ResultStore
+from flashclaim.results import connect as connect_redis
 from flashclaim.settings import Settings
 from flashclaim.topology import Topology
 from gateway.claims import ClaimService
@@ -70,7 +71,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    client = aioredis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    client = connect_redis(s.redis_url)
     app[REDIS] = client
     if s.rate_limit_per_second > 0:
         app[LIMITER] = RateLimiter(client, s.namespace, s.rate_limit_per_second, s.rate_limit_burst)
