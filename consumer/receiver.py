@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
@@ -13,17 +15,42 @@ class BatchReceiver:
     A batch is whatever has arrived, up to ``batch_size``; when fewer are waiting, it
     lingers ``linger`` seconds for more. Under load batches fill up by themselves while
     the previous one is being applied.
+
+    It subscribes to its ``own`` partition queues at once and to the ``standby`` ones
+    after ``standby_delay``: on a single-active-consumer queue the first subscriber is the
+    active one, so each consumer ends up active on its own partitions and ready to take
+    over the others when their consumer goes away.
     """
 
-    def __init__(self, queue: AbstractQueue, batch_size: int, linger: float) -> None:
-        self._queue = queue
+    def __init__(
+        self,
+        own: Sequence[AbstractQueue],
+        batch_size: int,
+        linger: float,
+        standby: Sequence[AbstractQueue] = (),
+        standby_delay: float = 0.0,
+    ) -> None:
+        self._own = list(own)
+        self._standby = list(standby)
+        self._standby_delay = standby_delay
         self._batch_size = batch_size
         self._linger = linger
         self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._consumer_tag: str | None = None
+        self._tags: list[tuple[AbstractQueue, str]] = []
+        self._later: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        await self._subscribe(self._own)
+        if self._standby:
+            self._later = asyncio.create_task(self._subscribe_later())
+
+    async def _subscribe_later(self) -> None:
+        await asyncio.sleep(self._standby_delay)
+        await self._subscribe(self._standby)
+
+    async def _subscribe(self, queues: Sequence[AbstractQueue]) -> None:
+        for queue in queues:
+            self._tags.append((queue, await queue.consume(self._on_message)))
 
     async def stop(self) -> None:
         """Stop new deliveries; what is buffered stays available to ``next_batch``.
@@ -31,13 +58,18 @@ class BatchReceiver:
         Messages already delivered stay unacknowledged, held by this consumer: the
         broker neither redelivers them nor sends more until ``start`` is called again.
         """
-        if self._consumer_tag is not None:
-            tag, self._consumer_tag = self._consumer_tag, None
-            await self._queue.cancel(tag)
+        if self._later is not None:
+            self._later.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._later
+            self._later = None
+        tags, self._tags = self._tags, []
+        for queue, tag in tags:
+            await queue.cancel(tag)
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return bool(self._tags)
 
     @property
     def buffered(self) -> int:

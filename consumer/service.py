@@ -14,7 +14,6 @@ from flashclaim.results import ResultStore
 from flashclaim.results import connect as connect_redis
 from flashclaim.settings import Settings
 from flashclaim.signals import stop_event_on_signals
-from flashclaim.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     unacknowledged to the broker), Redis and finally the database pool.
     """
     stop = stop or stop_event_on_signals()
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = settings.topology()
     pool = create_pool(
         settings.database_url,
         settings.db_pool_min_size,
@@ -41,8 +40,19 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel)
+        mine = [
+            p % settings.consumer_count == settings.consumer_index
+            for p in range(topology.partitions)
+        ]
+        receiver = BatchReceiver(
+            [q for q, own in zip(declared.claims, mine, strict=True) if own],
+            settings.batch_size,
+            settings.batch_linger_ms / 1000,
+            standby=[q for q, own in zip(declared.claims, mine, strict=True) if not own],
+            standby_delay=settings.standby_delay_seconds,
+        )
         worker = ClaimWorker(
-            BatchReceiver(declared.claims, settings.batch_size, settings.batch_linger_ms / 1000),
+            receiver,
             pool,
             ResultStore(redis, settings.namespace, settings.result_ttl_seconds),
             DeadLetterer(declared.dead_letters, f"consumer {settings.instance_id}"),
@@ -52,7 +62,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info(
             "consumer started",
             extra={
-                "queue": topology.claims_queue,
+                "partitions": [p for p, own in enumerate(mine) if own],
                 "prefetch": settings.consumer_prefetch,
                 "batch_size": settings.batch_size,
             },

@@ -439,7 +439,18 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         # Two gateway processes share the port unless told otherwise (2-core machines).
         env.setdefault("FLASHCLAIM_GATEWAY_WORKERS", "2")
         children.append(subprocess.Popen([*exe, "gateway"], env=env))
-        children += [subprocess.Popen([*exe, "consumer"], env=env) for _ in range(consumers)]
+        # The consumers share the partitions (each one the stand-by of the others').
+        children += [
+            subprocess.Popen(
+                [*exe, "consumer"],
+                env={
+                    **env,
+                    "FLASHCLAIM_CONSUMER_COUNT": str(consumers),
+                    "FLASHCLAIM_CONSUMER_INDEX": str(i),
+                },
+            )
+            for i in range(consumers)
+        ]
         _print_summary(stack, env)
         while not stop_requested:
             if any(c.poll() is not None for c in children):

@@ -7,8 +7,12 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from flashclaim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flashclaim.topology import Topology
 
 PREFIX = "FLASHCLAIM_"
 
@@ -46,6 +50,15 @@ class Settings:
     db_pool_min_size: int = 1
     db_pool_max_size: int = 10
     consumer_prefetch: int = 1000
+    # Command queues; a coupon's claims always go to the same one. Changing it moves
+    # coupons between queues: drain the queues first.
+    partitions: int = 4
+    # Consumers share the partitions: consumer i of n takes partitions p with
+    # p % n == i at once, and the others after STANDBY_DELAY_SECONDS, as a stand-by
+    # that the broker switches to if their consumer goes away.
+    consumer_count: int = 1
+    consumer_index: int = 0
+    standby_delay_seconds: float = 2.0
     batch_size: int = 200
     batch_linger_ms: float = 1.0
     # Failed attempts (counted by the broker's x-delivery-count) after which a command
@@ -82,6 +95,11 @@ class Settings:
         settings.validate()
         return settings
 
+    def topology(self) -> Topology:
+        from flashclaim.topology import Topology
+
+        return Topology(self.namespace, self.delivery_limit, self.partitions)
+
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
@@ -101,6 +119,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be greater than 0")
+        if not 0 <= self.consumer_index < self.consumer_count:
+            raise ConfigError(f"{PREFIX}CONSUMER_INDEX must be from 0 to CONSUMER_COUNT - 1")
         if self.delivery_limit < self.max_attempts:
             raise ConfigError(f"{PREFIX}DELIVERY_LIMIT must be at least {PREFIX}MAX_ATTEMPTS")
         if self.rate_limit_per_second < 0 or self.rate_limit_burst < 0:

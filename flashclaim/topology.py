@@ -3,10 +3,19 @@
 Every process declares the whole topology at start (declaring an existing exchange or
 queue with the same arguments is a no-op), so start order does not matter.
 
-    gateway --claim--> <ns>.commands (direct) --> <ns>.claims (quorum, delivery limit)
-                                                      | rejected / over the limit
-                                                      v
-                       <ns>.dlx (direct) --------> <ns>.claims.dlq (quorum)
+    gateway --claim, routing key = coupon name-->  <ns>.claims  (x-consistent-hash)
+                                                       |  hash(coupon) picks one of P
+                       +---------------+---------------+
+                       v               v               v
+                  <ns>.claims.0   <ns>.claims.1 ...  <ns>.claims.P-1   quorum queues,
+                       |   single active consumer each: one consumer at a time applies a
+                       |   coupon's claims, in order; delivery limit as a backstop
+                       |  rejected / over the limit / moved by a consumer
+                       v
+                  <ns>.claims.dlx (fanout) -----> <ns>.claims.dlq (quorum)
+
+A coupon always hashes to the same partition, so its claims queue up in one place and
+reach the consumer in arrival order, ready to be applied in batches under one row lock.
 """
 
 from __future__ import annotations
@@ -17,25 +26,32 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
+# Routing key of dead letters the consumer publishes (the fanout exchange ignores it).
 CLAIM_ROUTING_KEY = "claim"
+# Each partition queue's weight on the consistent-hash exchange.
+_WEIGHT = "1"
 
 
 @dataclass(frozen=True, slots=True)
 class Topology:
     namespace: str
     delivery_limit: int
+    partitions: int = 4
 
     @property
     def commands_exchange(self) -> str:
-        return f"{self.namespace}.commands"
+        return f"{self.namespace}.claims"
 
     @property
     def dead_letter_exchange(self) -> str:
-        return f"{self.namespace}.dlx"
+        return f"{self.namespace}.claims.dlx"
+
+    def claims_queue(self, partition: int) -> str:
+        return f"{self.namespace}.claims.{partition}"
 
     @property
-    def claims_queue(self) -> str:
-        return f"{self.namespace}.claims"
+    def claims_queues(self) -> list[str]:
+        return [self.claims_queue(p) for p in range(self.partitions)]
 
     @property
     def claims_dlq(self) -> str:
@@ -44,6 +60,7 @@ class Topology:
     def claims_queue_arguments(self) -> dict[str, Any]:
         return {
             "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
             "x-delivery-limit": self.delivery_limit,
             "x-dead-letter-exchange": self.dead_letter_exchange,
             # At-least-once dead-lettering: the broker keeps a message until the DLQ has
@@ -55,27 +72,30 @@ class Topology:
     async def declare(self, channel: AbstractChannel) -> Declared:
         """Declare everything (a no-op for what exists already) and return it."""
         dlx = await channel.declare_exchange(
-            self.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
         dlq = await channel.declare_queue(
             self.claims_dlq,
             durable=True,
             arguments={"x-queue-type": "quorum", "x-overflow": "reject-publish"},
         )
-        await dlq.bind(dlx, CLAIM_ROUTING_KEY)
+        await dlq.bind(dlx, "")
         commands = await channel.declare_exchange(
-            self.commands_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            self.commands_exchange, "x-consistent-hash", durable=True
         )
-        queue = await channel.declare_queue(
-            self.claims_queue, durable=True, arguments=self.claims_queue_arguments()
-        )
-        await queue.bind(commands, CLAIM_ROUTING_KEY)
-        return Declared(commands, queue, dlx, dlq)
+        queues = []
+        for name in self.claims_queues:
+            queue = await channel.declare_queue(
+                name, durable=True, arguments=self.claims_queue_arguments()
+            )
+            await queue.bind(commands, _WEIGHT)
+            queues.append(queue)
+        return Declared(commands, queues, dlx, dlq)
 
 
 @dataclass(frozen=True, slots=True)
 class Declared:
     commands: AbstractExchange
-    claims: AbstractQueue
+    claims: list[AbstractQueue]
     dead_letters: AbstractExchange
     claims_dlq: AbstractQueue

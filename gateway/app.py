@@ -15,7 +15,6 @@ from flashclaim.errors import DependencyUnavailable
 from flashclaim.results import ResultStore
 from flashclaim.results import connect as connect_redis
 from flashclaim.settings import Settings
-from flashclaim.topology import Topology
 from gateway.claims import ClaimService
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
@@ -96,7 +95,7 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
 async def _claims(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     channel = await app[AMQP].channel(publisher_confirms=True, on_return_raises=True)
-    declared = await Topology(s.namespace, s.delivery_limit).declare(channel)
+    declared = await s.topology().declare(channel)
     results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds)
     replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
     await replies.start()

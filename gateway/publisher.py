@@ -13,7 +13,6 @@ from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
 from flashclaim.errors import DependencyUnavailable
 from flashclaim.messages import CLAIM_EVENT, ClaimCommand
-from flashclaim.topology import CLAIM_ROUTING_KEY
 
 
 class ClaimPublisher:
@@ -70,7 +69,11 @@ class ClaimPublisher:
         )
         try:
             confirmation = await self._exchange.publish(
-                message, CLAIM_ROUTING_KEY, mandatory=True, timeout=self._timeout
+                # Hashed by the exchange: one coupon, one partition.
+                message,
+                command.coupon_name,
+                mandatory=True,
+                timeout=self._timeout,
             )
         except (
             AMQPError,

@@ -60,7 +60,7 @@ class Services:
 
     def _spawn(self, role: str, **overrides: Any) -> subprocess.Popen[bytes]:
         LOGS.mkdir(parents=True, exist_ok=True)
-        instance = f"{role}-{uuid.uuid4().hex[:8]}"
+        instance = overrides.pop("instance_id", f"{role}-{uuid.uuid4().hex[:8]}")
         log = open(LOGS / f"{self.settings.namespace}-{instance}.log", "wb")  # noqa: SIM115
         env = service_env(self.settings, instance_id=instance, **overrides)
         proc = subprocess.Popen(

@@ -11,7 +11,6 @@ import aiohttp
 import pytest
 
 from flashclaim.settings import Settings
-from flashclaim.topology import Topology
 from tests.acceptance.conftest import Services
 
 
@@ -241,7 +240,8 @@ async def test_broker_refusing_a_claim_answers_503_with_retry_after(
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
-        await channel.queue_delete(Topology(settings.namespace, 1).claims_queue)
+        for queue in settings.topology().claims_queues:
+            await channel.queue_delete(queue)
     status, body, headers = await claim(http, api, "alice", coupon_name)
     assert (status, body["code"]) == (503, "service_unavailable")
     assert int(headers["Retry-After"]) >= 1

@@ -21,7 +21,6 @@ import pytest
 
 from flashclaim.devstack import Stack
 from flashclaim.settings import Settings
-from flashclaim.topology import CLAIM_ROUTING_KEY, Topology
 from tests.acceptance.conftest import Services
 from tests.acceptance.load import Load, verify
 
@@ -56,15 +55,17 @@ async def started(services: Services, http: aiohttp.ClientSession, consumers: in
 async def test_consumer_killed_and_restarted_mid_load(
     services: Services, http: aiohttp.ClientSession, settings: Settings
 ) -> None:
-    services.start_consumer()
-    victim = services.start_consumer()
+    # Two consumers share the partitions, each the stand-by of the other's.
+    sharing = {"consumer_count": 2, "standby_delay_seconds": 0.5}
+    victim = services.start_consumer(consumer_index=0, **sharing)
+    services.start_consumer(consumer_index=1, **sharing)
     await services.start_gateway(**GATEWAY)
     load = await Load(services, http).start()
     await load.reached(0.3)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     await load.reached(0.5)
-    services.start_consumer()
+    services.start_consumer(consumer_index=0, **sharing)
     answers = await load.finish()
     verify(settings, load, answers)
 
@@ -132,7 +133,7 @@ async def test_malformed_message_mid_load_is_dead_lettered_without_delaying_othe
 ) -> None:
     load = await started(services, http)
     await load.reached(0.3)
-    topology = Topology(settings.namespace, settings.delivery_limit)
+    topology = settings.topology()
     poison_id = str(uuid.uuid4())
     async with await aio_pika.connect(settings.amqp_url) as connection:
         channel = await connection.channel()
@@ -143,7 +144,7 @@ async def test_malformed_message_mid_load_is_dead_lettered_without_delaying_othe
                 message_id=poison_id,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
-            CLAIM_ROUTING_KEY,
+            load.names[0],
         )
         answers = await load.finish()
         dlq = await channel.declare_queue(topology.claims_dlq, passive=True)
@@ -233,10 +234,11 @@ async def test_consumer_killed_between_commit_and_ack_answers_once_from_the_inbo
     # Committed but never acknowledged: all of them are back in the queue.
     async with await aio_pika.connect(settings.amqp_url) as connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(
-            Topology(settings.namespace, 1).claims_queue, passive=True
-        )
-        assert queue.declaration_result.message_count == len(users)
+        waiting = 0
+        for name in settings.topology().claims_queues:
+            queue = await channel.declare_queue(name, passive=True)
+            waiting += queue.declaration_result.message_count
+        assert waiting == len(users)
     services.start_consumer()
     responses = await asyncio.gather(*claims)
     answers = [(r.status, await r.json()) for r in responses]

@@ -17,7 +17,6 @@ from consumer import service
 from flashclaim.messages import ClaimCommand, ClaimResult
 from flashclaim.results import ResultStore
 from flashclaim.settings import Settings
-from flashclaim.topology import CLAIM_ROUTING_KEY, Topology
 from tests.conftest import create_coupon_row
 
 REPLIES = "replies-under-test"
@@ -27,10 +26,10 @@ REPLIES = "replies-under-test"
 async def broker(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     connection = await aio_pika.connect(settings.amqp_url)
     channel = await connection.channel()
-    await Topology(settings.namespace, settings.delivery_limit).declare(channel)
+    await settings.topology().declare(channel)
     yield channel
-    topo = Topology(settings.namespace, settings.delivery_limit)
-    for queue in (topo.claims_queue, topo.claims_dlq):
+    topo = settings.topology()
+    for queue in (*topo.claims_queues, topo.claims_dlq):
         await channel.queue_delete(queue)
     await connection.close()
 
@@ -67,7 +66,7 @@ async def publish(
     command: ClaimCommand,
     body: bytes | None = None,
 ) -> None:
-    exchange = await channel.get_exchange(Topology(settings.namespace, 1).commands_exchange)
+    exchange = await channel.get_exchange(settings.topology().commands_exchange)
     await exchange.publish(
         aio_pika.Message(
             body if body is not None else command.body(),
@@ -75,7 +74,7 @@ async def publish(
             reply_to=command.reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         ),
-        CLAIM_ROUTING_KEY,
+        command.coupon_name,
     )
 
 
@@ -148,7 +147,7 @@ async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
         replies = await collect_replies(pubsub, 3)
     assert sorted(r.status for r in replies) == [200, 200, 200]
 
-    dlq = await broker.declare_queue(Topology(settings.namespace, 1).claims_dlq, passive=True)
+    dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
     dead = await dlq.get(timeout=10, fail=True)
     assert dead is not None
     assert dead.message_id == str(poison.request_id)
@@ -158,7 +157,7 @@ async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
     assert headers["x-flashclaim-error-type"] == "PoisonMessage"
     assert "not JSON" in headers["x-flashclaim-error"]
     assert str(headers["x-flashclaim-service"]).startswith("consumer ")
-    assert headers["x-flashclaim-original-routing-key"] == CLAIM_ROUTING_KEY
+    assert headers["x-flashclaim-original-routing-key"] == coupon_name
     assert headers["x-flashclaim-failed-at"]
     await dead.ack()
     assert await dlq.get(fail=False) is None  # exactly one copy
@@ -176,7 +175,7 @@ async def test_unknown_coupon_is_answered_404_not_dead_lettered(
         await publish(broker, settings, command)
         (reply,) = await collect_replies(pubsub, 1)
     assert reply.status == 404
-    dlq = await broker.declare_queue(Topology(settings.namespace, 1).claims_dlq, passive=True)
+    dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
     assert await dlq.get(fail=False) is None
 
 
@@ -216,7 +215,7 @@ async def test_failing_command_is_retried_by_the_broker_then_failed_and_dead_let
         replies = await collect_replies(pubsub, 4)
     assert sorted(r.status for r in replies) == [200] * 4
 
-    dlq = await broker.declare_queue(Topology(settings.namespace, 1).claims_dlq, passive=True)
+    dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
     dead = None
     for _ in range(100):
         dead = await dlq.get(fail=False)
