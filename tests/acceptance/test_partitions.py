@@ -30,8 +30,10 @@ async def active_consumers(management: str, settings: Settings) -> dict[str, str
     auth = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
     async with aiohttp.ClientSession(headers=auth) as http:
         async with http.get(f"{management}/api/connections") as r:
-            clients = {c["name"]: c.get("client_properties", {}).get("connection_name")
-                       for c in await r.json()}
+            clients = {
+                c["name"]: c.get("client_properties", {}).get("connection_name")
+                for c in await r.json()
+            }
         for name in settings.topology().claims_queues:
             url = f"{management}/api/queues/%2F/{urllib.parse.quote(name, safe='')}"
             async with http.get(url) as r:
@@ -59,12 +61,12 @@ async def test_consumers_share_partitions_and_take_over(
     services.start_consumer(consumer_index=1, instance_id="c1", **sharing)
     await services.start_gateway()
     queues = settings.topology().claims_queues  # 4 partitions
-    await wait_for(management, settings, {
-        q: f"consumer c{p % 2}" for p, q in enumerate(queues)})
+    await wait_for(management, settings, {q: f"consumer c{p % 2}" for p, q in enumerate(queues)})
 
     # Claims on many coupons spread over both consumers; every invariant holds.
-    reports = await asyncio.gather(*(
-        scenarios.flash_sale(http, services.base_url, users=40, stock=7) for _ in range(8)))
+    reports = await asyncio.gather(
+        *(scenarios.flash_sale(http, services.base_url, users=40, stock=7) for _ in range(8))
+    )
     assert all(r.violations == [] for r in reports)
 
     # The first consumer goes away: its stand-by takes its partitions over.
