@@ -354,6 +354,32 @@ class Redis(Server):
         wait_for_port(self.port, 30, self.proc, self.name)
 
 
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+def reserve_ports(ports: Ports) -> None:
+    """Keep the kernel from handing the stack's ports to outgoing connections.
+
+    The ports of ``make run`` (55432, 55672, 56379...) lie in Linux's ephemeral range:
+    after a load test has opened thousands of connections, one of them can still hold
+    such a port and the server cannot listen there. Where this process may (root), the
+    ports are added to ``net.ipv4.ip_local_reserved_ports``; elsewhere nothing changes.
+    """
+    try:
+        current = RESERVED_PORTS.read_text().strip()
+        covered: list[tuple[int, int]] = []
+        for item in filter(None, current.split(",")):
+            low, _, high = item.partition("-")
+            covered.append((int(low), int(high or low)))
+        missing = [
+            p for p in vars(ports).values() if not any(low <= p <= high for low, high in covered)
+        ]
+        if missing:
+            RESERVED_PORTS.write_text(",".join([current, *map(str, missing)]).strip(","))
+    except (OSError, ValueError):
+        pass
+
+
 ENV_URLS = {
     "postgres": "FLASHCLAIM_DATABASE_URL",
     "rabbitmq": "FLASHCLAIM_AMQP_URL",
@@ -401,6 +427,7 @@ class Stack:
         }
 
     def start(self) -> None:
+        reserve_ports(self.ports)
         try:
             for server in self.owned:
                 server.start()
