@@ -10,6 +10,7 @@ from aiohttp import web
 from flashclaim.errors import DependencyUnavailable
 from flashclaim.messages import IDEMPOTENCY_NAMESPACE, ClaimCommand, ClaimResult
 from gateway import validation
+from gateway.jsonresponse import json_response
 from gateway.middleware import error_response
 from gateway.state import CLAIMS, READINESS, REPOSITORY
 
@@ -23,13 +24,13 @@ async def create_coupon(request: web.Request) -> web.Response:
     amount = validation.amount(body.get("amount"))
     request["coupon_name"] = name
     coupon = await request.app[REPOSITORY].create_coupon(name, amount)
-    return web.json_response(coupon, status=201, headers={"Location": f"/api/coupons/{name}"})
+    return json_response(coupon, status=201, headers={"Location": f"/api/coupons/{name}"})
 
 
 @routes.get("/api/coupons/{name}")
 async def get_coupon(request: web.Request) -> web.Response:
     name = validation.name(request.match_info["name"], "name")
-    return web.json_response(await request.app[REPOSITORY].get_coupon(name))
+    return json_response(await request.app[REPOSITORY].get_coupon(name))
 
 
 @routes.post("/api/coupons/claim")
@@ -87,7 +88,7 @@ async def get_claim(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @routes.get("/readyz")
@@ -99,7 +100,7 @@ async def readyz(request: web.Request) -> web.Response:
     )
     report = {n: "ok" if o is None else _reason(o) for n, o in zip(names, outcomes, strict=True)}
     ready = all(v == "ok" for v in report.values())
-    return web.json_response(
+    return json_response(
         {"status": "ready" if ready else "unavailable", "checks": report},
         status=200 if ready else 503,
     )
@@ -112,11 +113,11 @@ def _reason(exc: BaseException | None) -> str:
 
 
 def result_response(result: ClaimResult) -> web.Response:
-    return web.json_response(result.body, status=result.status)
+    return json_response(result.body, status=result.status)
 
 
 def pending_response(request_id: uuid.UUID, status: str = "pending") -> web.Response:
-    return web.json_response(
+    return json_response(
         {"request_id": str(request_id), "status": status},
         status=202,
         headers={"Location": f"/api/claims/{request_id}"},

@@ -20,6 +20,7 @@ from flashclaim.errors import (
     RateLimited,
 )
 from gateway.claims import IdempotencyKeyReused
+from gateway.jsonresponse import json_response
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 def error_response(
     status: int, code: str, message: str, retry_after: int | None = None, **extra: Any
 ) -> web.Response:
-    response = web.json_response({"error": message, "code": code, **extra}, status=status)
+    response = json_response({"error": message, "code": code, **extra}, status=status)
     if retry_after is None and status in (429, 503):
         retry_after = 1
     if retry_after is not None:
