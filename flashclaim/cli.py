@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--read-share", type=float, default=0.3)
     p.set_defaults(func=_loadtest, service="loadtest")
 
+    from flashclaim import dlq_cli
+
+    dlq_cli.add_parser(sub, argparse.ArgumentParser(add_help=False))
+
     p = sub.add_parser("audit", help="check the database's invariants; exit 1 on a violation")
     p.add_argument(
         "--pending-older-than",

@@ -37,6 +37,10 @@ class Settings:
     namespace: str = "flashclaim"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # The operators' dead-letter API (/admin/dlq) is served only when a token is set, on
+    # its own port.
+    admin_token: str = ""
+    admin_port: int = 8081
     # Gateway processes sharing the port (SO_REUSEPORT); each has its own reply channel.
     gateway_workers: int = 1
     # How long a claim request waits for its result before answering 202.
@@ -106,6 +110,7 @@ class Settings:
     def validate(self) -> None:
         positive = (
             "http_port",
+            "admin_port",
             "claim_wait_seconds",
             "result_ttl_seconds",
             "max_body_bytes",

@@ -11,6 +11,7 @@ from aiohttp import web
 from flashclaim.settings import Settings
 from flashclaim.signals import stop_event_on_signals
 from gateway.access_log import CanonicalAccessLogger
+from gateway.admin import create_admin_app
 from gateway.app import create_app
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,23 @@ async def run(
     )
     await site.start()
     log.info("gateway listening", extra={"host": settings.http_host, "port": settings.http_port})
+    admin = None
+    if settings.admin_token:
+        admin = web.AppRunner(
+            create_admin_app(settings),
+            access_log_class=CanonicalAccessLogger,
+            access_log=logging.getLogger("flashclaim.access"),
+        )
+        await admin.setup()
+        await web.TCPSite(
+            admin, settings.http_host, settings.admin_port, reuse_port=reuse_port or None
+        ).start()
+        log.info("admin API listening", extra={"port": settings.admin_port})
     try:
         await stop.wait()
     finally:
+        if admin is not None:
+            await admin.cleanup()
         await runner.cleanup()
         log.info("gateway stopped")
 

@@ -1,0 +1,141 @@
+"""The operators' HTTP API for dead letters, under ``/admin/dlq``.
+
+Off unless ``FLASHCLAIM_ADMIN_TOKEN`` is set; then served on its own port
+(``FLASHCLAIM_ADMIN_PORT``), apart from the public API and its rate limit, and every
+request must carry ``Authorization: Bearer <token>`` (401 otherwise).
+
+    GET  /admin/dlq                      stats: depth, counts by reason and error type
+    GET  /admin/dlq/messages             list (?reason=&coupon=&older_than=&limit=)
+    GET  /admin/dlq/messages/{id}        one message in full
+    POST /admin/dlq/replay               {"message_ids": [...] | filters | "all": true,
+                                          "dry_run": false, "rate": null}
+    POST /admin/dlq/purge                the same selection, plus "confirm": true
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from flashclaim import broker
+from flashclaim.dlq import DeadLetters, Selection
+from flashclaim.errors import InvalidInput
+from flashclaim.settings import Settings
+from gateway import validation
+from gateway.jsonresponse import json_response
+from gateway.middleware import errors_middleware
+
+SETTINGS = web.AppKey("admin_settings", Settings)
+DLQ = web.AppKey("dlq", DeadLetters)
+routes = web.RouteTableDef()
+
+
+def create_admin_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, _bearer_token], client_max_size=settings.max_body_bytes
+    )
+    app[SETTINGS] = settings
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_broker)
+    return app
+
+
+@web.middleware
+async def _bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    expected = f"Bearer {request.app[SETTINGS].admin_token}"
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        response = json_response(
+            {"error": "a valid admin bearer token is required", "code": "unauthorized"}, status=401
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="flashclaim-admin"'
+        return response
+    return await handler(request)
+
+
+async def _broker(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    connection = await broker.connect(s.amqp_url, f"gateway admin {s.instance_id}")
+    app[DLQ] = DeadLetters(connection, s.topology())
+    yield
+    await connection.close()
+
+
+def _selection(data: dict[str, Any]) -> Selection:
+    ids = data.get("message_ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise InvalidInput("'message_ids' must be a list of strings")
+    older = data.get("older_than")
+    if older is not None and (isinstance(older, bool) or not isinstance(older, int | float)):
+        raise InvalidInput("'older_than' must be a number of seconds")
+    for key in ("reason", "coupon"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise InvalidInput(f"'{key}' must be a string")
+    selection = Selection(
+        frozenset(ids),
+        data.get("reason"),
+        data.get("coupon"),
+        None if older is None else float(older),
+        data.get("all") is True,
+    )
+    if selection.empty:
+        raise InvalidInput("name message_ids, a filter (reason, coupon, older_than) or all")
+    return selection
+
+
+@routes.get("/admin/dlq")
+async def stats(request: web.Request) -> web.Response:
+    return json_response(await request.app[DLQ].stats())
+
+
+@routes.get("/admin/dlq/messages")
+async def list_messages(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        older = float(q["older_than"]) if "older_than" in q else None
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        raise InvalidInput("'older_than' and 'limit' must be numbers") from None
+    selection = Selection(reason=q.get("reason"), coupon=q.get("coupon"), older_than=older)
+    dlq = request.app[DLQ]
+    letters = [x for name in dlq.queues for x in await dlq.peek(name)]
+    return json_response([x.summary() for x in letters if selection.matches(x)][:limit])
+
+
+@routes.get("/admin/dlq/messages/{message_id}")
+async def show(request: web.Request) -> web.Response:
+    dlq = request.app[DLQ]
+    wanted = request.match_info["message_id"]
+    for name in dlq.queues:
+        for letter in await dlq.peek(name):
+            if letter.message_id == wanted:
+                return json_response(letter.full())
+    return json_response({"error": "no such dead letter", "code": "not_found"}, status=404)
+
+
+@routes.post("/admin/dlq/replay")
+async def replay(request: web.Request) -> web.Response:
+    data = await validation.json_object(request)
+    rate = data.get("rate")
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
+    ):
+        raise InvalidInput("'rate' must be a positive number")
+    dry_run = data.get("dry_run") is True
+    moved = await request.app[DLQ].replay(_selection(data), dry_run=dry_run, rate=rate)
+    return json_response(
+        {"dry_run": dry_run, "count": len(moved), "message_ids": [x.message_id for x in moved]}
+    )
+
+
+@routes.post("/admin/dlq/purge")
+async def purge(request: web.Request) -> web.Response:
+    data = await validation.json_object(request)
+    if data.get("confirm") is not True:
+        raise InvalidInput('purging removes messages for good: send "confirm": true')
+    removed = await request.app[DLQ].purge(_selection(data))
+    return json_response({"count": len(removed), "message_ids": [x.message_id for x in removed]})
