@@ -87,3 +87,22 @@ def create_coupon_row(database_url: str, name: str, amount: int) -> None:
             "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, %s, %s)",
             (name, amount, amount),
         )
+
+
+@pytest.fixture
+def exploding_user(settings: Settings) -> Iterator[str]:
+    """A user whose claims the database refuses with an error no retry can cure."""
+    user = f"boom-{uuid.uuid4().hex[:8]}"
+    trigger = f"explode_{user.replace('-', '_')}"
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"""
+            CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refusing claims of %', NEW.user_id; END $$;
+            CREATE TRIGGER {trigger} BEFORE INSERT ON claims FOR EACH ROW
+            WHEN (NEW.user_id = '{user}') EXECUTE FUNCTION {trigger}();
+        """)
+    yield user
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            f"DROP TRIGGER IF EXISTS {trigger} ON claims; DROP FUNCTION IF EXISTS {trigger}();"
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import orjson
@@ -177,23 +177,6 @@ async def test_unknown_coupon_is_answered_404_not_dead_lettered(
     assert reply.status == 404
     dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
     assert await dlq.get(fail=False) is None
-
-
-@pytest.fixture
-def exploding_user(settings: Settings) -> Iterator[str]:
-    """A user whose claims the database refuses with an error no retry can cure."""
-    user = f"boom-{uuid.uuid4().hex[:8]}"
-    trigger = f"explode_{user.replace('-', '_')}"
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        conn.execute(f"""
-            CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN RAISE EXCEPTION 'refusing claims of %', NEW.user_id; END $$;
-            CREATE TRIGGER {trigger} BEFORE INSERT ON claims FOR EACH ROW
-            WHEN (NEW.user_id = '{user}') EXECUTE FUNCTION {trigger}();
-        """)
-    yield user
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        conn.execute(f"DROP TRIGGER {trigger} ON claims; DROP FUNCTION {trigger}();")
 
 
 async def test_failing_command_is_retried_by_the_broker_then_failed_and_dead_lettered(

@@ -1,0 +1,342 @@
+"""Operators' dead-letter tools against a real broker, consumer and database.
+
+Dead letters of three kinds are made for real: a command over the broker's delivery
+limit, a poison message, and a command whose handler keeps failing (the database
+refuses it). Then every operation is checked, including an interrupted replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+
+import aio_pika
+import aiohttp
+import psycopg
+import pytest
+
+from flashclaim.messages import ClaimCommand
+from flashclaim.settings import Settings
+from tests.acceptance.conftest import Services, free_port, service_env
+from tests.conftest import create_coupon_row
+
+
+def dlq(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flashclaim.cli", "dlq", *args],
+        env=service_env(settings),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def dlq_json(settings: Settings, *args: str) -> object:
+    result = dlq(settings, *args, "--json")
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+async def depth(settings: Settings) -> int:
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.topology().claims_dlq, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+async def wait_depth(settings: Settings, expected: int) -> None:
+    for _ in range(300):
+        if await depth(settings) == expected:
+            return
+        await asyncio.sleep(0.1)
+    assert await depth(settings) == expected
+
+
+def claims_of(settings: Settings, coupon: str) -> list[tuple[str, str]]:
+    with psycopg.connect(settings.database_url) as conn:
+        return [
+            (r[0], r[1])
+            for r in conn.execute(
+                "SELECT user_id, message_id::text FROM claims WHERE coupon_name = %s ORDER BY id",
+                (coupon,),
+            ).fetchall()
+        ]
+
+
+@dataclass
+class Letters:
+    coupon: str
+    over_limit: str
+    poison: str
+    failed: str
+
+
+async def publish(settings: Settings, command: ClaimCommand, body: bytes | None = None) -> None:
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        declared = await settings.topology().declare(channel)
+        await declared.commands.publish(
+            aio_pika.Message(
+                body or command.body(),
+                message_id=str(command.request_id),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            command.coupon_name,
+        )
+
+
+async def over_the_delivery_limit(settings: Settings, command: ClaimCommand) -> None:
+    """A consumer that gives every delivery back until the broker dead-letters it."""
+    await publish(settings, command)
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        declared = await settings.topology().declare(channel)
+
+        async def refuse(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.nack(requeue=True)
+
+        for queue in declared.claims:
+            await queue.consume(refuse)
+        await wait_depth(settings, 1)
+
+
+@pytest.fixture
+async def letters(
+    services: Services, settings: Settings, coupon_name: str, exploding_user: str
+) -> Letters:
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    over_limit = ClaimCommand(uuid.uuid4(), "limit_user", coupon_name)
+    await over_the_delivery_limit(settings, over_limit)
+    services.start_consumer()
+    await services.start_gateway(claim_wait_seconds=0.5)
+    poison = ClaimCommand(uuid.uuid4(), "x", coupon_name)
+    await publish(settings, poison, body=b'{"v": 1, "user_id": ')
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{services.base_url}/api/coupons/claim",
+            json={"user_id": exploding_user, "coupon_name": coupon_name},
+        ) as r,
+    ):
+        failed = (await r.json())["request_id"]
+    await wait_depth(settings, 3)
+    return Letters(coupon_name, str(over_limit.request_id), str(poison.request_id), failed)
+
+
+async def test_stats_list_and_show(settings: Settings, letters: Letters) -> None:
+    stats = dlq_json(settings, "stats")
+    (queue,) = stats.values()  # type: ignore[union-attr]
+    assert queue["depth"] == 3
+    assert queue["by_reason"] == {"delivery_limit": 1, "poison": 1, "failed": 1}
+    assert queue["by_error_type"]["PoisonMessage"] == 1
+    assert queue["by_error_type"]["RaiseException"] == 1
+    assert queue["oldest_age_seconds"] >= 0
+
+    listed = dlq_json(settings, "list")
+    assert {x["message_id"] for x in listed} == {  # type: ignore[union-attr]
+        letters.over_limit,
+        letters.poison,
+        letters.failed,
+    }
+    assert [x["message_id"] for x in dlq_json(settings, "list", "--reason", "poison")] == [  # type: ignore[union-attr]
+        letters.poison
+    ]
+    by_coupon = dlq_json(settings, "list", "--coupon", letters.coupon)
+    assert {x["message_id"] for x in by_coupon} == {letters.over_limit, letters.failed}  # type: ignore[union-attr]
+    assert dlq_json(settings, "list", "--older-than", "3600") == []
+    assert len(dlq_json(settings, "list", "--limit", "1")) == 1  # type: ignore[arg-type]
+    table = dlq(settings, "list")
+    assert "MESSAGE_ID" in table.stdout and letters.poison in table.stdout
+
+    shown = dlq_json(settings, "show", letters.over_limit)
+    assert shown["reason"] == "delivery_limit"  # type: ignore[index]
+    assert shown["original_exchange"] == settings.topology().commands_exchange  # type: ignore[index]
+    assert shown["original_routing_key"] == letters.coupon  # type: ignore[index]
+    assert shown["headers"]["x-death"][0]["reason"] == "delivery_limit"  # type: ignore[index]
+    assert json.loads(shown["body"])["user_id"] == "limit_user"  # type: ignore[index]
+    failed = dlq_json(settings, "show", letters.failed)
+    assert "refusing claims" in failed["error"]  # type: ignore[index]
+    assert dlq(settings, "show", str(uuid.uuid4())).returncode == 1
+    # Peeking moved nothing.
+    assert await depth(settings) == 3
+
+
+async def test_replay_by_id_and_filter_applies_each_claim_once(
+    services: Services, settings: Settings, letters: Letters, exploding_user: str
+) -> None:
+    dry = dlq_json(settings, "replay", "--all", "--dry-run")
+    assert dry["count"] == 3  # type: ignore[index]
+    assert await depth(settings) == 3  # a dry run moves nothing
+
+    assert dlq(settings, "replay", letters.over_limit).returncode == 0
+    await wait_depth(settings, 2)
+    for _ in range(100):
+        if claims_of(settings, letters.coupon):
+            break
+        await asyncio.sleep(0.1)
+    assert claims_of(settings, letters.coupon) == [("limit_user", letters.over_limit)]
+
+    # The bug is fixed (the trigger goes away), the failed claim is replayed by filter.
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        trigger = f"explode_{exploding_user.replace('-', '_')}"
+        conn.execute(f"DROP TRIGGER {trigger} ON claims")
+    assert dlq(settings, "replay", "--reason", "failed").returncode == 0
+    await wait_depth(settings, 1)
+    for _ in range(100):
+        if len(claims_of(settings, letters.coupon)) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(u for u, _ in claims_of(settings, letters.coupon)) == sorted(
+        ["limit_user", exploding_user]
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{services.base_url}/api/claims/{letters.failed}") as r,
+    ):
+        assert (r.status, (await r.json())["status"]) == (200, "claimed")
+
+    # The same claim dead-lettered and replayed again is a no-op with the same answer.
+    await publish_dead_letter(settings, letters.over_limit, "limit_user", letters.coupon)
+    assert dlq(settings, "replay", letters.over_limit).returncode == 0
+    await asyncio.sleep(1)
+    assert [m for _, m in claims_of(settings, letters.coupon)].count(letters.over_limit) == 1
+    # Replaying what is not there says so.
+    assert dlq(settings, "replay", str(uuid.uuid4())).returncode == 1
+
+
+async def publish_dead_letter(settings: Settings, message_id: str, user: str, coupon: str) -> None:
+    """A dead letter as a consumer would have moved it (headers and all)."""
+    topology = settings.topology()
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        await topology.declare(channel)
+        dlx = await channel.get_exchange(topology.dead_letter_exchange)
+        body = ClaimCommand(uuid.UUID(message_id), user, coupon).body()
+        await dlx.publish(
+            aio_pika.Message(
+                body,
+                message_id=message_id,
+                headers={
+                    "x-flashclaim-reason": "failed",
+                    "x-flashclaim-error-type": "Test",
+                    "x-flashclaim-original-exchange": topology.commands_exchange,
+                    "x-flashclaim-original-routing-key": coupon,
+                },
+            ),
+            "claim",
+        )
+
+
+async def test_purge_needs_confirmation_and_is_audited(
+    settings: Settings, letters: Letters
+) -> None:
+    refused = dlq(settings, "purge", "--reason", "poison")
+    assert refused.returncode == 3  # no terminal to confirm on, no --yes
+    assert await depth(settings) == 3
+    assert dlq(settings, "purge").returncode == 2  # no selection at all
+    done = dlq(settings, "purge", "--reason", "poison", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert await depth(settings) == 2
+    audit = [json.loads(line) for line in done.stderr.splitlines() if '"audit"' in line]
+    assert audit and audit[0]["action"] == "purge"
+    assert audit[0]["message_ids"] == [letters.poison]
+
+
+async def test_export_writes_json_lines_and_removes_nothing(
+    settings: Settings, letters: Letters, tmp_path: object
+) -> None:
+    result = dlq(settings, "export")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {r["message_id"] for r in rows} == {letters.over_limit, letters.poison, letters.failed}
+    assert all("headers" in r and "body" in r for r in rows)
+    assert await depth(settings) == 3
+
+
+def start_slow_replay(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flashclaim.cli", "dlq", "replay", "--all", "--rate", "10"],
+        env=service_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def test_interrupted_replay_loses_nothing(
+    services: Services, settings: Settings, coupon_name: str
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 100)
+    services.start_consumer()
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    for i, message_id in enumerate(ids):
+        await publish_dead_letter(settings, message_id, f"user_{i}", coupon_name)
+    await wait_depth(settings, 40)
+    replay = start_slow_replay(settings)
+    assert replay.stderr is not None
+    for _ in range(100):  # let some go, then kill it mid-way
+        if "(5)" in replay.stderr.readline().decode():
+            break
+    replay.send_signal(signal.SIGKILL)
+    replay.wait()
+    replay.stderr.close()
+    await asyncio.sleep(1)
+    applied = {m for _, m in claims_of(settings, coupon_name)}
+    waiting = await depth(settings)
+    assert 0 < len(applied) < 40
+    # Every message is applied or still dead-lettered (never neither).
+    assert len(applied) + waiting >= 40
+    assert dlq(settings, "replay", "--all").returncode == 0
+    for _ in range(100):
+        if len(claims_of(settings, coupon_name)) == 40:
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(m for _, m in claims_of(settings, coupon_name)) == sorted(ids)
+    assert await depth(settings) == 0
+
+
+async def test_admin_api_needs_the_bearer_token(
+    services: Services, settings: Settings, letters: Letters
+) -> None:
+    port = free_port()
+    token = uuid.uuid4().hex
+    admin = Services(settings)
+    try:
+        await admin.start_gateway(admin_token=token, admin_port=port)
+        base = f"http://127.0.0.1:{port}/admin/dlq"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base) as r:
+                assert r.status == 401
+                assert (await r.json())["code"] == "unauthorized"
+            async with http.get(base, headers={"Authorization": "Bearer wrong"}) as r:
+                assert r.status == 401
+            good = {"Authorization": f"Bearer {token}"}
+            async with http.get(base, headers=good) as r:
+                assert r.status == 200
+                (queue,) = (await r.json()).values()
+                assert queue["depth"] == 3
+            async with http.get(f"{base}/messages?reason=poison", headers=good) as r:
+                assert [x["message_id"] for x in await r.json()] == [letters.poison]
+            async with http.get(f"{base}/messages/{letters.failed}", headers=good) as r:
+                assert (await r.json())["reason"] == "failed"
+            async with http.post(
+                f"{base}/replay", headers=good, json={"all": True, "dry_run": True}
+            ) as r:
+                assert (await r.json())["count"] == 3
+            async with http.post(f"{base}/purge", headers=good, json={"all": True}) as r:
+                assert r.status == 400  # no "confirm": true
+            async with http.post(
+                f"{base}/purge", headers=good, json={"reason": "poison", "confirm": True}
+            ) as r:
+                assert (await r.json())["count"] == 1
+            # The public port does not serve the admin API.
+            async with http.get(f"{admin.base_url}/admin/dlq", headers=good) as r:
+                assert r.status == 404
+    finally:
+        admin.stop()
+    assert await depth(settings) == 2
