@@ -134,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = schema.add_parser("apply", help="apply schema.sql (idempotent)")
     a.set_defaults(func=_schema_apply, service="schema")
 
+    from flashclaim.devstack import PROFILES
+
     p = sub.add_parser(
         "stack",
         help="start PostgreSQL, RabbitMQ and Redis locally, then the gateway and consumers",
     )
-    p.add_argument("--profile", default="run", choices=["run", "test", "bench"])
+    p.add_argument("--profile", default="run", choices=sorted(PROFILES))
     p.add_argument("--consumers", type=int, default=1)
     p.set_defaults(func=_stack, service="stack")
 

@@ -49,6 +49,8 @@ PROFILES: dict[str, Ports] = {
     "run": Ports(55432, 55672, 55673, 55674, 55675, 55676, 56379),
     "test": Ports(25532, 25772, 25773, 25774, 25775, 25776, 26479),
     "bench": Ports(25632, 25872, 25873, 25874, 25875, 25876, 26579),
+    # What the suite's own test of `make run` (flashclaim stack) starts.
+    "stacktest": Ports(25732, 25972, 25973, 25974, 25975, 25976, 26679),
 }
 
 
