@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from flashclaim.db import apply_schema
 from flashclaim.devstack import Stack
 from flashclaim.loadreport import Report
 from flashclaim.loadtest import run_scenario
+from flashclaim.processes import terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench"
@@ -242,13 +242,7 @@ def main() -> int:
         print(f"\nreport: {OUT / 'results.json'}, charts: {OUT}/*.png")
         return 0 if all(r.ok for k, r in reports.items() if k != "max") else 1
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        terminate(procs, 30)
         stack.stop()
 
 

@@ -68,10 +68,6 @@ class BatchReceiver:
             await queue.cancel(tag)
 
     @property
-    def consuming(self) -> bool:
-        return bool(self._tags)
-
-    @property
     def buffered(self) -> int:
         return self._buffer.qsize()
 

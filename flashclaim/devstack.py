@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import psycopg
 
@@ -448,16 +448,10 @@ class Stack:
 def run_foreground(profile: str, consumers: int = 1) -> int:
     """``make run``: the servers, the schema, a gateway and consumers, until Ctrl-C."""
     from flashclaim.db import apply_schema
+    from flashclaim.processes import StopRequest, terminate
 
     stack = Stack(profile)
-    stop_requested = False
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop = StopRequest()
     children: list[subprocess.Popen[bytes]] = []
     try:
         print(f"flashclaim: starting servers in {stack.root} ...", file=sys.stderr, flush=True)
@@ -481,7 +475,7 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
             for i in range(consumers)
         ]
         _print_summary(stack, env)
-        while not stop_requested:
+        while not stop.requested:
             if any(c.poll() is not None for c in children):
                 print("flashclaim: a service exited; stopping", file=sys.stderr)
                 return 1
@@ -489,14 +483,7 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         return 0
     finally:
         print("flashclaim: stopping ...", file=sys.stderr, flush=True)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        terminate(children, 30)
         stack.stop()
         print("flashclaim: stopped", file=sys.stderr, flush=True)
 

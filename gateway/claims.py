@@ -50,10 +50,6 @@ class ClaimService:
         self._background: set[asyncio.Task[None]] = set()
 
     @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
     def reply_channel(self) -> str:
         return self._replies.channel
 

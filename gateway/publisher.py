@@ -42,10 +42,6 @@ class ClaimPublisher:
             name="broker",
         )
 
-    @property
-    def breaker_state(self) -> str:
-        return str(self._breaker.state)
-
     async def publish(self, command: ClaimCommand) -> None:
         """Raise :class:`DependencyUnavailable` unless the broker confirmed the claim."""
         if self._connection.is_closed:

@@ -61,10 +61,6 @@ class ReplyListener:
             if not waiters:
                 self._waiters.pop(request_id, None)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
     def _resolve(self, result: ClaimResult) -> None:
         for fut in self._waiters.pop(result.request_id, []):
             if not fut.done():

@@ -75,14 +75,9 @@ def supervise(settings: Settings) -> int:
     import sys
     import time
 
-    stopping = False
+    from flashclaim.processes import StopRequest, terminate
 
-    def _stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = StopRequest()
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         env = {
@@ -96,27 +91,16 @@ def supervise(settings: Settings) -> int:
 
     workers = {i: spawn(i) for i in range(settings.gateway_workers)}
     log.info("gateway workers started", extra={"workers": len(workers)})
-    while not stopping:
+    while not stop.requested:
         time.sleep(0.2)
         for i, proc in list(workers.items()):
-            if proc.poll() is not None and not stopping:
+            if proc.poll() is not None and not stop.requested:
                 log.error(
                     "gateway worker exited; restarting",
                     extra={"worker": i, "status": proc.returncode},
                 )
                 time.sleep(0.5)
                 workers[i] = spawn(i)
-    for proc in workers.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    status = 0
-    for proc in workers.values():
-        try:
-            code = proc.wait(settings.shutdown_grace_seconds + 10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = 1
-        # A worker still starting up when SIGTERM came has no handler yet and simply ends.
-        if code not in (0, -signal.SIGTERM):
-            status = 1
-    return status
+    codes = terminate(workers.values(), settings.shutdown_grace_seconds + 10)
+    # A worker still starting up when SIGTERM came has no handler yet and simply ends.
+    return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
