@@ -75,10 +75,17 @@ class BatchReceiver:
         self._buffer.put_nowait(message)
 
     async def next_batch(self, wait: float) -> list[AbstractIncomingMessage]:
-        """Up to ``batch_size`` messages in delivery order; ``[]`` if none came in ``wait``."""
+        """Up to ``batch_size`` messages in delivery order; ``[]`` if none came in ``wait``.
+
+        ``wait=0`` takes only what is buffered already. (``asyncio.wait_for(get(), 0)``
+        would not: it times out before the getter has even run.)
+        """
         try:
-            first = await asyncio.wait_for(self._buffer.get(), wait)
-        except TimeoutError:
+            if wait <= 0:
+                first = self._buffer.get_nowait()
+            else:
+                first = await asyncio.wait_for(self._buffer.get(), wait)
+        except (TimeoutError, asyncio.QueueEmpty):
             return []
         batch = [first]
         loop = asyncio.get_running_loop()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from aio_pika.abc import AbstractRobustConnection
+from psycopg_pool import AsyncConnectionPool
 
 from consumer.deadletter import DeadLetterer
 from consumer.receiver import BatchReceiver
@@ -16,16 +22,23 @@ from flashclaim.settings import Settings
 from flashclaim.signals import stop_event_on_signals
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run one consumer until ``stop`` is set (by default: on SIGTERM or SIGINT).
 
-    Shutdown order is the reverse of start-up: stop taking messages, finish the batch
-    in hand within the grace period, then close the AMQP channel (returning anything
-    unacknowledged to the broker), Redis and finally the database pool.
+    Shutdown is bounded by the grace period in every state, servers reachable or not:
+
+    1. ``stop`` is set: no new deliveries are taken (a start-up still waiting for a
+       server gives up at once);
+    2. the batches in hand are finished, reported and acknowledged within
+       ``SHUTDOWN_GRACE_SECONDS``; whatever is still running then is cancelled;
+    3. the AMQP connection closes (anything unacknowledged returns to the queue), then
+       Redis, then the database pool, each given a few seconds at most.
     """
     stop = stop or stop_event_on_signals()
+    grace = settings.shutdown_grace_seconds
     topology = settings.topology()
     pool = create_pool(
         settings.database_url,
@@ -33,10 +46,16 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         settings.db_pool_max_size,
         f"flashclaim-consumer-{settings.instance_id}",
     )
-    await pool.open(wait=True, timeout=30)
     redis = connect_redis(settings.redis_url)
-    connection = await broker.connect(settings.amqp_url, f"consumer {settings.instance_id}")
+    connection: AbstractRobustConnection | None = None
     try:
+        if not await unless_stopped(_opened(pool), stop):
+            return
+        connection = await unless_stopped(
+            broker.connect(settings.amqp_url, f"consumer {settings.instance_id}"), stop
+        )
+        if connection is None:
+            return
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel)
@@ -67,9 +86,50 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 "batch_size": settings.batch_size,
             },
         )
-        await worker.run(stop, grace=settings.shutdown_grace_seconds)
+        work = asyncio.create_task(worker.run(stop, grace=grace), name="worker")
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({work, stopping}, return_when="FIRST_COMPLETED")
+        stopping.cancel()
+        # Stopping (or the worker ended by itself): it gets the grace period, plus a
+        # moment for its last acks, and is cancelled after that.
+        done, _ = await asyncio.wait({work}, timeout=grace + 2.0)
+        if not done:
+            log.warning("grace period over; abandoning the work in hand (it is redelivered)")
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+        elif (error := work.exception()) is not None:
+            raise error
     finally:
-        await connection.close()
-        await redis.aclose()
-        await pool.close()
+        if connection is not None:
+            await _bounded(connection.close(), "broker connection")
+        await _bounded(redis.aclose(), "redis")
+        await _bounded(pool.close(timeout=2.0), "database pool")
         log.info("consumer stopped")
+
+
+async def _opened(pool: AsyncConnectionPool) -> bool:
+    await pool.open(wait=True, timeout=30)
+    return True
+
+
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """``work``'s result, or ``None`` (``work`` cancelled) if ``stop`` is set first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when="FIRST_COMPLETED")
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    log.info("stopped before start-up finished")
+    return None
+
+
+async def _bounded(closing: Awaitable[object], what: str, seconds: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(closing, seconds)
+    except Exception as exc:
+        log.warning("not closed cleanly", extra={"what": what, "error": repr(exc)})

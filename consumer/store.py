@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 from psycopg import AsyncConnection
@@ -82,11 +82,21 @@ async def apply_batch(
     existing = [i for i in ids if i not in fresh]
     if existing:
         cur = await conn.execute(q["inbox_lock_existing"], {"message_ids": existing})
-        for message_id, status, result_status, result_body in await cur.fetchall():
+        for message_id, status, result_status, result_body, payload in await cur.fetchall():
             if status == "PROCESSED":
                 results[message_id] = ClaimResult(message_id, result_status, result_body)
-            else:
-                fresh.add(message_id)  # left PENDING by an earlier attempt: apply now
+                continue
+            # Left PENDING by an earlier attempt: apply it now, as first recorded. (A
+            # client reusing an Idempotency-Key for another coupon sends the same id
+            # with another body: the first claim is the one that counts, and the
+            # gateway turns its answer into 422 for the second.)
+            fresh.add(message_id)
+            first = unique[message_id].command
+            recorded = replace(
+                first, user_id=payload["user_id"], coupon_name=payload["coupon_name"]
+            )
+            if recorded != first:
+                unique[message_id] = replace(unique[message_id], command=recorded)
     todo = [unique[i].command for i in ids if i in fresh]
     if not todo:
         return BatchOutcome(results, applied=0, replayed=len(results), granted=0)

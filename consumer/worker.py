@@ -41,6 +41,8 @@ from flashclaim.retry import contention_retry, is_outage, outage_retry, transien
 log = logging.getLogger(__name__)
 
 Pair = tuple[AbstractIncomingMessage, Delivery]
+# How long a stopping worker waits for the reports and acks of committed batches.
+REPORT_GRACE_SECONDS = 3.0
 
 
 class Stopping(Exception):
@@ -86,16 +88,29 @@ class ClaimWorker:
                 batch = await self._receiver.next_batch(wait=0.2)
                 if batch:
                     await self.handle(batch)
-            await self._receiver.stop()
             deadline = time.monotonic() + grace
+            # With the broker away, cancelling the subscription cannot be confirmed:
+            # the deliveries it would stop are not coming anyway.
+            try:
+                await asyncio.wait_for(self._receiver.stop(), max(grace, 0.1))
+            except Exception as exc:
+                log.warning("subscription not cancelled", extra={"error": repr(exc)})
             while self._receiver.buffered and time.monotonic() < deadline:
                 await self.handle(await self._receiver.next_batch(wait=0))
         except Stopping:
             log.info("stopped while the database was unavailable; messages go back")
         finally:
-            # Committed batches still get their results reported and their acks.
-            await self._committed.put(None)
-            await reporter
+            # Committed batches still get their results reported and their acks, for a
+            # bounded time (a broker that is away cannot take the acks: the messages are
+            # redelivered and answered from the inbox).
+            try:
+                self._committed.put_nowait(None)
+            except asyncio.QueueFull:
+                reporter.cancel()
+            done, _ = await asyncio.wait({reporter}, timeout=REPORT_GRACE_SECONDS)
+            if not done:
+                reporter.cancel()
+                log.warning("results of committed batches not all reported before exit")
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         started = time.perf_counter()

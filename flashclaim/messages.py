@@ -11,6 +11,7 @@ of the gateway waiting for the answer.
 from __future__ import annotations
 
 import enum
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -21,20 +22,33 @@ from flashclaim.errors import InvalidInput, PoisonMessage
 
 VERSION = 1
 CLAIM_EVENT = "coupon.claim.requested"
-NAME_MAX = 128
-# Idempotency-Key values map to request ids in this UUID namespace, so that a retried
-# HTTP request becomes the same message and the inbox de-duplicates it.
-IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c1c36-5b8e-4a53-9a55-0c56f1a4b7e2")
+# The rules for coupon names and user ids, decided once here. A coupon name becomes an
+# AMQP routing key (at most 255 bytes), a URL path segment and a Location header, so:
+NAME_MAX = 128  # characters
+NAME_MAX_BYTES = 255  # UTF-8 bytes: the AMQP short-string limit of a routing key
+# Unicode categories refused anywhere in a name: control (Cc: NUL, newline, ESC...),
+# format (Cf: bidi overrides, zero-width characters), surrogates (Cs), private use (Co),
+# unassigned (Cn), line and paragraph separators (Zl, Zp). They cannot travel in a
+# header and they make two names that look the same differ.
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def check_name(value: object, field: str) -> str:
-    """Return ``value`` if it is a non-empty string of at most 128 characters."""
+    """Return ``value`` if it is a valid name (see the README's validation rules):
+    a string of 1 to 128 characters and at most 255 UTF-8 bytes, not only white space,
+    with no control, format, surrogate, private-use, unassigned or separator characters.
+    """
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(f"'{field}' must be a non-empty string")
     if len(value) > NAME_MAX:
         raise InvalidInput(f"'{field}' must be at most {NAME_MAX} characters")
-    if "\x00" in value:
-        raise InvalidInput(f"'{field}' must not contain NUL characters")
+    if not value.isascii():
+        if any(unicodedata.category(ch) in REFUSED_CATEGORIES for ch in value):
+            raise InvalidInput(f"'{field}' must not contain control or format characters")
+        if len(value.encode("utf-8")) > NAME_MAX_BYTES:
+            raise InvalidInput(f"'{field}' must be at most {NAME_MAX_BYTES} bytes in UTF-8")
+    elif not value.isprintable():
+        raise InvalidInput(f"'{field}' must not contain control or format characters")
     return value
 
 

@@ -29,8 +29,9 @@ RETURNING message_id;
 
 -- name: inbox_lock_existing
 -- Rows that already existed: a PENDING one was left by an earlier failed attempt and is
--- applied now; a PROCESSED one is a redelivery and only gets its recorded result again.
-SELECT message_id, status, result_status, result_body
+-- applied now, as it was first recorded; a PROCESSED one is a redelivery and only gets
+-- its recorded result again.
+SELECT message_id, status, result_status, result_body, payload
 FROM inbox
 WHERE message_id = ANY(%(message_ids)s::uuid[])
 ORDER BY message_id

@@ -4,6 +4,9 @@ Keys (``<ns>`` is the namespace setting):
 
 - ``<ns>:result:<request_id>``: the final result, JSON, with a TTL;
 - ``<ns>:pending:<request_id>``: set when a client was answered 202, until the result lands;
+- ``<ns>:fast:<request_id>``: an answer the gateway gave without a round trip (final, so
+  it is never overwritten), kept ``fast_ttl`` seconds;
+- ``<ns>:idem:<request_id>``: the claim an Idempotency-Key was first used for;
 - ``<ns>:replies:<gateway instance>``: the pub/sub channel one gateway listens on.
 """
 
@@ -34,16 +37,29 @@ def connect(url: str, max_connections: int = 64) -> aioredis.Redis:
 
 
 class ResultStore:
-    def __init__(self, client: aioredis.Redis, namespace: str, ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        ttl_seconds: int,
+        fast_ttl_seconds: int | None = None,
+    ) -> None:
         self._redis = client
         self._ns = namespace
         self._ttl = ttl_seconds
+        self._fast_ttl = fast_ttl_seconds or ttl_seconds
 
     def result_key(self, request_id: uuid.UUID) -> str:
         return f"{self._ns}:result:{request_id}"
 
     def pending_key(self, request_id: uuid.UUID) -> str:
         return f"{self._ns}:pending:{request_id}"
+
+    def fast_key(self, request_id: uuid.UUID) -> str:
+        return f"{self._ns}:fast:{request_id}"
+
+    def fingerprint_key(self, request_id: uuid.UUID) -> str:
+        return f"{self._ns}:idem:{request_id}"
 
     def reply_channel(self, instance_id: str) -> str:
         return f"{self._ns}:replies:{instance_id}"
@@ -67,9 +83,28 @@ class ResultStore:
             pipe.publish(channel, b"[" + b",".join(raws) + b"]")
         await pipe.execute()
 
+    async def store_fast(self, result: ClaimResult) -> None:
+        """Keep an answer given without a round trip, unless the id has one already."""
+        await self._redis.set(
+            self.fast_key(result.request_id), result.dumps(), ex=self._fast_ttl, nx=True
+        )
+
     async def get(self, request_id: uuid.UUID) -> ClaimResult | None:
-        raw = await self._redis.get(self.result_key(request_id))
+        """The consumer's result, else an answer the gateway gave by itself."""
+        raw_result, raw_fast = await self._redis.mget(
+            self.result_key(request_id), self.fast_key(request_id)
+        )
+        raw = raw_result if raw_result is not None else raw_fast
         return None if raw is None else ClaimResult.loads(raw)
+
+    async def fingerprint(self, request_id: uuid.UUID, claim: bytes) -> bytes:
+        """Record ``claim`` as what ``request_id`` stands for, unless something is
+        recorded already; return what is recorded (``claim`` itself the first time)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self.fingerprint_key(request_id), claim, ex=self._ttl, nx=True)
+        pipe.get(self.fingerprint_key(request_id))
+        _, recorded = await pipe.execute()
+        return bytes(recorded) if recorded is not None else claim
 
     async def mark_pending(self, request_id: uuid.UUID) -> None:
         await self._redis.set(self.pending_key(request_id), b"1", ex=self._ttl)

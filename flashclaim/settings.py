@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from flashclaim.topology import Topology
 
 PREFIX = "FLASHCLAIM_"
+ADMIN_TOKEN_MIN_LENGTH = 32
+IDEMPOTENCY_SECRET_MIN = 32
 
 
 def _default_instance_id() -> str:
@@ -37,10 +39,17 @@ class Settings:
     namespace: str = "flashclaim"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    # The operators' dead-letter API (/admin/dlq) is served only when a token is set, on
-    # its own port.
+    # The operators' dead-letter API (/admin/dlq) is served only when a token (at least
+    # ADMIN_TOKEN_MIN_LENGTH characters) is set, on its own address: loopback unless
+    # told otherwise, whatever HTTP_HOST is.
     admin_token: str = ""
+    admin_host: str = "127.0.0.1"
     admin_port: int = 8081
+    # Key of the HMAC that turns an Idempotency-Key into a request id (at least 32
+    # characters; every gateway of a deployment needs the same one). Unset: each
+    # gateway supervisor draws one at start, so retries are recognised by the gateway
+    # processes it runs, until it restarts.
+    idempotency_secret: str = ""
     # Gateway processes sharing the port (SO_REUSEPORT); each has its own reply channel.
     gateway_workers: int = 1
     # How long a claim request waits for its result before answering 202.
@@ -48,6 +57,10 @@ class Settings:
     # How long results stay in Redis for GET /api/claims/{id} and Idempotency-Key replays
     # (PostgreSQL's inbox keeps them for good).
     result_ttl_seconds: int = 86_400
+    # How long an answer the gateway gave without a round trip (409 for a holder, 400
+    # for a sold-out coupon) stays readable at /api/claims/{id}. Such answers can come
+    # at HTTP speed after a sell-out, so they are kept briefly (bounds Redis memory).
+    fast_answer_ttl_seconds: int = 600
     max_body_bytes: int = 65_536
     # How long the gateway waits for the broker to confirm a claim before answering 503.
     publish_timeout_seconds: float = 5.0
@@ -113,6 +126,7 @@ class Settings:
             "admin_port",
             "claim_wait_seconds",
             "result_ttl_seconds",
+            "fast_answer_ttl_seconds",
             "max_body_bytes",
             "publish_timeout_seconds",
             "db_pool_min_size",
@@ -134,6 +148,15 @@ class Settings:
             raise ConfigError("linger and grace periods cannot be negative")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ConfigError(f"{PREFIX}DB_POOL_MIN_SIZE exceeds {PREFIX}DB_POOL_MAX_SIZE")
+        if self.admin_token and len(self.admin_token) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ConfigError(
+                f"{PREFIX}ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_LENGTH} characters"
+                " (e.g. `openssl rand -hex 32`)"
+            )
+        if self.idempotency_secret and len(self.idempotency_secret) < IDEMPOTENCY_SECRET_MIN:
+            raise ConfigError(
+                f"{PREFIX}IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN} characters"
+            )
         if not self.namespace.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise ConfigError(f"{PREFIX}NAMESPACE may hold only letters, digits, '.', '-', '_'")
 

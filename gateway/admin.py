@@ -46,9 +46,10 @@ def create_admin_app(settings: Settings) -> web.Application:
 
 @web.middleware
 async def _bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    expected = f"Bearer {request.app[SETTINGS].admin_token}"
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    expected = f"Bearer {request.app[SETTINGS].admin_token}".encode()
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: compare raw bytes.
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, expected):
         response = json_response(
             {"error": "a valid admin bearer token is required", "code": "unauthorized"}, status=401
         )

@@ -18,12 +18,13 @@ from flashclaim.settings import Settings
 from gateway.claims import ClaimService
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
+from gateway.idempotency import RequestIds, random_secret
 from gateway.middleware import errors_middleware
 from gateway.publisher import ClaimPublisher
 from gateway.ratelimit import RateLimiter
 from gateway.replies import ReplyListener
 from gateway.repository import Repository
-from gateway.state import CLAIMS, READINESS, REPOSITORY
+from gateway.state import CLAIMS, READINESS, REPOSITORY, REQUEST_IDS
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -47,6 +48,9 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[READINESS] = {}
+    # An unset secret is drawn by the process that starts the gateway workers and
+    # handed to them (gateway/service.py); a lone process draws its own.
+    app[REQUEST_IDS] = RequestIds(settings.idempotency_secret or random_secret())
     app.add_routes(routes)
     app.cleanup_ctx.extend([_database, _redis, _broker, _claims])
     return app
@@ -96,7 +100,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     channel = await app[AMQP].channel(publisher_confirms=True, on_return_raises=True)
     declared = await s.topology().declare(channel)
-    results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds)
+    results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds, s.fast_answer_ttl_seconds)
     replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
     await replies.start()
     publisher = ClaimPublisher(

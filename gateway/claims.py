@@ -9,20 +9,17 @@ from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
-from flashclaim.errors import FlashclaimError, Overloaded
+from flashclaim.errors import Overloaded
 from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
 from flashclaim.results import ResultStore
 from gateway.finals import FinalAnswers
+from gateway.idempotency import IdempotencyKeyReused
 from gateway.publisher import ClaimPublisher
 from gateway.replies import ReplyListener
 
 log = logging.getLogger(__name__)
 
 ACCEPTED_MEMORY = 200_000
-
-
-class IdempotencyKeyReused(FlashclaimError):
-    """An Idempotency-Key was sent again with a different claim."""
 
 
 class ClaimService:
@@ -68,18 +65,26 @@ class ClaimService:
             self._in_flight -= 1
 
     async def _submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
+        fingerprinted = False
         if replayable:
             prior = await self.lookup(command.request_id)
             if prior is not None:
                 return _same_claim(prior, command)
+            # The key is taken for this claim before anything is published, so that
+            # the same key with another coupon is refused (422) even while the first
+            # claim is still on its way.
+            fingerprinted = await self._fingerprint(command)
         outcome = self._finals.answer(command) if self._finals is not None else None
         # A retried request may have been granted the first time: only "sold out" (which
-        # a holder never gets) is safe to answer for it without asking the inbox.
-        if outcome is not None and (not replayable or outcome is Outcome.OUT_OF_STOCK):
-            # Final whatever happens next (see gateway/finals.py): no round trip. The
-            # result is still stored, so that GET /api/claims/{id} finds it.
+        # a holder never gets) is safe to answer for it without asking the inbox, and
+        # only once its key is known to stand for this very claim.
+        if outcome is not None and (
+            not replayable or (outcome is Outcome.OUT_OF_STOCK and fingerprinted)
+        ):
+            # Final whatever happens next (see gateway/finals.py): no round trip. It is
+            # kept briefly (never over a real result) so GET /api/claims/{id} finds it.
             fast = ClaimResult.of(command, outcome)
-            self._in_background(self._results.publish([(fast, None)]))
+            self._in_background(self._results.store_fast(fast))
             return fast
         with self._replies.expect(command.request_id) as reply:
             await self._publisher.publish(command)
@@ -94,6 +99,20 @@ class ClaimService:
         if self._finals is not None:
             self._finals.learn(result)
         return _same_claim(result, command) if replayable else result
+
+    async def _fingerprint(self, command: ClaimCommand) -> bool:
+        """Record which claim this request id stands for; ``False`` if Redis is away
+        (the consumer's inbox still applies one claim per id, and the answer then tells
+        the client whether it was theirs)."""
+        claim = command.coupon_name.encode()
+        try:
+            recorded = await self._results.fingerprint(command.request_id, claim)
+        except Exception as exc:
+            log.warning("idempotency fingerprint not recorded", extra={"error": repr(exc)})
+            return False
+        if recorded != claim:
+            raise IdempotencyKeyReused("Idempotency-Key was already used for a different claim")
+        return True
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         async def guarded() -> None:

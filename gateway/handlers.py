@@ -8,11 +8,11 @@ import uuid
 from aiohttp import web
 
 from flashclaim.errors import DependencyUnavailable
-from flashclaim.messages import IDEMPOTENCY_NAMESPACE, ClaimCommand, ClaimResult
+from flashclaim.messages import ClaimCommand, ClaimResult
 from gateway import validation
 from gateway.jsonresponse import json_response
 from gateway.middleware import error_response
-from gateway.state import CLAIMS, READINESS, REPOSITORY
+from gateway.state import CLAIMS, READINESS, REPOSITORY, REQUEST_IDS
 
 routes = web.RouteTableDef()
 
@@ -39,7 +39,10 @@ async def claim(request: web.Request) -> web.Response:
     user_id = validation.name(body.get("user_id"), "user_id")
     coupon_name = validation.name(body.get("coupon_name"), "coupon_name")
     key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
-    request_id = uuid.uuid5(IDEMPOTENCY_NAMESPACE, key) if key else uuid.uuid4()
+    ids = request.app[REQUEST_IDS]
+    # With a key, the id is the client's own (scoped to user_id, unguessable: see
+    # gateway/idempotency.py); without one, every request is a new claim.
+    request_id = ids.for_key(user_id, key) if key else ids.fresh()
     request["claim_id"] = str(request_id)
     request["coupon_name"] = coupon_name
     service = request.app[CLAIMS]

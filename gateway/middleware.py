@@ -19,7 +19,7 @@ from flashclaim.errors import (
     Overloaded,
     RateLimited,
 )
-from gateway.claims import IdempotencyKeyReused
+from gateway.idempotency import IdempotencyKeyReused
 from gateway.jsonresponse import json_response
 
 log = logging.getLogger(__name__)

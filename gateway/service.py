@@ -22,6 +22,8 @@ async def run(
 ) -> None:
     """Serve one gateway process until ``stop`` is set (default: SIGTERM or SIGINT)."""
     stop = stop or stop_event_on_signals()
+    if not settings.idempotency_secret:
+        settings = settings.replace(idempotency_secret=shared_secret())
     runner = web.AppRunner(
         create_app(settings),
         access_log_class=CanonicalAccessLogger,
@@ -51,9 +53,12 @@ async def run(
         )
         await admin.setup()
         await web.TCPSite(
-            admin, settings.http_host, settings.admin_port, reuse_port=reuse_port or None
+            admin, settings.admin_host, settings.admin_port, reuse_port=reuse_port or None
         ).start()
-        log.info("admin API listening", extra={"port": settings.admin_port})
+        log.info(
+            "admin API listening",
+            extra={"host": settings.admin_host, "port": settings.admin_port},
+        )
     try:
         await stop.wait()
     finally:
@@ -61,6 +66,17 @@ async def run(
             await admin.cleanup()
         await runner.cleanup()
         log.info("gateway stopped")
+
+
+def shared_secret() -> str:
+    """A secret for gateway processes started together when none is configured."""
+    from gateway.idempotency import random_secret
+
+    log.warning(
+        "FLASHCLAIM_IDEMPOTENCY_SECRET is not set: Idempotency-Key retries are recognised"
+        " only by the gateway processes started now, until they restart"
+    )
+    return random_secret()
 
 
 def supervise(settings: Settings) -> int:
@@ -78,10 +94,13 @@ def supervise(settings: Settings) -> int:
     from flashclaim.processes import StopRequest, terminate
 
     stop = StopRequest()
+    # Every worker must derive the same request id from an Idempotency-Key.
+    secret = settings.idempotency_secret or shared_secret()
 
     def spawn(i: int) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
+            "FLASHCLAIM_IDEMPOTENCY_SECRET": secret,
             "FLASHCLAIM_INSTANCE_ID": f"{settings.instance_id}-w{i}",
             "FLASHCLAIM_HTTP_PORT": str(settings.http_port),
         }

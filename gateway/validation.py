@@ -40,10 +40,12 @@ def name(value: object, field: str) -> str:
 
 
 def idempotency_key(value: str | None) -> str | None:
+    """1 to 255 printable ASCII characters (an HTTP header value; anything else,
+    including bytes that are not UTF-8, is refused with 400)."""
     if value is None:
         return None
-    if not 1 <= len(value) <= IDEMPOTENCY_KEY_MAX or not value.isprintable():
+    if not (1 <= len(value) <= IDEMPOTENCY_KEY_MAX and value.isascii() and value.isprintable()):
         raise InvalidInput(
-            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable characters"
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters"
         )
     return value

@@ -188,8 +188,10 @@ async def test_idempotency_key_replays_the_first_answer(
     assert (status, body["request_id"]) == (200, answers[0][1]["request_id"])
     status, body, _ = await call(http, "GET", f"{api.base_url}/api/coupons/{coupon_name}")
     assert (body["remaining_amount"], body["claimed_by"]) == (9, ["alice"])
-    # The same key for another claim is refused, not silently answered.
-    status, body, _ = await claim(http, api, "bob", coupon_name, headers=key)
+    # The same key for another claim of hers is refused, not silently answered.
+    other = f"{coupon_name}_B"
+    await create(http, api, other, 10)
+    status, body, _ = await claim(http, api, "alice", other, headers=key)
     assert (status, body["code"]) == (422, "idempotency_key_reused")
     status, body, _ = await claim(
         http, api, "bob", coupon_name, headers={"Idempotency-Key": "x" * 300}

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import AsyncIterator
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.acceptance.conftest import Services
+from flashclaim.messages import check_name
+from tests.acceptance.conftest import Services, free_port
+
+
+@pytest.fixture(scope="module")
+async def admin_api(api: Services) -> AsyncIterator[int]:
+    """A gateway serving the admin API (on a port of its own); yields that port."""
+    admin = Services(api.settings)
+    port = free_port()
+    await admin.start_gateway(admin_token="a" * 40, admin_port=port)
+    yield port
+    admin.stop()
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -67,3 +82,132 @@ def test_arbitrary_coupon_names_in_the_path(api: Services, name: str) -> None:
     except urllib.error.HTTPError as error:
         status, answer = error.code, json.loads(error.read())
     assert status in (200, 400, 404), answer
+
+
+# Inputs that once got a 500 or a dropped connection: control and format characters,
+# names within 128 characters but beyond 255 UTF-8 bytes (an AMQP routing key's limit),
+# and header bytes that are not UTF-8.
+odd_text = st.text(
+    alphabet=st.characters(
+        codec=None, categories=("Cc", "Cf", "Zl", "Zp", "Lo", "So", "Ll", "Zs", "Co")
+    ),
+    min_size=1,
+    max_size=128,
+)
+hostile_names = st.one_of(
+    odd_text,
+    st.sampled_from(
+        [
+            "A\u0001B",
+            "line\nbreak",
+            "tab\there",
+            "del\x7f",
+            "\u202ereversed",
+            "zero\u200bwidth",
+            "é" * 128,  # 128 characters, 256 bytes
+            "😀" * 64,  # 64 characters, 256 bytes
+            "x" * 127 + "é",  # 129 bytes: fine
+            "\ud800",  # a lone surrogate, as JSON escapes can carry
+        ]
+    ),
+)
+header_bytes = st.binary(min_size=1, max_size=300).filter(
+    lambda b: b"\r" not in b and b"\n" not in b
+)
+
+
+# Bytes that no HTTP field value may hold (RFC 9110: CTL characters other than HTAB).
+# The HTTP parser refuses such a request with a plain-text 400 before any handler runs.
+_CTL = frozenset([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
+
+
+def raw(
+    port: int, method: str, path: str, body: bytes = b"", headers: dict[str, bytes] | None = None
+) -> tuple[int, dict[str, object]]:
+    """One request over a fresh connection, header bytes sent as they are; a dropped
+    connection fails the test, and so does a non-JSON answer to a valid HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        content = response.read()
+        if any(_CTL.intersection(v) for v in (headers or {}).values()):
+            return response.status, {"code": "invalid_http"}
+        assert response.getheader("Content-Type", "").startswith("application/json")
+        return response.status, json.loads(content)
+    finally:
+        conn.close()
+
+
+def body_of(**fields: object) -> bytes:
+    # ensure_ascii keeps lone surrogates as \\ud800 escapes, as a client could send them.
+    return json.dumps(fields, ensure_ascii=True).encode()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=hostile_names, user=hostile_names)
+def test_hostile_names_never_get_5xx_or_a_dropped_connection(
+    api: Services, name: str, user: str
+) -> None:
+    port = api.port
+    status, answer = raw(port, "POST", "/api/coupons", body_of(name=name, amount=3))
+    assert status in (201, 400, 409), answer
+    if status == 201:
+        assert check_name(name, "name") == name  # only valid names are created
+    status, answer = raw(
+        port, "POST", "/api/coupons/claim", body_of(user_id=user, coupon_name=name)
+    )
+    assert status in (200, 202, 400, 404, 409), answer
+    status, answer = raw(
+        port,
+        "GET",
+        "/api/coupons/" + urllib.parse.quote(name.encode("utf-8", "surrogatepass"), safe=""),
+    )
+    assert status in (200, 400, 404), answer
+
+
+def test_control_characters_and_long_utf8_names_are_refused_before_anything_is_stored(
+    api: Services,
+) -> None:
+    for name in ("PROMO\u0001X", "é" * 128, "😀" * 64, "a\u2028b"):
+        status, answer = raw(api.port, "POST", "/api/coupons", body_of(name=name, amount=3))
+        assert (status, answer["code"]) == (400, "invalid_request"), name
+        status, answer = raw(
+            api.port, "POST", "/api/coupons/claim", body_of(user_id=name, coupon_name="X")
+        )
+        assert (status, answer["code"]) == (400, "invalid_request"), name
+    # 128 characters in 255 bytes is within the rules, and fully usable.
+    name = "é" * 127 + "x"
+    status, _ = raw(api.port, "POST", "/api/coupons", body_of(name=name, amount=3))
+    assert status in (201, 409)
+    status, answer = raw(
+        api.port, "POST", "/api/coupons/claim", body_of(user_id="u1", coupon_name=name)
+    )
+    assert status in (200, 409), answer
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=header_bytes)
+def test_arbitrary_header_bytes_never_get_5xx(api: Services, value: bytes) -> None:
+    claim = body_of(user_id="u", coupon_name="NO_SUCH_COUPON")
+    for header in ("Idempotency-Key", "X-Request-Id"):
+        status, answer = raw(api.port, "POST", "/api/coupons/claim", claim, {header: value})
+        if answer["code"] == "invalid_http":
+            assert status == 400
+        else:
+            assert status in (400, 404), answer
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=header_bytes)
+def test_admin_api_answers_401_to_any_authorization_bytes(admin_api: int, value: bytes) -> None:
+    for prefix in (b"", b"Bearer "):
+        status, answer = raw(
+            admin_api, "GET", "/admin/dlq", headers={"Authorization": prefix + value}
+        )
+        assert status == (400 if answer["code"] == "invalid_http" else 401), answer

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 
 import aio_pika
 import aiohttp
 import psycopg
+import pytest
 
 from flashclaim import scenarios
 from flashclaim.messages import ClaimCommand
 from flashclaim.settings import Settings
-from tests.acceptance.conftest import Services
+from tests.acceptance.conftest import LOGS, Services
 from tests.conftest import create_coupon_row
+from tests.proxy import Proxy
 
 
 async def test_consumer_sigterm_finishes_its_batch_and_loses_nothing(
@@ -61,6 +64,40 @@ async def test_consumer_sigterm_finishes_its_batch_and_loses_nothing(
         assert conn.execute(
             "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
         ).fetchone() == (100_000 - total,)
+
+
+@pytest.mark.parametrize("connected_first", [True, False])
+async def test_consumer_sigterm_while_the_broker_is_unreachable_exits_within_the_grace(
+    services: Services, settings: Settings, connected_first: bool
+) -> None:
+    amqp_port = int(settings.amqp_url.rsplit(":", 1)[1].strip("/"))
+    proxy = Proxy(amqp_port).start()
+    try:
+        if not connected_first:
+            proxy.cut()  # the broker is away from the start
+        instance = f"consumer-{uuid.uuid4().hex[:8]}"
+        consumer = services.start_consumer(
+            amqp_url=proxy.url(settings.amqp_url, amqp_port),
+            shutdown_grace_seconds=2,
+            instance_id=instance,
+        )
+        if connected_first:
+            log = LOGS / f"{settings.namespace}-{instance}.log"
+            for _ in range(300):
+                if "consumer started" in log.read_text():
+                    break
+                await asyncio.sleep(0.1)
+            assert "consumer started" in log.read_text()
+            proxy.cut()
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        consumer.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(consumer.wait, 20)
+        # Grace (2 s) plus a few seconds at most to give up on closing connections.
+        assert time.monotonic() - started < 12
+        assert code == 0
+    finally:
+        proxy.close()
 
 
 async def test_gateway_sigterm_drains_in_flight_requests(
