@@ -3,15 +3,20 @@
 The consumer publishes a copy to the dead-letter exchange with headers saying why
 (``x-flashclaim-*``), waits for the broker's confirm, and only then acknowledges the
 original: the command is in the work queue or in the DLQ at every moment, never in
-neither. If that publish fails, the original is rejected instead and the broker
-dead-letters it itself (``x-death`` reason ``rejected``). Commands the broker
-dead-letters on its own (``x-death`` reason ``delivery_limit``) carry only ``x-death``.
+neither. The publish is mandatory and its channel raises on a return: a copy that no
+queue took (the DLQ or its binding is missing) is a failure, not a success. Then the
+topology is declared again (which restores the DLQ) and the copy sent once more; if that
+fails too, the original is rejected and the broker dead-letters it itself (``x-death``
+reason ``rejected``), holding it under its at-least-once dead-letter strategy until the
+DLQ takes it. Commands the broker dead-letters on its own (``x-death`` reason
+``delivery_limit``) carry only ``x-death``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -31,13 +36,26 @@ def delivery_count(message: AbstractIncomingMessage) -> int:
 
 
 class DeadLetterer:
-    def __init__(self, exchange: AbstractExchange, service: str) -> None:
+    def __init__(
+        self,
+        exchange: AbstractExchange,
+        service: str,
+        repair: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """``exchange`` must be on a channel with publisher confirms and
+        ``on_return_raises``; ``repair`` declares the topology again."""
         self._exchange = exchange
         self._service = service
+        self._repair = repair
 
     async def send(
-        self, message: AbstractIncomingMessage, reason: str, error: BaseException
+        self,
+        message: AbstractIncomingMessage,
+        reason: str,
+        error: BaseException,
+        attempts: int | None = None,
     ) -> None:
+        """Move ``message`` to the DLQ; ``attempts`` are its failed attempts so far."""
         headers: dict[str, Any] = dict(message.headers or {})
         headers.update(
             {
@@ -46,7 +64,9 @@ class DeadLetterer:
                 f"{HEADER_PREFIX}error": str(error)[:2000],
                 f"{HEADER_PREFIX}service": self._service,
                 f"{HEADER_PREFIX}failed-at": dt.datetime.now(dt.UTC).isoformat(),
-                f"{HEADER_PREFIX}attempts": delivery_count(message) + 1,
+                f"{HEADER_PREFIX}attempts": (
+                    attempts if attempts is not None else delivery_count(message) + 1
+                ),
                 f"{HEADER_PREFIX}original-exchange": message.exchange or "",
                 f"{HEADER_PREFIX}original-routing-key": message.routing_key or "",
             }
@@ -64,14 +84,20 @@ class DeadLetterer:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:
-            await self._exchange.publish(copy, CLAIM_ROUTING_KEY, mandatory=True, timeout=10)
+            await self._publish(copy)
         except Exception as exc:
-            log.error(
-                "dead-letter publish failed; rejecting instead",
-                extra={"message_id": message.message_id, "error": repr(exc)},
-            )
-            await message.reject(requeue=False)
-            return
+            if not await self._repaired(message, exc):
+                await message.reject(requeue=False)
+                return
+            try:
+                await self._publish(copy)
+            except Exception as again:
+                log.error(
+                    "dead-letter publish failed twice; rejecting to the broker's dead-lettering",
+                    extra={"message_id": message.message_id, "error": repr(again)},
+                )
+                await message.reject(requeue=False)
+                return
         await message.ack()
         log.warning(
             "command dead-lettered",
@@ -82,3 +108,21 @@ class DeadLetterer:
                 "error": str(error)[:500],
             },
         )
+
+    async def _publish(self, copy: aio_pika.Message) -> None:
+        # Raises on a nack, a timeout, and (on_return_raises) on a return: unroutable.
+        await self._exchange.publish(copy, CLAIM_ROUTING_KEY, mandatory=True, timeout=10)
+
+    async def _repaired(self, message: AbstractIncomingMessage, exc: BaseException) -> bool:
+        log.error(
+            "dead-letter publish failed; declaring the topology again",
+            extra={"message_id": message.message_id, "error": repr(exc)},
+        )
+        if self._repair is None:
+            return False
+        try:
+            await self._repair()
+        except Exception as repair_exc:
+            log.error("topology not declared", extra={"error": repr(repair_exc)})
+            return False
+        return True

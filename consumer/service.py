@@ -16,6 +16,7 @@ from consumer.receiver import BatchReceiver
 from consumer.worker import ClaimWorker
 from flashclaim import broker
 from flashclaim.db import create_pool
+from flashclaim.policies import apply_configured
 from flashclaim.results import ResultStore
 from flashclaim.results import connect as connect_redis
 from flashclaim.settings import Settings
@@ -56,7 +57,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         if connection is None:
             return
-        channel = await connection.channel()
+        # Limits and dead-lettering first, so that queues declared next have them.
+        await apply_configured(settings)
+        # on_return_raises: a dead letter no queue took is an error (consumer/deadletter.py).
+        channel = await connection.channel(on_return_raises=True)
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel)
         mine = [
@@ -74,7 +78,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             receiver,
             pool,
             ResultStore(redis, settings.namespace, settings.result_ttl_seconds),
-            DeadLetterer(declared.dead_letters, f"consumer {settings.instance_id}"),
+            DeadLetterer(
+                declared.dead_letters,
+                f"consumer {settings.instance_id}",
+                repair=lambda: topology.declare(channel),
+            ),
             worker_id=settings.instance_id,
             max_attempts=settings.max_attempts,
         )

@@ -12,9 +12,10 @@ Acknowledgement protocol (the one place messages are settled):
    If the process dies between commit and ack, the broker redelivers and the inbox
    answers with the recorded result: the client still gets its answer, once;
 4. a batch that fails for another reason is split, so that one bad command cannot sink
-   the others; a single command that fails is retried through the broker (nack with
-   requeue) until the broker's delivery count reaches ``max_attempts``, then it is
-   marked FAILED in the inbox and dead-lettered with the error.
+   the others; a single command that fails has the failure counted in its inbox row
+   (``retry_count``: the project's own count, whatever the broker's version counts) and
+   is retried through the broker (nack with requeue) until ``max_attempts`` failures,
+   then it is FAILED in the inbox and dead-lettered with the error.
 """
 
 from __future__ import annotations
@@ -207,13 +208,17 @@ class ClaimWorker:
             await self._receiver.stop()
 
     async def _failed_attempt(self, pair: Pair, exc: BaseException) -> None:
-        """Count the attempt with the broker's counter; retry through the broker or fail."""
+        """Count the attempt in the inbox; retry through the broker, or fail for good."""
         message, delivery = pair
-        attempts = delivery_count(message) + 1
-        final = attempts >= self._max_attempts
-        await self._record_failure(delivery, attempts, exc, final)
+        counted = await self._record_failure(delivery, exc)
+        if counted is None:
+            # The inbox could not count it: fall back on the broker's own counter.
+            attempts = delivery_count(message) + 1
+            final = attempts >= self._max_attempts
+        else:
+            attempts, final = counted
         if final:
-            await self._settle(self._dead_letters.send(message, "failed", exc))
+            await self._settle(self._dead_letters.send(message, "failed", exc, attempts))
         else:
             log.warning(
                 "command failed; requeued",
@@ -222,36 +227,38 @@ class ClaimWorker:
             await self._settle(message.nack(requeue=True))
 
     async def _record_failure(
-        self, delivery: Delivery, attempts: int, exc: BaseException, final: bool
-    ) -> None:
+        self, delivery: Delivery, exc: BaseException
+    ) -> tuple[int, bool] | None:
+        """``(failed attempts so far, final?)`` as counted in the inbox; ``None`` if the
+        inbox could not be written (then nothing is known)."""
         command = delivery.command
         try:
             async for attempt in transient_retry(2.0):
                 with attempt:
                     async with self._pool.connection(timeout=2.0) as conn:
-                        await conn.execute(
+                        cur = await conn.execute(
                             queries()["inbox_record_failure"],
                             {
-                                "message_ids": [command.request_id],
-                                "senders": [delivery.sender],
-                                "payloads": [
-                                    orjson.dumps(
-                                        {
-                                            "user_id": command.user_id,
-                                            "coupon_name": command.coupon_name,
-                                        }
-                                    ).decode()
-                                ],
-                                "attempts": [attempts],
-                                "statuses": ["FAILED" if final else "PENDING"],
+                                "message_id": command.request_id,
+                                "sender": delivery.sender,
+                                "payload": orjson.dumps(
+                                    {"user_id": command.user_id, "coupon_name": command.coupon_name}
+                                ).decode(),
+                                "max_attempts": self._max_attempts,
                                 "event_type": CLAIM_EVENT,
                                 "exchange": delivery.exchange,
                                 "routing_key": delivery.routing_key,
                                 "error": f"{type(exc).__name__}: {exc}"[:2000],
                             },
                         )
+                        row = await cur.fetchone()
         except Exception as record_exc:
             log.warning("failure not recorded in the inbox", extra={"error": repr(record_exc)})
+            return None
+        if row is None:  # PROCESSED meanwhile (by another delivery): nothing to retry
+            return self._max_attempts, False
+        retry_count, status = row
+        return int(retry_count), status == "FAILED"
 
     async def _report(self, pairs: Sequence[Pair], outcome: BatchOutcome) -> None:
         """Push results to Redis; a Redis fault loses nothing (the inbox has them)."""

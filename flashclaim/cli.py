@@ -54,6 +54,27 @@ def _schema_apply(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology_apply(settings: Settings, args: argparse.Namespace) -> int:
+    """Declare the exchanges and queues and set their policies (idempotent)."""
+    from flashclaim import broker
+    from flashclaim.errors import DependencyUnavailable
+    from flashclaim.policies import apply_configured
+
+    async def apply() -> None:
+        await apply_configured(settings)
+        connection = await broker.connect(settings.amqp_url, "flashclaim topology", 30)
+        async with connection:
+            await settings.topology().declare(await connection.channel())
+
+    try:
+        _run_async(apply())
+    except (DependencyUnavailable, ConnectionError, OSError) as exc:
+        print(f"flashclaim topology apply: {exc}", file=sys.stderr)
+        return 2
+    print("topology and policies applied", file=sys.stderr)
+    return 0
+
+
 def _stack(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim import devstack
 
@@ -133,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     schema = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = schema.add_parser("apply", help="apply schema.sql (idempotent)")
     a.set_defaults(func=_schema_apply, service="schema")
+
+    p = sub.add_parser("topology", help="RabbitMQ exchanges, queues and policies")
+    topology = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = topology.add_parser("apply", help="declare them and set the policies (idempotent)")
+    a.set_defaults(func=_topology_apply, service="topology")
 
     from flashclaim.devstack import PROFILES
 

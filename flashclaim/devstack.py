@@ -309,6 +309,8 @@ class RabbitMQ(Server):
             f"prometheus.tcp.ip = 127.0.0.1\n"
             f"prometheus.tcp.port = {self.ports.prometheus}\n"
             "loopback_users.guest = true\n"
+            # Queue views in the management API refresh every second, not every 5 s.
+            + ("collect_statistics_interval = 1000\n" if self.fast else "")
         )
         self._spawn([self.server_bin], env=self.env())
         wait_for_port(self.port, 120, self.proc, self.name)
@@ -400,6 +402,7 @@ class Stack:
         fresh: bool = False,
     ) -> None:
         env = os.environ if environ is None else environ
+        self._environ = dict(env)
         self.ports = PROFILES[profile]
         self.root = (root or Path.cwd() / ".stack") / profile
         if fresh and self.root.exists():
@@ -426,6 +429,11 @@ class Stack:
             "FLASHCLAIM_DATABASE_URL": self.external.get("postgres") or self.postgres.url,  # type: ignore[union-attr]
             "FLASHCLAIM_AMQP_URL": self.external.get("rabbitmq") or self.rabbitmq.url,  # type: ignore[union-attr]
             "FLASHCLAIM_REDIS_URL": self.external.get("redis") or self.redis.url,  # type: ignore[union-attr]
+            "FLASHCLAIM_AMQP_MANAGEMENT_URL": (
+                self.rabbitmq.management_url
+                if self.rabbitmq is not None
+                else self._environ.get("FLASHCLAIM_AMQP_MANAGEMENT_URL", "")
+            ),
         }
 
     def start(self) -> None:

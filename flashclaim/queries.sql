@@ -79,21 +79,24 @@ FROM inbox
 WHERE message_id = %(message_id)s;
 
 -- name: inbox_record_failure
--- A failed attempt, recorded in its own transaction (the batch's was rolled back).
--- Rows already PROCESSED are left alone: their effect and answer stand.
+-- A failed attempt, counted here rather than by the broker (whose x-delivery-count
+-- stops counting requeues in RabbitMQ 4.3), in its own transaction (the batch's was
+-- rolled back). The row turns FAILED at the max_attempts-th failure. A FAILED row that
+-- fails again was replayed by an operator: its count starts over. Rows already
+-- PROCESSED are left alone (no row returned): their effect and answer stand.
 INSERT INTO inbox (message_id, sender, event_type, payload, exchange, routing_key,
                    status, retry_count, error)
-SELECT m.message_id, m.sender, %(event_type)s, m.payload::jsonb, %(exchange)s,
-       %(routing_key)s, m.status, m.attempts, %(error)s
-FROM unnest(%(message_ids)s::uuid[], %(senders)s::text[], %(payloads)s::text[],
-            %(attempts)s::int[], %(statuses)s::text[])
-     AS m (message_id, sender, payload, attempts, status)
-ORDER BY m.message_id
+VALUES (%(message_id)s, %(sender)s, %(event_type)s, %(payload)s::jsonb, %(exchange)s,
+        %(routing_key)s,
+        CASE WHEN %(max_attempts)s::int <= 1 THEN 'FAILED' ELSE 'PENDING' END, 1, %(error)s)
 ON CONFLICT (message_id) DO UPDATE
-SET retry_count = GREATEST(inbox.retry_count, EXCLUDED.retry_count),
-    status = EXCLUDED.status, error = EXCLUDED.error,
-    locked_at = NULL, locked_by = NULL, updated_at = now()
-WHERE inbox.status <> 'PROCESSED';
+SET retry_count = CASE WHEN inbox.status = 'FAILED' THEN 1 ELSE inbox.retry_count + 1 END,
+    status = CASE WHEN (CASE WHEN inbox.status = 'FAILED' THEN 1
+                             ELSE inbox.retry_count + 1 END) >= %(max_attempts)s::int
+                  THEN 'FAILED' ELSE 'PENDING' END,
+    error = EXCLUDED.error, locked_at = NULL, locked_by = NULL, updated_at = now()
+WHERE inbox.status <> 'PROCESSED'
+RETURNING retry_count, status;
 
 -- name: audit_stock
 SELECT c.name, c.amount, c.remaining_amount, count(cl.id) AS claimed

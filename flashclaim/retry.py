@@ -26,9 +26,14 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-# 08: connection exceptions; 57P01-57P03: admin/crash shutdown, cannot connect now;
-# 53300: too many connections.
-_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# SQLSTATEs (prefixes) that say the database cannot do any work now, whatever the work:
+# 08 connection exceptions; 25006 read-only transaction (a standby, or a primary
+# demoted by a failover); 53 insufficient resources (53100 disk full, 53200 out of
+# memory, 53300 too many connections); 57014 query cancelled (statement timeout);
+# 57P01-57P05 admin/crash shutdown, cannot connect now, idle session timeouts; 58 system
+# errors (I/O). Retrying cures none of them quickly, and none is the command's fault:
+# the consumer holds its messages instead of spending their attempts.
+_OUTAGE_SQLSTATES = ("08", "25006", "53", "57014", "57P", "58")
 # 40001 serialization failure, 40P01 deadlock, 55P03 lock not available.
 _CONTENTION_SQLSTATES = ("40001", "40P01", "55P03")
 
@@ -37,9 +42,12 @@ def is_outage(exc: BaseException) -> bool:
     """The database cannot be reached now; the work itself is fine."""
     if isinstance(exc, PoolTimeout | psycopg.InterfaceError):
         return True
-    if isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, psycopg.Error):
         state = exc.sqlstate
-        return state is None or state.startswith(_OUTAGE_SQLSTATES)
+        if state is None:
+            # No server answer at all (the connection broke): an outage.
+            return isinstance(exc, psycopg.OperationalError)
+        return state.startswith(_OUTAGE_SQLSTATES)
     return isinstance(exc, OSError)
 
 

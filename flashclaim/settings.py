@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 PREFIX = "FLASHCLAIM_"
 ADMIN_TOKEN_MIN_LENGTH = 32
 IDEMPOTENCY_SECRET_MIN = 32
+# Settings where an empty value is a choice (turn the feature off), not "use the default".
+_EMPTY_MEANS_OFF = frozenset({"amqp_management_url"})
 
 
 def _default_instance_id() -> str:
@@ -33,6 +35,10 @@ class Settings:
 
     database_url: str = "postgresql://flashclaim@127.0.0.1:55432/flashclaim"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:55672/"
+    # RabbitMQ's management HTTP API, through which consumers set the queues' policies
+    # (delivery limit, dead-lettering) at start; credentials default to the AMQP URL's.
+    # Empty: the operator sets them (see flashclaim/policies.py).
+    amqp_management_url: str = "http://127.0.0.1:55673/"
     redis_url: str = "redis://127.0.0.1:56379/0"
     # Prefix of every exchange, queue and Redis key, so that several deployments (or
     # test runs) can share one broker and one Redis.
@@ -105,7 +111,7 @@ class Settings:
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = env.get(PREFIX + f.name.upper())
-            if raw is None or raw == "":
+            if raw is None or (raw == "" and f.name not in _EMPTY_MEANS_OFF):
                 continue
             values[f.name] = _parse(f, raw)
         settings = cls(**values)  # type: ignore[arg-type]

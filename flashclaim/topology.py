@@ -9,7 +9,7 @@ queue with the same arguments is a no-op), so start order does not matter.
                        v               v               v
                   <ns>.claims.0   <ns>.claims.1 ...  <ns>.claims.P-1   quorum queues,
                        |   single active consumer each: one consumer at a time applies a
-                       |   coupon's claims, in order; delivery limit as a backstop
+                       |   coupon's claims, in order; delivery limit (a policy) as a backstop
                        |  rejected / over the limit / moved by a consumer
                        v
                   <ns>.claims.dlx (fanout) -----> <ns>.claims.dlq (quorum)
@@ -58,26 +58,19 @@ class Topology:
         return f"{self.namespace}.claims.dlq"
 
     def claims_queue_arguments(self) -> dict[str, Any]:
-        return {
-            "x-queue-type": "quorum",
-            "x-single-active-consumer": True,
-            "x-delivery-limit": self.delivery_limit,
-            "x-dead-letter-exchange": self.dead_letter_exchange,
-            # At-least-once dead-lettering: the broker keeps a message until the DLQ has
-            # confirmed it, so a dead letter is never dropped on the way.
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        }
+        """Only what can never change: limits and dead-lettering are policies
+        (flashclaim/policies.py), since a queue's arguments are fixed for its life."""
+        return {"x-queue-type": "quorum", "x-single-active-consumer": True}
 
     async def declare(self, channel: AbstractChannel) -> Declared:
         """Declare everything (a no-op for what exists already) and return it."""
         dlx = await channel.declare_exchange(
             self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
+        # No single active consumer on the DLQ: operators peek at it while it is
+        # consumed. Its overflow and delivery limit are a policy as well.
         dlq = await channel.declare_queue(
-            self.claims_dlq,
-            durable=True,
-            arguments={"x-queue-type": "quorum", "x-overflow": "reject-publish"},
+            self.claims_dlq, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dlq.bind(dlx, "")
         commands = await channel.declare_exchange(

@@ -58,6 +58,7 @@ def make_settings(stack: Stack, namespace: str) -> Settings:
         database_url=urls["FLASHCLAIM_DATABASE_URL"],
         amqp_url=urls["FLASHCLAIM_AMQP_URL"],
         redis_url=urls["FLASHCLAIM_REDIS_URL"],
+        amqp_management_url=urls["FLASHCLAIM_AMQP_MANAGEMENT_URL"],
         namespace=namespace,
         instance_id=f"test-{uuid.uuid4().hex[:8]}",
         claim_wait_seconds=10.0,

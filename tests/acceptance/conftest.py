@@ -35,6 +35,7 @@ def service_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     values = {
         "database_url": settings.database_url,
         "amqp_url": settings.amqp_url,
+        "amqp_management_url": settings.amqp_management_url,
         "redis_url": settings.redis_url,
         "namespace": settings.namespace,
         "log_level": "INFO",

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from flashclaim.messages import ClaimCommand
+from flashclaim.policies import apply_configured
 from flashclaim.settings import Settings
 from tests.acceptance.conftest import Services, free_port, service_env
 from tests.conftest import create_coupon_row
@@ -79,6 +80,7 @@ class Letters:
 
 
 async def publish(settings: Settings, command: ClaimCommand, body: bytes | None = None) -> None:
+    await apply_configured(settings)  # the delivery limit and dead-lettering are policies
     async with await aio_pika.connect(settings.amqp_url) as connection:
         channel = await connection.channel()
         declared = await settings.topology().declare(channel)

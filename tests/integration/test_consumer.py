@@ -221,3 +221,134 @@ async def test_failing_command_is_retried_by_the_broker_then_failed_and_dead_let
         assert conn.execute(
             "SELECT count(*) FROM claims WHERE user_id = %s", (exploding_user,)
         ).fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    "sqlstate",
+    [
+        "25006",  # read-only transaction: a failover left the consumer on a standby
+        "57014",  # statement timeout
+        "53100",  # disk full
+        "53300",  # too many connections
+        "57P01",  # admin shutdown
+    ],
+)
+async def test_database_errors_that_are_outages_hold_messages_without_spending_attempts(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+    coupon_name: str,
+    sqlstate: str,
+) -> None:
+    """The database refuses all work with an outage's SQLSTATE for a few seconds (a
+    trigger raises it): the claim waits, counts no failed attempt, is not dead-lettered,
+    and is applied once the database works again."""
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    trigger = f"outage_{coupon_name.lower()}"
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"""
+            CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'simulated outage' USING ERRCODE = '{sqlstate}'; END $$;
+            CREATE TRIGGER {trigger} BEFORE INSERT ON claims FOR EACH ROW
+            WHEN (NEW.coupon_name = '{coupon_name}') EXECUTE FUNCTION {trigger}();
+        """)
+    command = ClaimCommand(uuid.uuid4(), "user_1", coupon_name, REPLIES)
+    try:
+        async with subscribed(redis) as pubsub:
+            await publish(broker, settings, command)
+            consumers(1)
+            await asyncio.sleep(4.0)  # several attempts' worth of retries
+            dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
+            assert dlq.declaration_result.message_count == 0
+            with psycopg.connect(settings.database_url) as conn:
+                row = conn.execute(
+                    "SELECT status, retry_count FROM inbox WHERE message_id = %s",
+                    (command.request_id,),
+                ).fetchone()
+            assert row is None or row == ("PENDING", 0), row
+        async with subscribed(redis) as pubsub:
+            with psycopg.connect(settings.database_url, autocommit=True) as conn:
+                conn.execute(f"DROP TRIGGER {trigger} ON claims; DROP FUNCTION {trigger}();")
+            (reply,) = await collect_replies(pubsub, 1)
+        assert (reply.request_id, reply.status) == (command.request_id, 200)
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(
+                f"DROP TRIGGER IF EXISTS {trigger} ON claims; DROP FUNCTION IF EXISTS {trigger}();"
+            )
+
+
+async def test_dead_letter_is_kept_when_the_dlq_was_deleted(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    consumers: Callable[[int], None],
+    coupon_name: str,
+) -> None:
+    """A dead letter that no queue takes is not counted as sent: the consumer declares
+    the DLQ again and moves the message there."""
+    consumers(1)
+    await asyncio.sleep(1.0)  # the consumer has declared the topology
+    await broker.queue_delete(settings.topology().claims_dlq)
+    poison = ClaimCommand(uuid.uuid4(), "u", coupon_name, REPLIES)
+    await publish(broker, settings, poison, body=b"{not json")
+    dead = None
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        try:
+            async with await aio_pika.connect(settings.amqp_url) as connection:
+                channel = await connection.channel()
+                dlq = await channel.declare_queue(settings.topology().claims_dlq, passive=True)
+                dead = await dlq.get(fail=False)
+                if dead is not None:
+                    await dead.ack()
+                    break
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            continue
+    assert dead is not None, "the dead letter was lost"
+    assert (dead.message_id, dead.headers["x-flashclaim-reason"]) == (
+        str(poison.request_id),
+        "poison",
+    )
+
+
+async def test_attempts_are_counted_in_the_inbox_not_by_the_broker(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    consumers: Callable[[int], None],
+    coupon_name: str,
+    exploding_user: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The inbox already holds two failed attempts of this command (say, from before a
+    broker restart, or on a broker that does not count requeues): one more failure is
+    the last, at the broker's first delivery."""
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    bad = ClaimCommand(uuid.uuid4(), exploding_user, coupon_name, REPLIES)
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute(
+            "INSERT INTO inbox (message_id, sender, event_type, payload, retry_count)"
+            " VALUES (%s, 'test', 'coupon.claim.requested', %s, 2)",
+            (
+                bad.request_id,
+                orjson.dumps({"user_id": bad.user_id, "coupon_name": coupon_name}).decode(),
+            ),
+        )
+    await publish(broker, settings, bad)
+    consumers(1)
+    dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
+    dead = None
+    for _ in range(100):
+        dead = await dlq.get(fail=False)
+        if dead is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert dead is not None
+    assert dead.headers["x-flashclaim-attempts"] == settings.max_attempts == 3
+    # Failed for good at its first delivery: never handed back to the broker to retry.
+    assert not [r for r in caplog.records if r.getMessage() == "command failed; requeued"]
+    await dead.ack()
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute(
+            "SELECT status, retry_count FROM inbox WHERE message_id = %s", (bad.request_id,)
+        ).fetchone() == ("FAILED", 3)
