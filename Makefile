@@ -4,10 +4,13 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench deps venv scenarios clean
+.PHONY: run stop test lint bench deps venv scenarios clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
+
+stop: venv  ## stop what a `make run` that was killed left running (pid files in .stack/run)
+	$(BIN)/flashclaim stack stop --profile run
 
 test: deps venv  ## the whole suite, against servers it starts on ports of its own
 	$(BIN)/pytest

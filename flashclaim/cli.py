@@ -30,12 +30,16 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.port is not None:
         settings = settings.replace(http_port=args.port)
-    if args.worker:
-        _run_async(service.run(settings, reuse_port=True))
-        return 0
-    if settings.gateway_workers > 1:
-        return service.supervise(settings)
-    _run_async(service.run(settings))
+    return service.serve(settings)
+
+
+def _admin(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway import admin
+
+    if not settings.admin_token:
+        print("flashclaim admin: set FLASHCLAIM_ADMIN_TOKEN (32+ characters)", file=sys.stderr)
+        return 2
+    _run_async(admin.run(settings))
     return 0
 
 
@@ -78,6 +82,8 @@ def _topology_apply(settings: Settings, args: argparse.Namespace) -> int:
 def _stack(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim import devstack
 
+    if args.action == "stop":
+        return devstack.stop_profile(args.profile)
     return devstack.run_foreground(args.profile, consumers=args.consumers)
 
 
@@ -144,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gateway", help="serve the HTTP API")
     p.add_argument("--port", type=int, help="override FLASHCLAIM_HTTP_PORT")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_gateway, service="gateway")
+
+    p = sub.add_parser(
+        "admin", help="serve the operators' dead-letter API (needs FLASHCLAIM_ADMIN_TOKEN)"
+    )
+    p.set_defaults(func=_admin, service="admin")
 
     p = sub.add_parser("consumer", help="apply claim commands from RabbitMQ to PostgreSQL")
     p.set_defaults(func=_consumer, service="consumer")
@@ -165,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "stack",
         help="start PostgreSQL, RabbitMQ and Redis locally, then the gateway and consumers",
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "stop"],
+        help="run (default): start everything in the foreground; stop: stop what a run"
+        " that was killed left behind",
     )
     p.add_argument("--profile", default="run", choices=sorted(PROFILES))
     p.add_argument("--consumers", type=int, default=1)

@@ -73,6 +73,63 @@ def port_is_open(port: int) -> bool:
     return False
 
 
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (with the pid, a process's identity: a pid
+    reused by another process has another start time); ``None`` if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def record_pid(root: Path, name: str, pid: int) -> None:
+    """Remember a process this stack started, so a later run can stop it if this one
+    is killed before it could (SIGKILL, a closed terminal)."""
+    (root / f"{name}.pid").write_text(f"{pid} {_start_time(pid) or ''}\n")
+
+
+def stop_recorded(root: Path, grace: float = 30.0) -> list[str]:
+    """Stop every process recorded under ``root`` that still runs (its whole process
+    group: a server's helpers go with it); return the names of those stopped."""
+    found: list[tuple[str, int]] = []
+    for pidfile in sorted(root.glob("*.pid")):
+        try:
+            pid_text, started = [*pidfile.read_text().split(), ""][:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            pidfile.unlink(missing_ok=True)
+            continue
+        if started and _start_time(pid) == started:
+            found.append((pidfile.stem, pid))
+        else:
+            pidfile.unlink(missing_ok=True)
+    # Services first (they drain while the servers are still there), then servers.
+    servers = {"postgres", "rabbitmq", "redis"}
+    for phase in ([f for f in found if f[0] not in servers], [f for f in found if f[0] in servers]):
+        _stop_groups(phase, grace)
+    for name, _ in found:
+        (root / f"{name}.pid").unlink(missing_ok=True)
+    return [name for name, _ in found]
+
+
+def _stop_groups(procs: list[tuple[str, int]], grace: float) -> None:
+    for name, pid in procs:
+        # SIGINT is PostgreSQL's fast shutdown (SIGTERM would wait for its clients).
+        sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+    deadline = time.monotonic() + grace
+    for _, pid in procs:
+        while _start_time(pid) is not None and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
+        if _start_time(pid) is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
 class Server:
     """A server process this stack owns; ``start``/``stop`` may be called repeatedly."""
 
@@ -111,6 +168,7 @@ class Server:
             user=user,
             start_new_session=True,
         )
+        record_pid(self.root, self.name, self.proc.pid)
 
     def start(self) -> None:
         raise NotImplementedError
@@ -123,6 +181,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None:
+            (self.root / f"{self.name}.pid").unlink(missing_ok=True)
         self.proc = None
         if self._log is not None:
             self._log.close()
@@ -353,6 +413,12 @@ class Redis(Server):
                 "no",
                 "--protected-mode",
                 "no",
+                # Every key flashclaim writes has a TTL and can be lost (the inbox keeps
+                # results): under memory pressure Redis evicts, it does not refuse.
+                "--maxmemory",
+                "256mb",
+                "--maxmemory-policy",
+                "volatile-lru",
             ]
         )
         wait_for_port(self.port, 30, self.proc, self.name)
@@ -438,6 +504,15 @@ class Stack:
 
     def start(self) -> None:
         reserve_ports(self.ports)
+        # Servers and services an earlier run left behind (it was killed before it
+        # could stop them) still hold the ports: they are ours, stop them first.
+        left = stop_recorded(self.root)
+        if left:
+            print(
+                f"flashclaim: stopped leftovers of an earlier run: {', '.join(left)}",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             for server in self.owned:
                 server.start()
@@ -454,49 +529,55 @@ class Stack:
 
 
 def run_foreground(profile: str, consumers: int = 1) -> int:
-    """``make run``: the servers, the schema, a gateway and consumers, until Ctrl-C."""
+    """``make run``: the servers, the schema, then the gateway and consumers under
+    supervisord (flashclaim/supervision.py), until Ctrl-C or SIGTERM."""
+    from flashclaim import supervision
     from flashclaim.db import apply_schema
     from flashclaim.processes import StopRequest, terminate
+    from flashclaim.settings import Settings
 
     stack = Stack(profile)
     stop = StopRequest()
-    children: list[subprocess.Popen[bytes]] = []
+    supervisor: subprocess.Popen[bytes] | None = None
     try:
         print(f"flashclaim: starting servers in {stack.root} ...", file=sys.stderr, flush=True)
         stack.start()
         env = {**os.environ, **stack.urls()}
         apply_schema(env["FLASHCLAIM_DATABASE_URL"])
-        exe = [sys.executable, "-m", "flashclaim.cli"]
         # Two gateway processes share the port unless told otherwise (2-core machines).
         env.setdefault("FLASHCLAIM_GATEWAY_WORKERS", "2")
-        children.append(subprocess.Popen([*exe, "gateway"], env=env))
-        # The consumers share the partitions (each one the stand-by of the others').
-        children += [
-            subprocess.Popen(
-                [*exe, "consumer"],
-                env={
-                    **env,
-                    "FLASHCLAIM_CONSUMER_COUNT": str(consumers),
-                    "FLASHCLAIM_CONSUMER_INDEX": str(i),
-                },
-            )
-            for i in range(consumers)
-        ]
-        _print_summary(stack, env)
+        grace = Settings.from_env(env).shutdown_grace_seconds
+        conf = supervision.config(stack.root, consumers, env, grace)
+        supervisor = subprocess.Popen(supervision.command(conf), env=env, start_new_session=True)
+        record_pid(stack.root, "supervisord", supervisor.pid)
+        _print_summary(stack, env, conf)
         while not stop.requested:
-            if any(c.poll() is not None for c in children):
-                print("flashclaim: a service exited; stopping", file=sys.stderr)
+            if supervisor.poll() is not None:
+                print("flashclaim: supervisord exited; stopping", file=sys.stderr)
                 return 1
             time.sleep(0.5)
         return 0
     finally:
         print("flashclaim: stopping ...", file=sys.stderr, flush=True)
-        terminate(children, 30)
+        if supervisor is not None:
+            # supervisord stops every service (SIGTERM, then its grace period).
+            terminate([supervisor], 60)
+        stop_recorded(stack.root)
         stack.stop()
         print("flashclaim: stopped", file=sys.stderr, flush=True)
 
 
-def _print_summary(stack: Stack, env: Mapping[str, str]) -> None:
+def stop_profile(profile: str) -> int:
+    """``make stop``: stop whatever a ``flashclaim stack`` of ``profile`` left running."""
+    root = Path.cwd() / ".stack" / profile
+    stopped = stop_recorded(root) if root.exists() else []
+    if stopped:
+        Stack(profile).rabbitmq.shutdown_epmd()  # type: ignore[union-attr]
+    print(f"flashclaim: stopped {', '.join(stopped) or 'nothing (none running)'}", file=sys.stderr)
+    return 0
+
+
+def _print_summary(stack: Stack, env: Mapping[str, str], conf: Path) -> None:
     port = env.get("FLASHCLAIM_HTTP_PORT", "8080")
     lines = [
         "",
@@ -510,6 +591,8 @@ def _print_summary(stack: Stack, env: Mapping[str, str]) -> None:
     lines += [
         f"  Redis            {env['FLASHCLAIM_REDIS_URL']}",
         f"  server logs      {stack.root}/*.log",
+        f"  services         {Path(sys.executable).parent / 'supervisorctl'} -c {conf} status",
+        "                   (a service that crashes is restarted)",
         "",
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import getpass
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -187,6 +189,24 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
+def seconds(value: object) -> float:
+    """A non-negative, finite number of seconds (``nan`` would match everything)."""
+    if isinstance(value, bool):
+        raise ValueError("not a number of seconds")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{value!r} is not a finite, non-negative number of seconds")
+    return number
+
+
+def local_operator() -> str:
+    """Who runs this command: the account behind sudo, else the process's account."""
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
 @dataclass
 class Selection:
     """Which dead letters an operation applies to."""
@@ -267,8 +287,10 @@ class DeadLetters:
         rate: float | None = None,
         scan: int = 10_000,
         on_each: Callable[[DeadLetter], None] | None = None,
+        operator: str = "unknown",
     ) -> list[DeadLetter]:
-        """Republish every selected message (confirmed), then remove it from the DLQ."""
+        """Republish every selected message (confirmed), then remove it from the DLQ.
+        ``operator`` names who asked, for the audit event."""
         moved: list[DeadLetter] = []
         for queue in self.queues:
             async with self._held(queue, scan) as held:
@@ -291,10 +313,12 @@ class DeadLetters:
                 finally:
                     await publisher.close()
         if not dry_run:
-            _audit("replay", moved)
+            _audit("replay", moved, operator)
         return moved
 
-    async def purge(self, selection: Selection, scan: int = 10_000) -> list[DeadLetter]:
+    async def purge(
+        self, selection: Selection, scan: int = 10_000, operator: str = "unknown"
+    ) -> list[DeadLetter]:
         removed: list[DeadLetter] = []
         for queue in self.queues:
             async with self._held(queue, scan) as held:
@@ -303,7 +327,7 @@ class DeadLetters:
                     if selection.matches(letter):
                         await message.ack()
                         removed.append(letter)
-        _audit("purge", removed)
+        _audit("purge", removed, operator)
         return removed
 
     async def _republish(self, channel: AbstractChannel, letter: DeadLetter) -> None:
@@ -375,13 +399,13 @@ class DeadLetters:
             yield held
 
 
-def _audit(action: str, letters: list[DeadLetter]) -> None:
+def _audit(action: str, letters: list[DeadLetter], operator: str) -> None:
     audit_log.warning(
         f"dlq {action}",
         extra={
             "audit": True,
             "action": action,
-            "operator": os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown",
+            "operator": operator,
             "count": len(letters),
             "message_ids": [x.message_id for x in letters][:1000],
         },

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flashclaim import broker
-from flashclaim.dlq import DeadLetter, DeadLetters, Selection
+from flashclaim.dlq import DeadLetter, DeadLetters, Selection, local_operator, seconds
 from flashclaim.settings import Settings
 
 
@@ -36,7 +36,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
             a.add_argument("--coupon", help="only this coupon's claims")
             a.add_argument(
                 "--older-than",
-                type=float,
+                type=_seconds,
                 metavar="SECONDS",
                 help="first dead-lettered at least this long ago",
             )
@@ -61,6 +61,15 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     a = action("export", "write messages as JSON lines (nothing is removed)", select=True)
     a.add_argument("--output", "-o", help="file (default: standard output)")
     p.set_defaults(func=run, service="dlq")
+
+
+def _seconds(text: str) -> float:
+    try:
+        return seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite, non-negative number of seconds"
+        ) from None
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -172,7 +181,12 @@ async def _replay(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> in
             print(f"replayed {letter.message_id} ({done})", file=sys.stderr, flush=True)
 
     moved = await dlq.replay(
-        selection, dry_run=args.dry_run, rate=args.rate, scan=args.scan, on_each=progress
+        selection,
+        dry_run=args.dry_run,
+        rate=args.rate,
+        scan=args.scan,
+        on_each=progress,
+        operator=local_operator(),
     )
     if args.json:
         print(
@@ -211,7 +225,10 @@ async def _purge(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int
         if answer.strip().lower() not in ("y", "yes"):
             print("cancelled", file=out)
             return 3
-    removed = await dlq.purge(selection, args.scan)
+    # Exactly what was counted and confirmed: not whatever matches by the time of a
+    # second scan (new dead letters may have arrived meanwhile).
+    confirmed = Selection(message_ids=frozenset(x.message_id for x in matching))
+    removed = await dlq.purge(confirmed, args.scan, operator=local_operator())
     if args.json:
         print(
             json.dumps({"count": len(removed), "message_ids": [x.message_id for x in removed]}),

@@ -1,8 +1,12 @@
 """The operators' HTTP API for dead letters, under ``/admin/dlq``.
 
-Off unless ``FLASHCLAIM_ADMIN_TOKEN`` is set; then served on its own port
-(``FLASHCLAIM_ADMIN_PORT``), apart from the public API and its rate limit, and every
-request must carry ``Authorization: Bearer <token>`` (401 otherwise).
+Served by its own process, ``flashclaim admin``, which refuses to start unless
+``FLASHCLAIM_ADMIN_TOKEN`` is set to 32 characters at least; on its own address
+(``FLASHCLAIM_ADMIN_HOST``, loopback by default, whatever the public API binds to) and
+port (``FLASHCLAIM_ADMIN_PORT``), apart from the public API and its rate limit. Every
+request must carry ``Authorization: Bearer <token>`` (401 otherwise). Replays and
+purges are audited with the caller: the ``X-Operator`` header (tools should send their
+user's name) and the remote address.
 
     GET  /admin/dlq                      stats: depth, counts by reason and error type
     GET  /admin/dlq/messages             list (?reason=&coupon=&older_than=&limit=)
@@ -14,7 +18,9 @@ request must carry ``Authorization: Bearer <token>`` (401 otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,13 +28,16 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from flashclaim import broker
-from flashclaim.dlq import DeadLetters, Selection
-from flashclaim.errors import InvalidInput
-from flashclaim.settings import Settings
+from flashclaim.dlq import DeadLetters, Selection, seconds
+from flashclaim.errors import ConfigError, InvalidInput
+from flashclaim.settings import PREFIX, Settings
+from flashclaim.signals import stop_event_on_signals
 from gateway import validation
+from gateway.access_log import CanonicalAccessLogger
 from gateway.jsonresponse import json_response
 from gateway.middleware import errors_middleware
 
+log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("admin_settings", Settings)
 DLQ = web.AppKey("dlq", DeadLetters)
 routes = web.RouteTableDef()
@@ -66,13 +75,33 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
     await connection.close()
 
 
+def _seconds(value: object) -> float:
+    try:
+        return seconds(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(
+            "'older_than' must be a finite, non-negative number of seconds"
+        ) from None
+
+
+def _operator(request: web.Request) -> str:
+    """Who called, for the audit event: the ``X-Operator`` header if it is sane (the
+    token is shared, so tooling should name its user), and always where from."""
+    named = request.headers.get("X-Operator", "")
+    if not (0 < len(named) <= 64 and named.isascii() and named.isprintable()):
+        named = "unnamed"
+    return f"{named} via http from {request.remote or 'unknown'}"
+
+
 def _selection(data: dict[str, Any]) -> Selection:
     ids = data.get("message_ids") or []
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise InvalidInput("'message_ids' must be a list of strings")
     older = data.get("older_than")
-    if older is not None and (isinstance(older, bool) or not isinstance(older, int | float)):
-        raise InvalidInput("'older_than' must be a number of seconds")
+    if older is not None:
+        if not isinstance(older, int | float):
+            raise InvalidInput("'older_than' must be a number of seconds")
+        older = _seconds(older)
     for key in ("reason", "coupon"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise InvalidInput(f"'{key}' must be a string")
@@ -96,11 +125,13 @@ async def stats(request: web.Request) -> web.Response:
 @routes.get("/admin/dlq/messages")
 async def list_messages(request: web.Request) -> web.Response:
     q = request.query
+    older = _seconds(q["older_than"]) if "older_than" in q else None
     try:
-        older = float(q["older_than"]) if "older_than" in q else None
         limit = int(q.get("limit", "100"))
     except ValueError:
-        raise InvalidInput("'older_than' and 'limit' must be numbers") from None
+        raise InvalidInput("'limit' must be a whole number") from None
+    if limit < 0:
+        raise InvalidInput("'limit' cannot be negative")
     selection = Selection(reason=q.get("reason"), coupon=q.get("coupon"), older_than=older)
     dlq = request.app[DLQ]
     letters = [x for name in dlq.queues for x in await dlq.peek(name)]
@@ -127,7 +158,9 @@ async def replay(request: web.Request) -> web.Response:
     ):
         raise InvalidInput("'rate' must be a positive number")
     dry_run = data.get("dry_run") is True
-    moved = await request.app[DLQ].replay(_selection(data), dry_run=dry_run, rate=rate)
+    moved = await request.app[DLQ].replay(
+        _selection(data), dry_run=dry_run, rate=rate, operator=_operator(request)
+    )
     return json_response(
         {"dry_run": dry_run, "count": len(moved), "message_ids": [x.message_id for x in moved]}
     )
@@ -138,5 +171,33 @@ async def purge(request: web.Request) -> web.Response:
     data = await validation.json_object(request)
     if data.get("confirm") is not True:
         raise InvalidInput('purging removes messages for good: send "confirm": true')
-    removed = await request.app[DLQ].purge(_selection(data))
+    removed = await request.app[DLQ].purge(_selection(data), operator=_operator(request))
     return json_response({"count": len(removed), "message_ids": [x.message_id for x in removed]})
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve the admin API until ``stop`` is set (default: SIGTERM or SIGINT)."""
+    if not settings.admin_token:
+        raise ConfigError(f"{PREFIX}ADMIN_TOKEN is not set: the admin API stays off")
+    stop = stop or stop_event_on_signals()
+    runner = web.AppRunner(
+        create_admin_app(settings),
+        access_log_class=CanonicalAccessLogger,
+        access_log=logging.getLogger("flashclaim.access"),
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        settings.admin_host,
+        settings.admin_port,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+    )
+    await site.start()
+    log.info(
+        "admin API listening", extra={"host": settings.admin_host, "port": settings.admin_port}
+    )
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        log.info("admin API stopped")

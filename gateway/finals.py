@@ -18,21 +18,35 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
 
 log = logging.getLogger(__name__)
 
-MAX_COUPONS = 1000
+# Memory bound: at most this many user ids are kept, over all coupons (about 100 bytes
+# each: some 20 MB per gateway process). Coupons are forgotten least recently used first;
+# a sold-out coupon with more holders than that is simply not answered from here.
+MAX_ENTRIES = 200_000
 
 
 class FinalAnswers:
-    def __init__(self, load_holders: Callable[[str], Awaitable[list[str]]]) -> None:
+    def __init__(
+        self,
+        load_holders: Callable[[str], Awaitable[list[str]]],
+        max_entries: int = MAX_ENTRIES,
+    ) -> None:
         self._load_holders = load_holders
+        self._max = max_entries
+        self._size = 0  # user ids held, over both maps
         self._holders: OrderedDict[str, set[str]] = OrderedDict()
         self._sold_out: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._loading: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     def answer(self, command: ClaimCommand) -> Outcome | None:
         coupon, user = command.coupon_name, command.user_id
@@ -49,12 +63,14 @@ class FinalAnswers:
         if not isinstance(coupon, str) or not isinstance(user, str):
             return
         if result.status == Outcome.CLAIMED.status:
-            holders = self._holders.get(coupon)
-            if holders is None:
-                holders = self._holders[coupon] = set()
-                while len(self._holders) > MAX_COUPONS:
-                    self._holders.popitem(last=False)
-            holders.add(user)
+            if coupon in self._sold_out:
+                return
+            holders = self._holders.setdefault(coupon, set())
+            self._holders.move_to_end(coupon)
+            if user not in holders:
+                holders.add(user)
+                self._size += 1
+                self._shrink()
         elif (
             result.body.get("code") == Outcome.OUT_OF_STOCK.code
             and coupon not in self._sold_out
@@ -73,7 +89,18 @@ class FinalAnswers:
             return
         finally:
             self._loading.discard(coupon)
+        if len(holders) > self._max // 2:
+            log.info("sold-out coupon has too many holders to keep", extra={"coupon": coupon})
+            return
+        self._size -= len(self._holders.pop(coupon, ()))
         self._sold_out[coupon] = holders
-        self._holders.pop(coupon, None)
-        while len(self._sold_out) > MAX_COUPONS:
-            self._sold_out.popitem(last=False)
+        self._size += len(holders)
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Forget whole coupons, oldest first, until within the bound."""
+        while self._size > self._max and (self._holders or self._sold_out):
+            # Grants of open coupons go first: a sold-out coupon answers many more.
+            table: OrderedDict[str, Any] = self._holders if self._holders else self._sold_out
+            _, users = table.popitem(last=False)
+            self._size -= len(users)

@@ -1,77 +1,44 @@
-"""The gateway process: serve until SIGTERM, then drain in-flight requests and exit."""
+"""The gateway processes: gunicorn with aiohttp's worker, the aiohttp convention.
+
+gunicorn's arbiter binds the port once and runs ``FLASHCLAIM_GATEWAY_WORKERS`` worker
+processes on it (``aiohttp.GunicornUVLoopWebWorker``, each with its own event loop and
+its own reply channel). It restarts a worker that dies, and stops altogether, with exit
+status 3, when a worker fails while booting (a bad setting would otherwise be retried
+forever). Shutdown protocol, on SIGTERM or SIGINT to the arbiter:
+
+1. every worker stops accepting connections;
+2. in-flight requests finish within ``SHUTDOWN_GRACE_SECONDS`` (claims waiting for
+   their result answer it, or 202 when their own wait runs out);
+3. each worker closes Redis, the broker and the pool, in reverse order of opening;
+   the arbiter kills whatever is still running ``SHUTDOWN_GRACE_SECONDS + 5`` seconds
+   after the signal.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from gunicorn import glogging
+from gunicorn.app.base import BaseApplication
 
 from flashclaim.settings import Settings
-from flashclaim.signals import stop_event_on_signals
 from gateway.access_log import CanonicalAccessLogger
-from gateway.admin import create_admin_app
 from gateway.app import create_app
+from gateway.idempotency import random_secret
 
 log = logging.getLogger(__name__)
 
-
-async def run(
-    settings: Settings, stop: asyncio.Event | None = None, reuse_port: bool = False
-) -> None:
-    """Serve one gateway process until ``stop`` is set (default: SIGTERM or SIGINT)."""
-    stop = stop or stop_event_on_signals()
-    if not settings.idempotency_secret:
-        settings = settings.replace(idempotency_secret=shared_secret())
-    runner = web.AppRunner(
-        create_app(settings),
-        access_log_class=CanonicalAccessLogger,
-        access_log=logging.getLogger("flashclaim.access"),
-    )
-    await runner.setup()
-    # On cleanup the site stops listening, lets in-flight requests finish for at most
-    # the grace period, then closes connections and the app's resources.
-    site = web.TCPSite(
-        runner,
-        settings.http_host,
-        settings.http_port,
-        shutdown_timeout=settings.shutdown_grace_seconds,
-        reuse_port=reuse_port or None,
-        # A flash sale opens thousands of connections in the same instant: a short
-        # accept queue would drop SYNs and make clients wait seconds to retry them.
-        backlog=4096,
-    )
-    await site.start()
-    log.info("gateway listening", extra={"host": settings.http_host, "port": settings.http_port})
-    admin = None
-    if settings.admin_token:
-        admin = web.AppRunner(
-            create_admin_app(settings),
-            access_log_class=CanonicalAccessLogger,
-            access_log=logging.getLogger("flashclaim.access"),
-        )
-        await admin.setup()
-        await web.TCPSite(
-            admin, settings.admin_host, settings.admin_port, reuse_port=reuse_port or None
-        ).start()
-        log.info(
-            "admin API listening",
-            extra={"host": settings.admin_host, "port": settings.admin_port},
-        )
-    try:
-        await stop.wait()
-    finally:
-        if admin is not None:
-            await admin.cleanup()
-        await runner.cleanup()
-        log.info("gateway stopped")
+# A flash sale opens thousands of connections in the same instant: a short accept
+# queue would drop SYNs and make clients wait seconds to retry them.
+BACKLOG = 4096
 
 
 def shared_secret() -> str:
-    """A secret for gateway processes started together when none is configured."""
-    from gateway.idempotency import random_secret
-
+    """A secret for the gateway processes started together when none is configured."""
     log.warning(
         "FLASHCLAIM_IDEMPOTENCY_SECRET is not set: Idempotency-Key retries are recognised"
         " only by the gateway processes started now, until they restart"
@@ -79,47 +46,78 @@ def shared_secret() -> str:
     return random_secret()
 
 
-def supervise(settings: Settings) -> int:
-    """Run ``gateway_workers`` gateway processes on one port and keep them running.
+def runner_factory(settings: Settings) -> Callable[[], Awaitable[web.AppRunner]]:
+    """What each gunicorn worker calls (after the fork) to build its application."""
 
-    The kernel spreads connections over the workers (SO_REUSEPORT). A worker that dies
-    is started again; SIGTERM or SIGINT is passed on to every worker, which drains its
-    in-flight requests before it exits.
-    """
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from flashclaim.processes import StopRequest, terminate
-
-    stop = StopRequest()
-    # Every worker must derive the same request id from an Idempotency-Key.
-    secret = settings.idempotency_secret or shared_secret()
-
-    def spawn(i: int) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "FLASHCLAIM_IDEMPOTENCY_SECRET": secret,
-            "FLASHCLAIM_INSTANCE_ID": f"{settings.instance_id}-w{i}",
-            "FLASHCLAIM_HTTP_PORT": str(settings.http_port),
-        }
-        return subprocess.Popen(
-            [sys.executable, "-m", "flashclaim.cli", "gateway", "--worker"], env=env
+    async def make_runner() -> web.AppRunner:
+        return web.AppRunner(
+            create_app(settings),
+            access_log_class=CanonicalAccessLogger,
+            access_log=logging.getLogger("flashclaim.access"),
+            # In-flight requests get the grace period once the worker stops listening.
+            shutdown_timeout=settings.shutdown_grace_seconds,
         )
 
-    workers = {i: spawn(i) for i in range(settings.gateway_workers)}
-    log.info("gateway workers started", extra={"workers": len(workers)})
-    while not stop.requested:
-        time.sleep(0.2)
-        for i, proc in list(workers.items()):
-            if proc.poll() is not None and not stop.requested:
-                log.error(
-                    "gateway worker exited; restarting",
-                    extra={"worker": i, "status": proc.returncode},
-                )
-                time.sleep(0.5)
-                workers[i] = spawn(i)
-    codes = terminate(workers.values(), settings.shutdown_grace_seconds + 10)
-    # A worker still starting up when SIGTERM came has no handler yet and simply ends.
-    return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
+    return make_runner
+
+
+class _JsonLogs(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's own messages (worker started, exited...) as JSON lines, through the
+    root handler the entry point configured; its access log is off (ours is used)."""
+
+    def setup(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._access_log_enabled = False
+        self.loglevel = self.LOG_LEVELS.get(cfg.loglevel.lower(), logging.INFO)
+        self.error_log.setLevel(self.loglevel)
+        self.error_log.propagate = True
+
+
+class GatewayServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn configured from :class:`Settings` (no gunicorn config file is read)."""
+
+    def __init__(self, settings: Settings) -> None:
+        # Every worker must derive the same request id from an Idempotency-Key: the
+        # secret is settled here, before the workers are forked.
+        if not settings.idempotency_secret:
+            settings = settings.replace(idempotency_secret=shared_secret())
+        self._settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self._settings
+        options: dict[str, Any] = {
+            "bind": [f"{s.http_host}:{s.http_port}"],
+            "workers": s.gateway_workers,
+            "worker_class": "aiohttp.GunicornUVLoopWebWorker",
+            "backlog": BACKLOG,
+            "graceful_timeout": math.ceil(s.shutdown_grace_seconds) + 5,
+            # The arbiter's heartbeat: a worker stuck this long is replaced.
+            "timeout": 30,
+            "keepalive": 75,
+            "proc_name": "flashclaim-gateway",
+            # Logs: ours (JSON, configured by the entry point); gunicorn's own lines go
+            # through the same root handler, its access log is replaced by ours.
+            "logger_class": _JsonLogs,
+            "accesslog": None,
+            "loglevel": s.log_level.lower(),
+            "capture_output": False,
+        }
+        # gunicorn 27's control socket sits at one path per user: several gateways on a
+        # machine would take it from each other. Nothing here uses it.
+        if "control_socket_disable" in self.cfg.settings:
+            options["control_socket_disable"] = True
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Callable[[], Awaitable[web.AppRunner]]:
+        return runner_factory(self._settings)
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway until SIGTERM or SIGINT; the exit status of gunicorn's arbiter."""
+    try:
+        GatewayServer(settings).run()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

@@ -81,6 +81,23 @@ class Services:
         await self.wait_healthy(proc)
         return proc
 
+    async def start_admin(self, port: int, **overrides: Any) -> subprocess.Popen[bytes]:
+        """``flashclaim admin`` on ``port``; ready once it answers (401 without a token)."""
+        proc = self._spawn("admin", admin_port=port, **overrides)
+        host = overrides.get("admin_host", "127.0.0.1")
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"admin exited with {proc.returncode}")
+                try:
+                    async with http.get(f"http://{host}:{port}/admin/dlq") as response:
+                        if response.status == 401:
+                            return proc
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError("admin API did not start")
+
     def start_consumer(self, **overrides: Any) -> subprocess.Popen[bytes]:
         return self._spawn("consumer", **overrides)
 

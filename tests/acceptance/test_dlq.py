@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ import pytest
 from flashclaim.messages import ClaimCommand
 from flashclaim.policies import apply_configured
 from flashclaim.settings import Settings
-from tests.acceptance.conftest import Services, free_port, service_env
+from tests.acceptance.conftest import LOGS, Services, free_port, service_env
 from tests.conftest import create_coupon_row
 
 
@@ -251,6 +253,100 @@ async def test_purge_needs_confirmation_and_is_audited(
     assert audit[0]["message_ids"] == [letters.poison]
 
 
+async def test_purge_removes_exactly_what_was_confirmed(
+    settings: Settings, letters: Letters, coupon_name: str
+) -> None:
+    """A dead letter that arrives while the operator reads the prompt is not purged
+    with the ones they were shown, even though it matches the same filter."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a pty-driven CLI, as an operator runs it
+        [sys.executable, "-m", "flashclaim.cli", "dlq", "purge", "--reason", "poison"],
+        env=service_env(settings),
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    try:
+        assert proc.stdout is not None
+        prompt = await asyncio.to_thread(proc.stdout.read, len("Remove 1 dead letters"))
+        assert prompt == b"Remove 1 dead letters"
+        late = ClaimCommand(uuid.uuid4(), "late", coupon_name)
+        await publish(settings, late, body=b"not json either")
+        await wait_depth(settings, 4)
+        os.write(leader, b"y\n")
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert await depth(settings) == 3
+    remaining = dlq_json(settings, "list", "--reason", "poison")
+    assert [x["message_id"] for x in remaining] == [str(late.request_id)]  # type: ignore[union-attr]
+
+
+async def test_selections_refuse_nan_and_negative_ages(
+    services: Services, settings: Settings, letters: Letters
+) -> None:
+    for bad in ("nan", "inf", "-5"):
+        result = dlq(settings, "list", "--older-than", bad)
+        assert result.returncode == 2, result.stdout
+        assert "number of seconds" in result.stderr
+    assert dlq(settings, "purge", "--older-than", "nan", "--yes").returncode == 2
+    assert await depth(settings) == 3
+    port = free_port()
+    admin = Services(settings)
+    try:
+        await admin.start_admin(port, admin_token="t" * 32)
+        good = {"Authorization": f"Bearer {'t' * 32}"}
+        base = f"http://127.0.0.1:{port}/admin/dlq"
+        async with aiohttp.ClientSession(headers=good) as http:
+            async with http.get(f"{base}/messages?older_than=nan") as r:
+                assert (r.status, (await r.json())["code"]) == (400, "invalid_request")
+            async with http.post(
+                f"{base}/purge", data=b'{"older_than": 1e999, "confirm": true}'
+            ) as r:
+                assert r.status == 400
+    finally:
+        admin.stop()
+    assert await depth(settings) == 3
+
+
+async def test_admin_api_binds_loopback_needs_a_long_token_and_audits_the_caller(
+    settings: Settings, letters: Letters
+) -> None:
+    admin = Services(settings)
+    port = free_port()
+    try:
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            await admin.start_admin(port, admin_token="short-token")
+        # The public API on every address; the admin API still on loopback only.
+        instance = f"admin-{uuid.uuid4().hex[:8]}"
+        token = "k" * 40
+        await admin.start_gateway(http_host="0.0.0.0")
+        await admin.start_admin(port, admin_token=token, http_host="0.0.0.0", instance_id=instance)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.2:{admin.port}/healthz") as r:
+                assert r.status == 200
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with http.get(f"http://127.0.0.2:{port}/admin/dlq"):
+                    pass
+            async with http.post(
+                f"http://127.0.0.1:{port}/admin/dlq/purge",
+                headers={"Authorization": f"Bearer {token}", "X-Operator": "ops-alice"},
+                json={"reason": "poison", "confirm": True},
+            ) as r:
+                assert (await r.json())["count"] == 1
+    finally:
+        admin.stop()
+    log = (LOGS / f"{settings.namespace}-{instance}.log").read_text()
+    (audit,) = [json.loads(line) for line in log.splitlines() if '"audit"' in line]
+    assert audit["operator"] == "ops-alice via http from 127.0.0.1"
+    assert audit["message_ids"] == [letters.poison]
+
+
 async def test_export_writes_json_lines_and_removes_nothing(
     settings: Settings, letters: Letters, tmp_path: object
 ) -> None:
@@ -309,7 +405,8 @@ async def test_admin_api_needs_the_bearer_token(
     token = uuid.uuid4().hex
     admin = Services(settings)
     try:
-        await admin.start_gateway(admin_token=token, admin_port=port)
+        await admin.start_gateway(admin_token=token)
+        await admin.start_admin(port, admin_token=token)
         base = f"http://127.0.0.1:{port}/admin/dlq"
         async with aiohttp.ClientSession() as http:
             async with http.get(base) as r:

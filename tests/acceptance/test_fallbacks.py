@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import aiohttp
@@ -42,3 +43,33 @@ async def test_idempotent_retry_is_answered_from_the_inbox_when_redis_forgot(
     assert (again[0], again[1]) == (first[0], first[1])
     _, coupon, _ = await call(http, "GET", f"{api.base_url}/api/coupons/{coupon_name}")
     assert (coupon["remaining_amount"], coupon["claimed_by"]) == (4, ["alice"])
+
+
+async def test_answers_given_in_the_gateway_are_kept_briefly_and_never_overwrite(
+    services: Services, http: aiohttp.ClientSession, coupon_name: str
+) -> None:
+    """After a sell-out, claims are answered at HTTP speed; each answer is kept only
+    FAST_ANSWER_TTL_SECONDS (not the 24 h of a real result), so a storm of them cannot
+    fill Redis, and none replaces a result the consumer recorded."""
+    services.start_consumer()
+    await services.start_gateway(fast_answer_ttl_seconds=30)
+    await create(http, services, coupon_name, 1)
+    winner = await claim(http, services, "alice", coupon_name)
+    assert (await claim(http, services, "bob", coupon_name))[1]["code"] == "out_of_stock"
+    await asyncio.sleep(0.5)  # the gateway reads the sold-out coupon's holders once
+    losers = await asyncio.gather(*(claim(http, services, f"u{i}", coupon_name) for i in range(50)))
+    again = await claim(http, services, "alice", coupon_name)
+    assert {s for s, _, _ in losers} == {400} and again[0] == 409
+    client = aioredis.from_url(services.settings.redis_url)
+    store = ResultStore(client, services.settings.namespace, 60)
+    try:
+        for _, body, _ in [*losers, again]:
+            rid = uuid.UUID(body["request_id"])
+            assert not await client.exists(store.result_key(rid))
+            assert 0 < await client.ttl(store.fast_key(rid)) <= 30
+            status, polled, _ = await call(http, "GET", f"{services.base_url}/api/claims/{rid}")
+            assert (status, polled) == (400 if body["user_id"] != "alice" else 409, body)
+        rid = uuid.UUID(winner[1]["request_id"])
+        assert await client.ttl(store.result_key(rid)) > 30
+    finally:
+        await client.aclose()

@@ -22,7 +22,7 @@ async def admin_api(api: Services) -> AsyncIterator[int]:
     """A gateway serving the admin API (on a port of its own); yields that port."""
     admin = Services(api.settings)
     port = free_port()
-    await admin.start_gateway(admin_token="a" * 40, admin_port=port)
+    await admin.start_admin(port, admin_token="a" * 40)
     yield port
     admin.stop()
 

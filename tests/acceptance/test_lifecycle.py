@@ -222,3 +222,18 @@ async def test_gateway_workers_share_the_port_and_are_restarted(
     supervisor.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(supervisor.wait, 30) == 0
     assert not any_alive(now)
+
+
+async def test_a_gateway_that_cannot_boot_exits_instead_of_respawning(
+    services: Services,
+) -> None:
+    """A bad setting fails every worker at boot: the gateway stops with an error (a
+    supervisor above it then backs off) rather than respawning workers forever."""
+    proc = services._spawn(
+        "gateway",
+        http_port=services.port,
+        gateway_workers=2,
+        redis_url="redis://127.0.0.1:not-a-port/0",
+    )
+    code = await asyncio.to_thread(proc.wait, 60)
+    assert code != 0

@@ -31,3 +31,15 @@ def test_compose_runs_every_service_the_stack_needs() -> None:
         "gateway",
         "consumer",
     }
+
+
+def test_compose_runs_a_supported_rabbitmq() -> None:
+    """RabbitMQ 3.x is out of support; the compose stack runs 4.x."""
+    result = subprocess.run(
+        ["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    images = [
+        line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if "image:" in line
+    ]
+    (rabbitmq,) = [i for i in images if i.startswith("rabbitmq:")]
+    assert int(rabbitmq.split(":")[1].split(".")[0]) >= 4, rabbitmq

@@ -1,0 +1,99 @@
+"""The stack's services under supervisord: restarted when they crash, stopped in order.
+
+``make run`` starts the servers itself (flashclaim/devstack.py), then hands the
+services to supervisord (the long-standing process manager of Python deployments;
+honcho stops everything when one process exits, which is the behaviour being avoided,
+and circus brings ZeroMQ for no gain here):
+
+- a service that exits is started again and the event is logged; one that keeps
+  failing within ``startsecs`` of its start is retried with a growing delay
+  (1 s, 2 s, 3 s...) ``startretries`` times, then left FATAL with its log, while the
+  rest of the stack keeps serving;
+- only a stop of the stack (Ctrl-C, SIGTERM) stops the services: supervisord sends each
+  SIGTERM and waits for its shutdown grace period before SIGKILL.
+
+The configuration is generated into the stack's folder; ``supervisorctl -c
+.stack/run/supervisord.conf status`` shows the services.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+# A service that ran this long counts as started: a crash later is restarted at once.
+START_SECONDS = 3
+START_RETRIES = 5
+
+
+def programs(consumers: int, env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Program name -> extra environment, for every service of the stack."""
+    progs: dict[str, dict[str, str]] = {"gateway": {}}
+    for i in range(consumers):
+        # The consumers share the partitions (each one the stand-by of the others').
+        progs[f"consumer-{i}"] = {
+            "FLASHCLAIM_CONSUMER_COUNT": str(consumers),
+            "FLASHCLAIM_CONSUMER_INDEX": str(i),
+            "FLASHCLAIM_INSTANCE_ID": f"consumer-{i}",
+        }
+    if env.get("FLASHCLAIM_ADMIN_TOKEN"):
+        progs["admin"] = {}
+    return progs
+
+
+def config(root: Path, consumers: int, env: Mapping[str, str], grace: float) -> Path:
+    """Write supervisord's configuration for the stack in ``root``; return its path."""
+    state = root / "supervisord"
+    state.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[supervisord]",
+        "nodaemon=true",
+        # Its own events (started, exited, restarting) go to the terminal.
+        "logfile=/dev/stdout",
+        "logfile_maxbytes=0",
+        "loglevel=info",
+        f"pidfile={state / 'supervisord.pid'}",
+        f"childlogdir={state}",
+        "",
+        "[unix_http_server]",
+        f"file={state / 'supervisor.sock'}",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{state / 'supervisor.sock'}",
+    ]
+    role = {"gateway": "gateway", "admin": "admin"}
+    for name, extra in programs(consumers, env).items():
+        command = f"{sys.executable} -m flashclaim.cli {role.get(name, 'consumer')}"
+        lines += [
+            "",
+            f"[program:{name}]",
+            f"command={command}",
+            "autostart=true",
+            "autorestart=true",
+            f"startsecs={START_SECONDS}",
+            f"startretries={START_RETRIES}",
+            "stopsignal=TERM",
+            f"stopwaitsecs={int(grace) + 15}",
+            # SIGKILL, if it comes to that, takes a gateway's worker processes too.
+            "killasgroup=true",
+            "redirect_stderr=true",
+            "stdout_logfile=/dev/stdout",
+            "stdout_logfile_maxbytes=0",
+        ]
+        if extra:
+            lines.append("environment=" + ",".join(f'{k}="{v}"' for k, v in extra.items()))
+    path = root / "supervisord.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def command(conf: Path) -> list[str]:
+    return [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)]
+
+
+def ctl(conf: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *args]
