@@ -1,10 +1,11 @@
 """The gateway processes: gunicorn with aiohttp's worker, the aiohttp convention.
 
 gunicorn's arbiter binds the port once and runs ``FLASHCLAIM_GATEWAY_WORKERS`` worker
-processes on it (``aiohttp.GunicornUVLoopWebWorker``, each with its own event loop and
-its own reply channel). It restarts a worker that dies, and stops altogether, with exit
-status 3, when a worker fails while booting (a bad setting would otherwise be retried
-forever). Shutdown protocol, on SIGTERM or SIGINT to the arbiter:
+processes on it (aiohttp's ``GunicornUVLoopWebWorker``, each with its own event loop,
+its own reply channel and a listening socket of its own: see :class:`GatewayWorker`).
+It restarts a worker that dies, and stops altogether, with exit status 3, when a worker
+fails while booting (a bad setting would otherwise be retried forever). Shutdown
+protocol, on SIGTERM or SIGINT to the arbiter:
 
 1. every worker stops accepting connections;
 2. in-flight requests finish within ``SHUTDOWN_GRACE_SECONDS`` (claims waiting for
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.worker import GunicornUVLoopWebWorker
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
@@ -61,6 +64,35 @@ def runner_factory(settings: Settings) -> Callable[[], Awaitable[web.AppRunner]]
     return make_runner
 
 
+class GatewayWorker(GunicornUVLoopWebWorker):
+    """aiohttp's worker, plus a listening socket of its own on the same port.
+
+    With only the arbiter's shared socket, the worker whose event loop wakes first
+    accepts a whole burst of connections (its loop accepts until the queue is empty)
+    and the others idle: in a flash sale one process holds nearly every claim. Each
+    worker's own socket joins the port's ``SO_REUSEPORT`` group, so the kernel spreads
+    new connections evenly over the workers; the shared socket stays served too (it is
+    in the group as well, and nobody else would accept what lands there).
+    """
+
+    def init_process(self) -> None:
+        inherited: list[Any] = list(getattr(self, "sockets", []))  # gunicorn's listeners
+        own: list[Any] = []
+        for listener in inherited:
+            family = listener.family
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(listener.getsockname())
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            own.append(sock)
+        self.sockets = [*own, *inherited]
+        super().init_process()
+
+
 class _JsonLogs(glogging.Logger):  # type: ignore[misc]
     """gunicorn's own messages (worker started, exited...) as JSON lines, through the
     root handler the entry point configured; its access log is off (ours is used)."""
@@ -89,7 +121,9 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         options: dict[str, Any] = {
             "bind": [f"{s.http_host}:{s.http_port}"],
             "workers": s.gateway_workers,
-            "worker_class": "aiohttp.GunicornUVLoopWebWorker",
+            "worker_class": GatewayWorker,
+            # Each worker adds a socket of its own to the port's SO_REUSEPORT group.
+            "reuse_port": True,
             "backlog": BACKLOG,
             "graceful_timeout": math.ceil(s.shutdown_grace_seconds) + 5,
             # The arbiter's heartbeat: a worker stuck this long is replaced.
