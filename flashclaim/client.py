@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -27,6 +27,10 @@ class Answer:
     retries: int = 0  # 503s, 429s and connection errors retried
     pending: bool = False  # a 202 was followed
     latency: float = 0.0  # seconds from the first attempt to the final answer
+    # Every HTTP status received on the way, interim ones included (a 500 retried with
+    # the same key would otherwise go unseen), and the connection errors.
+    seen: list[int] = field(default_factory=list)
+    connection_errors: int = 0
 
     @property
     def request_id(self) -> str | None:
@@ -72,13 +76,16 @@ class ClaimClient:
                         retry_after = r.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 answer.retries += 1
+                answer.connection_errors += 1
                 await asyncio.sleep(self._poll)
                 continue
+            answer.seen.append(status)
             unseen = status == 404 and body.get("code") == "claim_not_found"
             if status in FINAL and not unseen:
                 answer.status, answer.body = status, body
                 break
-            if status in (429, 503):
+            if status in (429, 503) or status >= 500:
+                # Retried with the same key, which is safe; counted, and kept in `seen`.
                 answer.retries += 1
                 await asyncio.sleep(min(float(retry_after or 1), 2.0))
             else:  # 202 (pending), or a claim not visible yet

@@ -59,7 +59,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")
         )
         request["error"] = str(exc)
-        response = error_response(status, code, str(exc), getattr(exc, "retry_after", None))
+        # A claim refused after it got its id (503, 422...) says which claim it was.
+        extra = {"request_id": request["claim_id"]} if "claim_id" in request else {}
+        response = error_response(
+            status, code, str(exc), getattr(exc, "retry_after", None), **extra
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

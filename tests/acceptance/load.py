@@ -58,11 +58,12 @@ class Load:
         self.task = asyncio.gather(*(one(u, c) for u, c in requests))
         return self
 
-    async def reached(self, fraction: float) -> None:
+    async def reached(self, fraction: float, timeout: float = 120) -> None:
         """Wait until this share of the claims has its final answer."""
-        while self.done < fraction * self.claims:
-            assert self.task is not None and not self.task.done()
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(timeout):
+            while self.done < fraction * self.claims:
+                assert self.task is not None and not self.task.done()
+                await asyncio.sleep(0.05)
 
     async def finish(self, timeout: float = 200) -> list[Answer]:
         assert self.task is not None
@@ -105,10 +106,29 @@ def verify(settings: Settings, load: Load, answers: list[Answer]) -> None:
         claimed[coupon] += 1
     for name in load.names:
         assert stock[name] == load.stock - claimed[name] >= 0, name
-    # Sold-out answers only once the stock was really gone.
+    # Sold-out answers only once the stock was really gone, and never to a holder.
     for a in answers:
         if a.status == 400:
             assert stock[a.coupon_name] == 0, a
+            assert (a.coupon_name, a.user_id) not in holders, a
+    # Every answer is the one the inbox recorded for its request id. Those without an
+    # inbox row were given by the gateway itself (gateway/finals.py), which may only say
+    # "already claimed" to a holder and "sold out" to a non-holder of a sold-out coupon.
+    with psycopg.connect(settings.database_url) as conn:
+        recorded = {
+            str(r[0]): (r[1], r[2])
+            for r in conn.execute(
+                "SELECT message_id, result_status, result_body FROM inbox"
+                " WHERE message_id = ANY(%s::uuid[]) AND status = 'PROCESSED'",
+                ([a.request_id for a in answers if a.request_id],),
+            ).fetchall()
+        }
+    for a in answers:
+        assert a.request_id is not None, a
+        if a.request_id in recorded:
+            assert recorded[a.request_id] == (a.status, a.body), (a, recorded[a.request_id])
+        else:
+            assert a.status in (400, 409), f"{a}: no inbox row for a {a.status}"
     audit = subprocess.run(
         [sys.executable, "-m", "flashclaim.cli", "audit", "--pending-older-than", "300"],
         env=service_env(settings),

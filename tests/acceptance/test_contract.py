@@ -247,8 +247,20 @@ async def test_broker_refusing_a_claim_answers_503_with_retry_after(
     status, body, headers = await claim(http, api, "alice", coupon_name)
     assert (status, body["code"]) == (503, "service_unavailable")
     assert int(headers["Retry-After"]) >= 1
+    refused = body["request_id"]
+    # A consumer (which declares the queues again) never sees the refused claim: it was
+    # not accepted, so it is not applied, now or later. A claim made after it is.
+    api.start_consumer()
+    for _ in range(100):  # until the consumer has declared the queues again
+        status, body, _ = await claim(http, api, "bob", coupon_name)
+        if status != 503:
+            break
+        await asyncio.sleep(0.2)
+    assert status == 200, body
     status, body, _ = await call(http, "GET", f"{api.base_url}/api/coupons/{coupon_name}")
-    assert body["remaining_amount"] == 5
+    assert (body["remaining_amount"], body["claimed_by"]) == (4, ["bob"])
+    status, body, _ = await call(http, "GET", f"{api.base_url}/api/claims/{refused}")
+    assert (status, body["code"]) == (404, "claim_not_found")
 
 
 async def test_health_and_readiness(api: Services, http: aiohttp.ClientSession) -> None:

@@ -206,13 +206,51 @@ async def test_replay_by_id_and_filter_applies_each_claim_once(
     ):
         assert (r.status, (await r.json())["status"]) == (200, "claimed")
 
-    # The same claim dead-lettered and replayed again is a no-op with the same answer.
+    # The same claim dead-lettered and replayed again is a no-op with the same answer:
+    # once the queues have drained, its inbox row and its answer are what they were.
+    before = inbox_row(settings, letters.over_limit)
     await publish_dead_letter(settings, letters.over_limit, "limit_user", letters.coupon)
     assert dlq(settings, "replay", letters.over_limit).returncode == 0
-    await asyncio.sleep(1)
+    await wait_depth(settings, 1)
+    await wait_drained(settings)
+    assert inbox_row(settings, letters.over_limit) == before
     assert [m for _, m in claims_of(settings, letters.coupon)].count(letters.over_limit) == 1
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{services.base_url}/api/claims/{letters.over_limit}") as r,
+    ):
+        assert (r.status, await r.json()) == (before[2], before[3])
     # Replaying what is not there says so.
     assert dlq(settings, "replay", str(uuid.uuid4())).returncode == 1
+
+
+def inbox_row(settings: Settings, message_id: str) -> tuple[object, ...]:
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(
+            "SELECT status, retry_count, result_status, result_body, updated_at FROM inbox"
+            " WHERE message_id = %s",
+            (message_id,),
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+async def wait_drained(settings: Settings) -> None:
+    """Until no partition queue holds a message, ready or unacknowledged (the management
+    API counts both; its figures are at most a second old in the test stack)."""
+    api = settings.amqp_management_url.rstrip("/")
+    auth = {"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="}  # guest:guest
+    async with aiohttp.ClientSession(headers=auth) as http:
+        await asyncio.sleep(1.5)  # the figures of before the replay are stale
+        for _ in range(150):
+            held = 0
+            for name in settings.topology().claims_queues:
+                async with http.get(f"{api}/api/queues/%2F/{name}") as r:
+                    held += (await r.json()).get("messages", 0)
+            if held == 0:
+                return
+            await asyncio.sleep(0.2)
+    raise AssertionError("the command queues did not drain")
 
 
 async def publish_dead_letter(settings: Settings, message_id: str, user: str, coupon: str) -> None:

@@ -95,6 +95,11 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
     services: Services, http: aiohttp.ClientSession, settings: Settings, restore: Stack
 ) -> None:
     load = await started(services, http)
+    outage_coupon = f"OUTAGE_{uuid.uuid4().hex[:10]}"
+    async with http.post(
+        f"{services.base_url}/api/coupons", json={"name": outage_coupon, "amount": 3}
+    ) as r:
+        assert r.status == 201
     await load.reached(0.3)
     assert restore.postgres is not None
     await asyncio.to_thread(restore.postgres.stop)
@@ -107,12 +112,43 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
         f"{services.base_url}/api/coupons", json={"name": f"NEW_{uuid.uuid4().hex}", "amount": 1}
     ) as r:
         assert r.status == 503
-    await asyncio.sleep(10)
+    # Claims made during the outage are accepted: 202 (the consumer holds them), and
+    # their final answer once the database is back.
+    during = []
+    for i in range(5):
+        async with http.post(
+            f"{services.base_url}/api/coupons/claim",
+            json={"user_id": f"outage_{i}", "coupon_name": outage_coupon},
+        ) as r:
+            body = await r.json()
+            assert (r.status, body["status"]) == (202, "pending"), body
+            during.append(body["request_id"])
+    await asyncio.sleep(8)
     await asyncio.to_thread(restore.postgres.start)
     answers = await load.finish()
     verify(settings, load, answers)
     assert any(a.pending for a in answers), "no claim waited for the database"
     assert load.done > before
+    finals = []
+    for rid in during:
+        for _ in range(200):
+            async with http.get(f"{services.base_url}/api/claims/{rid}") as r:
+                if r.status != 202:
+                    break
+            await asyncio.sleep(0.1)
+        finals.append(r.status)
+    assert sorted(finals) == [200, 200, 200, 400, 400]  # stock 3, in arrival order
+    # An outage is not the claims' fault: no attempt counted, nothing dead-lettered.
+    ids = [*during, *(a.request_id for a in answers if a.request_id)]
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM inbox WHERE message_id = ANY(%s::uuid[]) AND retry_count > 0",
+            (ids,),
+        ).fetchone() == (0,)
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(settings.topology().claims_dlq, passive=True)
+        assert dlq.declaration_result.message_count == 0
 
 
 async def test_redis_restarted_mid_load(

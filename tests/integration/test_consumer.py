@@ -110,14 +110,14 @@ async def test_same_message_delivered_many_times_has_one_effect_and_identical_an
     create_coupon_row(settings.database_url, coupon_name, 10)
     command = ClaimCommand(uuid.uuid4(), "alice", coupon_name, REPLIES)
     async with subscribed(redis) as pubsub:
-        # Two consumers compete for the copies, some arriving in the same batch.
+        # Copies arrive in one batch and in several; a second consumer stands by (one
+        # active consumer per partition). Two transactions holding the same message at
+        # once are tested in tests/integration/test_store.py.
         consumers(2)
         await asyncio.gather(*(publish(broker, settings, command) for _ in range(8)))
         replies = await collect_replies(pubsub, 8)
     assert {r.status for r in replies} == {200}
     assert len({orjson.dumps(r.body) for r in replies}) == 1
-    import psycopg
-
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute(
             "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
