@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +29,11 @@ async def admin_api(api: Services) -> AsyncIterator[int]:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=10,
 )
@@ -38,7 +43,11 @@ bodies = st.one_of(
         {},
         optional={
             "name": field_values,
-            "amount": json_values,
+            # Edge values the rules single out, as often as arbitrary ones.
+            "amount": st.one_of(
+                st.sampled_from([0, 1, 2_147_483_647, 2_147_483_648, -1, True, False, 1.0, "5"]),
+                json_values,
+            ),
             "user_id": field_values,
             "coupon_name": field_values,
         },
@@ -59,16 +68,81 @@ def post(base: str, path: str, body: bytes) -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
+# The README's rules, written out here on their own (not imported from the code under
+# test), to say what each body must get.
+_REFUSED = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _valid_name(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and len(value) <= 128
+        and len(value.encode("utf-8", "surrogatepass")) <= 255
+        and not any(unicodedata.category(c) in _REFUSED for c in value)
+    )
+
+
+def _valid_amount(value: object) -> bool:
+    return type(value) is int and 1 <= value <= 2_147_483_647
+
+
+def expected(path: str, body: bytes) -> set[int]:
+    def no_constants(name: str) -> object:
+        raise ValueError(name)  # NaN and Infinity are not JSON
+
+    try:
+        data = json.loads(body, parse_constant=no_constants)
+    except ValueError:
+        return {400}
+    if not isinstance(data, dict):
+        return {400}
+    if path == "/api/coupons":
+        ok = _valid_name(data.get("name")) and _valid_amount(data.get("amount"))
+        return {201, 409} if ok else {400}
+    ok = _valid_name(data.get("user_id")) and _valid_name(data.get("coupon_name"))
+    return {200, 202, 400, 404, 409} if ok else {400}
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=paths, body=bodies)
-def test_arbitrary_bodies_get_a_json_answer_below_500(
+def test_arbitrary_bodies_get_the_answer_the_rules_give(
     api: Services, path: str, body: bytes
 ) -> None:
     status, answer = post(api.base_url, path, body)
-    assert status < 500, answer
+    assert status in expected(path, body), (status, answer)
     if status >= 400:
         assert isinstance(answer.get("error"), str)
         assert isinstance(answer.get("code"), str)
+        if status == 400 and expected(path, body) == {400}:
+            assert answer["code"] == "invalid_request"
+    if status == 201:
+        # What was created reads back as it was sent.
+        data = json.loads(body)
+        quoted = urllib.parse.quote(data["name"], safe="")
+        with urllib.request.urlopen(f"{api.base_url}/api/coupons/{quoted}", timeout=15) as r:
+            assert json.loads(r.read()) == {
+                "name": data["name"],
+                "amount": data["amount"],
+                "remaining_amount": data["amount"],
+                "claimed_by": [],
+            }
+
+
+amounts = st.one_of(
+    st.sampled_from([0, 1, 2_147_483_647, 2_147_483_648, -1, True, False, 1.0, 2.0, "5", None]),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.text(min_size=1, max_size=30), amount=amounts)
+def test_coupon_bodies_near_the_rules_edges(api: Services, name: str, amount: object) -> None:
+    """Plausible bodies, so that the edges of the amount and name rules are reached."""
+    body = json.dumps({"name": f"F_{name}", "amount": amount}).encode()
+    status, answer = post(api.base_url, "/api/coupons", body)
+    assert status in expected("/api/coupons", body), (status, answer)
 
 
 @settings(max_examples=60, deadline=None)
