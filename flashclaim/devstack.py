@@ -189,8 +189,16 @@ class Server:
             self._log = None
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        self.stop(timeout=10, sig=signal.SIGKILL)
+        """SIGKILL to the server and every process it started, as a crash would (a
+        RabbitMQ node is a shell script's child: killing only the script is no crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        deadline = time.monotonic() + 10
+        while port_is_open(self.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.stop()
 
 
 def _bin(pattern: str, name: str) -> str:

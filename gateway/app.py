@@ -125,7 +125,9 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
 
 def _connected(connection: AbstractRobustConnection) -> Callable[[], Awaitable[None]]:
     async def check() -> None:
-        if connection.is_closed:
+        # A robust connection that lost its broker is not "closed" (it is reconnecting):
+        # its `connected` event says whether it can carry anything now.
+        if connection.is_closed or not connection.connected.is_set():
             raise DependencyUnavailable("broker", "not connected")
 
     return check

@@ -44,7 +44,9 @@ class ClaimPublisher:
 
     async def publish(self, command: ClaimCommand) -> None:
         """Raise :class:`DependencyUnavailable` unless the broker confirmed the claim."""
-        if self._connection.is_closed:
+        # Reconnecting is not "closed": without `connected`, refuse at once (503) rather
+        # than wait for a confirm that cannot come.
+        if self._connection.is_closed or not self._connection.connected.is_set():
             raise DependencyUnavailable("broker", "not connected")
         try:
             await self._breaker.call_async(self._publish, command)

@@ -178,6 +178,12 @@ async def test_replay_by_id_and_filter_applies_each_claim_once(
     dry = dlq_json(settings, "replay", "--all", "--dry-run")
     assert dry["count"] == 3  # type: ignore[index]
     assert await depth(settings) == 3  # a dry run moves nothing
+    # Its client, following its claim, is told it waits for an operator.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{services.base_url}/api/claims/{letters.failed}") as r,
+    ):
+        assert (r.status, (await r.json())["status"]) == (202, "dead_lettered")
 
     assert dlq(settings, "replay", letters.over_limit).returncode == 0
     await wait_depth(settings, 2)
@@ -452,6 +458,14 @@ async def test_admin_api_needs_the_bearer_token(
                 assert (await r.json())["code"] == "unauthorized"
             async with http.get(base, headers={"Authorization": "Bearer wrong"}) as r:
                 assert r.status == 401
+            # Without the token nothing moves or goes.
+            for action, body in (
+                ("replay", {"all": True}),
+                ("purge", {"all": True, "confirm": True}),
+            ):
+                async with http.post(f"{base}/{action}", json=body) as r:
+                    assert r.status == 401
+            assert await depth(settings) == 3
             good = {"Authorization": f"Bearer {token}"}
             async with http.get(base, headers=good) as r:
                 assert r.status == 200

@@ -151,6 +151,28 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
         assert dlq.declaration_result.message_count == 0
 
 
+@pytest.mark.parametrize("server", ["postgres", "rabbitmq", "redis"])
+async def test_server_crashes_mid_load(
+    services: Services,
+    http: aiohttp.ClientSession,
+    settings: Settings,
+    restore: Stack,
+    server: str,
+) -> None:
+    """kill -9 of a server (no clean shutdown, no goodbye to the clients), a few seconds
+    down, then back: every claim still gets one final answer matching the database, and
+    the crash did reach claims in flight (they waited, or their client retried)."""
+    load = await started(services, http)
+    await load.reached(0.3)
+    victim = getattr(restore, server)
+    await asyncio.to_thread(victim.kill)
+    await asyncio.sleep(3)
+    await asyncio.to_thread(victim.start)
+    answers = await load.finish()
+    verify(settings, load, answers)
+    assert any(a.pending or a.retries for a in answers), "the crash reached no claim"
+
+
 async def test_redis_restarted_mid_load(
     services: Services, http: aiohttp.ClientSession, settings: Settings, restore: Stack
 ) -> None:

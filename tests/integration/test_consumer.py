@@ -129,17 +129,28 @@ async def test_same_message_delivered_many_times_has_one_effect_and_identical_an
     assert stored == replies[0]
 
 
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"{not json", "not JSON"),
+        (b'{"v": 2, "user_id": "u", "coupon_name": "c"}', "unknown message version"),
+        (b'{"v": 1, "user_id": "", "coupon_name": "c"}', "user_id"),
+        (b'{"v": 1, "user_id": "u", "coupon_name": "' + "é".encode() * 128 + b'"}', "bytes"),
+    ],
+)
 async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
     settings: Settings,
     broker: aio_pika.abc.AbstractChannel,
     redis: aioredis.Redis,
     consumers: Callable[[int], None],
     coupon_name: str,
+    body: bytes,
+    error: str,
 ) -> None:
     create_coupon_row(settings.database_url, coupon_name, 3)
     poison = ClaimCommand(uuid.uuid4(), "mallory", coupon_name, REPLIES)
     good = [ClaimCommand(uuid.uuid4(), f"user{i}", coupon_name, REPLIES) for i in range(3)]
-    await publish(broker, settings, poison, body=b"{not json")
+    await publish(broker, settings, poison, body=body)
     for command in good:
         await publish(broker, settings, command)
     async with subscribed(redis) as pubsub:
@@ -151,11 +162,11 @@ async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
     dead = await dlq.get(timeout=10, fail=True)
     assert dead is not None
     assert dead.message_id == str(poison.request_id)
-    assert dead.body == b"{not json"
+    assert dead.body == body
     headers = dead.headers
     assert headers["x-flashclaim-reason"] == "poison"
     assert headers["x-flashclaim-error-type"] == "PoisonMessage"
-    assert "not JSON" in headers["x-flashclaim-error"]
+    assert error in headers["x-flashclaim-error"]
     assert str(headers["x-flashclaim-service"]).startswith("consumer ")
     assert headers["x-flashclaim-original-routing-key"] == coupon_name
     assert headers["x-flashclaim-failed-at"]

@@ -1,0 +1,119 @@
+"""Promises of the README that no other test pins down."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aiohttp
+
+from flashclaim.settings import Settings
+from tests.acceptance.conftest import Services, free_port
+from tests.acceptance.test_contract import call, claim, create
+from tests.proxy import Proxy
+
+
+async def test_error_bodies_name_the_claim(
+    api: Services, http: aiohttp.ClientSession, coupon_name: str
+) -> None:
+    await create(http, api, coupon_name, 1)
+    assert (await claim(http, api, "alice", coupon_name))[0] == 200
+    for user, coupon, status in (
+        ("alice", coupon_name, 409),
+        ("bob", coupon_name, 400),
+        ("bob", f"NOPE_{coupon_name}", 404),
+    ):
+        got, body, _ = await claim(http, api, user, coupon)
+        assert got == status, body
+        assert (body["user_id"], body["coupon_name"]) == (user, coupon)
+        uuid.UUID(body["request_id"])
+        assert body["error"] and body["code"]
+
+
+async def test_request_id_header_is_echoed_when_valid_and_replaced_when_not(
+    api: Services, http: aiohttp.ClientSession
+) -> None:
+    _, _, headers = await call(
+        http, "GET", f"{api.base_url}/healthz", headers={"X-Request-Id": "abc-1.2_3"}
+    )
+    assert headers["X-Request-Id"] == "abc-1.2_3"
+    for bad in ("has space", "x" * 129, "semi;colon"):
+        _, _, headers = await call(
+            http, "GET", f"{api.base_url}/healthz", headers={"X-Request-Id": bad}
+        )
+        assert headers["X-Request-Id"] != bad
+        assert len(headers["X-Request-Id"]) == 32
+    _, _, one = await call(http, "GET", f"{api.base_url}/healthz")
+    _, _, two = await call(http, "GET", f"{api.base_url}/healthz")
+    assert one["X-Request-Id"] != two["X-Request-Id"]
+
+
+async def test_claim_body_cap_and_the_amount_maximum(
+    api: Services, http: aiohttp.ClientSession, coupon_name: str
+) -> None:
+    payload = b'{"user_id": "u", "coupon_name": "' + b"c" * 70_000 + b'"}'
+    status, body, _ = await call(http, "POST", f"{api.base_url}/api/coupons/claim", data=payload)
+    assert (status, body["code"]) == (413, "request_entity_too_large")
+    status, body, _ = await call(
+        http, "POST", f"{api.base_url}/api/coupons", json={"name": coupon_name, "amount": 2**31 - 1}
+    )
+    assert (status, body["remaining_amount"]) == (201, 2**31 - 1)
+    status, body, _ = await call(
+        http,
+        "POST",
+        f"{api.base_url}/api/coupons",
+        json={"name": f"{coupon_name}_B", "amount": 2**31},
+    )
+    assert (status, body["code"]) == (400, "invalid_request")
+
+
+async def test_idempotent_retries_across_gateway_workers_are_one_claim(
+    services: Services, settings: Settings, coupon_name: str
+) -> None:
+    """Each retry on its own connection, so the kernel spreads them over both worker
+    processes: they share the secret, so they derive one request id."""
+    services.start_consumer()
+    await services.start_gateway(gateway_workers=2, idempotency_secret="w" * 32)
+    key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+
+    async def fresh_connection_claim() -> tuple[int, dict[str, object]]:
+        async with aiohttp.ClientSession() as http:
+            status, body, _ = await claim(http, services, "alice", coupon_name, headers=key)
+            return status, body
+
+    async with aiohttp.ClientSession() as http:
+        await create(http, services, coupon_name, 5)
+        answers = await asyncio.gather(*(fresh_connection_claim() for _ in range(16)))
+        assert {(s, b["request_id"]) for s, b in answers} == {(200, answers[0][1]["request_id"])}
+        _, body, _ = await call(http, "GET", f"{services.base_url}/api/coupons/{coupon_name}")
+        assert (body["remaining_amount"], body["claimed_by"]) == (4, ["alice"])
+
+
+async def test_readiness_names_each_dependency_that_is_down(
+    services: Services, http: aiohttp.ClientSession, settings: Settings
+) -> None:
+    amqp_port = int(settings.amqp_url.rsplit(":", 1)[1].strip("/"))
+    broker = Proxy(amqp_port).start()
+    try:
+        await services.start_gateway(
+            amqp_url=broker.url(settings.amqp_url, amqp_port),
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        )
+        status, body, _ = await call(http, "GET", f"{services.base_url}/readyz")
+        assert status == 503
+        assert body["checks"]["database"] == "ok"
+        assert body["checks"]["broker"] == "ok"
+        assert body["checks"]["redis"] != "ok"
+        broker.cut()
+        for _ in range(50):
+            status, body, _ = await call(http, "GET", f"{services.base_url}/readyz")
+            if body["checks"]["broker"] != "ok":
+                break
+            await asyncio.sleep(0.1)
+        assert (status, body["checks"]["broker"]) == (503, "broker is unavailable: not connected")
+        # Claims are refused at once while the broker is away, not left to time out.
+        status, body, headers = await claim(http, services, "alice", "ANY")
+        assert (status, body["code"]) == (503, "service_unavailable")
+        assert int(headers["Retry-After"]) >= 1
+    finally:
+        broker.close()
