@@ -376,12 +376,18 @@ class DeadLetters:
     @asynccontextmanager
     async def _held(self, queue: str, scan: int) -> AsyncIterator[list[AbstractIncomingMessage]]:
         """Take up to ``scan`` messages without acking; closing the channel returns the
-        ones not acknowledged inside the block, in their places."""
+        ones not acknowledged inside the block, in their places.
+
+        On return, waits (a few seconds at most) until the queue counts them as ready
+        again: the broker confirms the channel's close before a quorum queue has put its
+        returned messages back, and the next peek sizes itself from the ready count.
+        """
+        held: list[AbstractIncomingMessage] = []
+        depth = 0
         async with self._channel() as channel:
             declared = await channel.declare_queue(queue, passive=True)
             depth = int(declared.declaration_result.message_count or 0)
             want = min(depth, scan)
-            held: list[AbstractIncomingMessage] = []
             if want:
                 await channel.set_qos(prefetch_count=want)
                 arrived = asyncio.Event()
@@ -397,6 +403,19 @@ class DeadLetters:
                     await asyncio.wait_for(arrived.wait(), timeout=10)
                 await declared.cancel(tag)
             yield held
+        removed = sum(1 for m in held if m.processed)
+        if held and removed < len(held):
+            await self._settled(queue, depth - removed)
+
+    async def _settled(self, queue: str, ready: int, timeout: float = 3.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._channel() as channel:
+            while loop.time() < deadline:
+                declared = await channel.declare_queue(queue, passive=True)
+                if int(declared.declaration_result.message_count or 0) >= ready:
+                    return
+                await asyncio.sleep(0.05)
 
 
 def _audit(action: str, letters: list[DeadLetter], operator: str) -> None:
