@@ -9,7 +9,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from circuitbreaker import CircuitBreaker, CircuitBreakerError
+from circuitbreaker import CircuitBreaker
 
 from flashclaim.errors import DependencyUnavailable
 from flashclaim.messages import CLAIM_EVENT, ClaimCommand
@@ -48,11 +48,12 @@ class ClaimPublisher:
         # than wait for a confirm that cannot come.
         if self._connection.is_closed or not self._connection.connected.is_set():
             raise DependencyUnavailable("broker", "not connected")
-        try:
-            await self._breaker.call_async(self._publish, command)
-        except CircuitBreakerError:
+        # circuitbreaker checks the state only in its decorator, not in call_async:
+        # refuse here while it is open (half-open lets one publish through to probe).
+        if self._breaker.opened:
             wait = math.ceil(max(self._breaker.open_remaining, 1))
-            raise DependencyUnavailable("broker", "circuit open", retry_after=wait) from None
+            raise DependencyUnavailable("broker", "circuit open", retry_after=wait)
+        await self._breaker.call_async(self._publish, command)
 
     async def _publish(self, command: ClaimCommand) -> None:
         message = aio_pika.Message(

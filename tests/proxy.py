@@ -2,7 +2,8 @@
 
 The real server keeps running for every other test; only connections through the proxy
 see the fault. ``cut()`` closes every proxied connection and refuses new ones (as a
-server that went away); ``restore()`` accepts again.
+server that went away); ``restore()`` accepts again. ``stall()`` keeps the connections
+open but forwards nothing (a server that hangs) until ``flow()``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing: asyncio.Event | None = None
 
     def url(self, scheme_url: str, server_port: int) -> str:
         """``scheme_url`` (a server URL) with the server's port replaced by the proxy's."""
@@ -43,6 +45,19 @@ class Proxy:
     def cut(self) -> None:
         self._call(self._cut())
 
+    def stall(self) -> None:
+        self._call(self._set_flowing(False))
+
+    def flow(self) -> None:
+        self._call(self._set_flowing(True))
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        assert self._flowing is not None
+        if flowing:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
     def close(self) -> None:
         self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -50,6 +65,9 @@ class Proxy:
         self._loop.close()
 
     async def _listen(self) -> None:
+        if self._flowing is None:
+            self._flowing = asyncio.Event()
+            self._flowing.set()
         if self._server is None:
             self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
@@ -77,6 +95,8 @@ class Proxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                assert self._flowing is not None
+                await self._flowing.wait()
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.CancelledError):

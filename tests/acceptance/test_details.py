@@ -117,3 +117,42 @@ async def test_readiness_names_each_dependency_that_is_down(
         assert int(headers["Retry-After"]) >= 1
     finally:
         broker.close()
+
+
+async def test_circuit_breaker_opens_on_a_hung_broker_and_closes_after_recovery(
+    services: Services, http: aiohttp.ClientSession, settings: Settings, coupon_name: str
+) -> None:
+    """The broker connection stays up but nothing comes back (no confirms): claims time
+    out into 503; after BREAKER_FAILURE_THRESHOLD of them the breaker answers 503 at
+    once, and once the broker answers again and the recovery time has passed, claims
+    go through."""
+    amqp_port = int(settings.amqp_url.rsplit(":", 1)[1].strip("/"))
+    broker = Proxy(amqp_port).start()
+    try:
+        services.start_consumer()  # straight to the broker
+        await services.start_gateway(
+            amqp_url=broker.url(settings.amqp_url, amqp_port),
+            publish_timeout_seconds=0.5,
+            breaker_failure_threshold=3,
+            breaker_recovery_seconds=2,
+        )
+        await create(http, services, coupon_name, 100)
+        broker.stall()
+        loop = asyncio.get_running_loop()
+        for i in range(3):  # each waits for its confirm, then gives up
+            started = loop.time()
+            status, body, _ = await claim(http, services, f"timed_out_{i}", coupon_name)
+            assert (status, body["code"]) == (503, "service_unavailable")
+            assert loop.time() - started >= 0.4
+        started = loop.time()
+        status, body, headers = await claim(http, services, "refused", coupon_name)
+        assert (status, body["code"]) == (503, "service_unavailable")
+        assert "circuit open" in body["error"]
+        assert loop.time() - started < 0.3  # at once: the breaker is open
+        assert int(headers["Retry-After"]) >= 1
+        broker.flow()
+        await asyncio.sleep(2.5)
+        status, body, _ = await claim(http, services, "after", coupon_name)
+        assert status == 200, body
+    finally:
+        broker.close()
