@@ -13,6 +13,12 @@ from tenacity import wait_exponential_jitter as backoff
 log = logging.getLogger(__name__)
 
 
+def is_up(connection: AbstractRobustConnection) -> bool:
+    """Whether the connection can carry anything now. A robust connection that lost its
+    broker is not "closed" while it reconnects: its ``connected`` event says it."""
+    return not connection.is_closed and connection.connected.is_set()
+
+
 async def connect(url: str, name: str, wait_seconds: float = 60.0) -> AbstractRobustConnection:
     """A connection that reconnects by itself and restores its channels, exchanges,
     queues and consumers. The first connection is retried for ``wait_seconds``, so a

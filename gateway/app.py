@@ -125,9 +125,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
 
 def _connected(connection: AbstractRobustConnection) -> Callable[[], Awaitable[None]]:
     async def check() -> None:
-        # A robust connection that lost its broker is not "closed" (it is reconnecting):
-        # its `connected` event says whether it can carry anything now.
-        if connection.is_closed or not connection.connected.is_set():
+        if not broker.is_up(connection):
             raise DependencyUnavailable("broker", "not connected")
 
     return check

@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from circuitbreaker import CircuitBreaker
 
+from flashclaim import broker
 from flashclaim.errors import DependencyUnavailable
 from flashclaim.messages import CLAIM_EVENT, ClaimCommand
 
@@ -44,9 +45,8 @@ class ClaimPublisher:
 
     async def publish(self, command: ClaimCommand) -> None:
         """Raise :class:`DependencyUnavailable` unless the broker confirmed the claim."""
-        # Reconnecting is not "closed": without `connected`, refuse at once (503) rather
-        # than wait for a confirm that cannot come.
-        if self._connection.is_closed or not self._connection.connected.is_set():
+        # Refuse at once (503) rather than wait for a confirm that cannot come.
+        if not broker.is_up(self._connection):
             raise DependencyUnavailable("broker", "not connected")
         # circuitbreaker checks the state only in its decorator, not in call_async:
         # refuse here while it is open (half-open lets one publish through to probe).

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import urllib.parse
 
 
 class Proxy:
@@ -30,6 +31,15 @@ class Proxy:
     def url(self, scheme_url: str, server_port: int) -> str:
         """``scheme_url`` (a server URL) with the server's port replaced by the proxy's."""
         return scheme_url.replace(f":{server_port}", f":{self.port}", 1)
+
+    @classmethod
+    def before(cls, server_url: str) -> tuple[Proxy, str]:
+        """A started proxy to the server of ``server_url`` (loopback, with a port), and
+        the URL that goes through it."""
+        port = urllib.parse.urlsplit(server_url).port
+        assert port is not None, server_url
+        proxy = cls(port).start()
+        return proxy, proxy.url(server_url, port)
 
     def start(self) -> Proxy:
         self._thread.start()

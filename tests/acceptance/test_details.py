@@ -92,11 +92,10 @@ async def test_idempotent_retries_across_gateway_workers_are_one_claim(
 async def test_readiness_names_each_dependency_that_is_down(
     services: Services, http: aiohttp.ClientSession, settings: Settings
 ) -> None:
-    amqp_port = int(settings.amqp_url.rsplit(":", 1)[1].strip("/"))
-    broker = Proxy(amqp_port).start()
+    broker, amqp_url = Proxy.before(settings.amqp_url)
     try:
         await services.start_gateway(
-            amqp_url=broker.url(settings.amqp_url, amqp_port),
+            amqp_url=amqp_url,
             redis_url=f"redis://127.0.0.1:{free_port()}/0",
         )
         status, body, _ = await call(http, "GET", f"{services.base_url}/readyz")
@@ -126,12 +125,11 @@ async def test_circuit_breaker_opens_on_a_hung_broker_and_closes_after_recovery(
     out into 503; after BREAKER_FAILURE_THRESHOLD of them the breaker answers 503 at
     once, and once the broker answers again and the recovery time has passed, claims
     go through."""
-    amqp_port = int(settings.amqp_url.rsplit(":", 1)[1].strip("/"))
-    broker = Proxy(amqp_port).start()
+    broker, amqp_url = Proxy.before(settings.amqp_url)
     try:
         services.start_consumer()  # straight to the broker
         await services.start_gateway(
-            amqp_url=broker.url(settings.amqp_url, amqp_port),
+            amqp_url=amqp_url,
             publish_timeout_seconds=0.5,
             breaker_failure_threshold=3,
             breaker_recovery_seconds=2,

@@ -70,14 +70,13 @@ async def test_consumer_sigterm_finishes_its_batch_and_loses_nothing(
 async def test_consumer_sigterm_while_the_broker_is_unreachable_exits_within_the_grace(
     services: Services, settings: Settings, connected_first: bool
 ) -> None:
-    amqp_port = int(settings.amqp_url.rsplit(":", 1)[1].strip("/"))
-    proxy = Proxy(amqp_port).start()
+    proxy, amqp_url = Proxy.before(settings.amqp_url)
     try:
         if not connected_first:
             proxy.cut()  # the broker is away from the start
         instance = f"consumer-{uuid.uuid4().hex[:8]}"
         consumer = services.start_consumer(
-            amqp_url=proxy.url(settings.amqp_url, amqp_port),
+            amqp_url=amqp_url,
             shutdown_grace_seconds=2,
             instance_id=instance,
         )

@@ -26,6 +26,21 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def run_scenarios(port: int, env: dict[str, str], burst: int) -> subprocess.CompletedProcess[str]:
+    """`flashclaim scenarios` (Flash Sale, Double Dip, a burst) against the stack."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "flashclaim.cli", "scenarios"),
+            *("--url", f"http://127.0.0.1:{port}", "--burst", str(burst)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def ctl(conf: Path, *args: str) -> str:
     """supervisorctl's answer (it exits non-zero for a stopped program: not an error)."""
     return subprocess.run(
@@ -69,22 +84,7 @@ def test_stack_runs_the_scenarios_and_stops_cleanly(tmp_path: Path) -> None:
                 pass
             assert stack.poll() is None, (tmp_path / "stack.log").read_text()[-3000:]
             time.sleep(0.1)
-        scenarios = [
-            sys.executable,
-            "-m",
-            "flashclaim.cli",
-            "scenarios",
-            "--url",
-            f"http://127.0.0.1:{port}",
-        ]
-        result = subprocess.run(
-            [*scenarios, "--burst", "500"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        result = run_scenarios(port, env, burst=500)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "scenarios: all passed" in result.stdout
         # A consumer killed outright is restarted by the stack, which keeps serving:
@@ -93,14 +93,7 @@ def test_stack_runs_the_scenarios_and_stops_cleanly(tmp_path: Path) -> None:
         conf = ROOT / ".stack" / "stacktest" / "supervisord.conf"
         victim = int(ctl(conf, "pid", "consumer-0"))
         os.kill(victim, signal.SIGKILL)
-        result = subprocess.run(
-            [*scenarios, "--burst", "1000"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        result = run_scenarios(port, env, burst=1000)
         assert result.returncode == 0, result.stdout + result.stderr
         for _ in range(100):
             if "RUNNING" in ctl(conf, "status", "consumer-0"):

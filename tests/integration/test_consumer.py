@@ -90,6 +90,19 @@ async def collect_replies(
     return replies
 
 
+async def next_dead_letter(
+    channel: aio_pika.abc.AbstractChannel, settings: Settings, timeout: float = 10.0
+) -> aio_pika.abc.AbstractIncomingMessage:
+    """The next message in the DLQ (not acknowledged yet), waiting up to ``timeout``."""
+    dlq = await channel.declare_queue(settings.topology().claims_dlq, passive=True)
+    async with asyncio.timeout(timeout):
+        while True:  # basic.get polls: there is nothing to wait on
+            dead = await dlq.get(fail=False)
+            if dead is not None:
+                return dead
+            await asyncio.sleep(0.1)
+
+
 @contextlib.asynccontextmanager
 async def subscribed(redis: aioredis.Redis) -> AsyncIterator[aioredis.client.PubSub]:
     pubsub = redis.pubsub()
@@ -209,14 +222,7 @@ async def test_failing_command_is_retried_by_the_broker_then_failed_and_dead_let
         replies = await collect_replies(pubsub, 4)
     assert sorted(r.status for r in replies) == [200] * 4
 
-    dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
-    dead = None
-    for _ in range(100):
-        dead = await dlq.get(fail=False)
-        if dead is not None:
-            break
-        await asyncio.sleep(0.1)
-    assert dead is not None
+    dead = await next_dead_letter(broker, settings)
     assert dead.message_id == str(bad.request_id)
     assert dead.headers["x-flashclaim-reason"] == "failed"
     assert dead.headers["x-flashclaim-attempts"] == settings.max_attempts
@@ -347,14 +353,7 @@ async def test_attempts_are_counted_in_the_inbox_not_by_the_broker(
         )
     await publish(broker, settings, bad)
     consumers(1)
-    dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
-    dead = None
-    for _ in range(100):
-        dead = await dlq.get(fail=False)
-        if dead is not None:
-            break
-        await asyncio.sleep(0.1)
-    assert dead is not None
+    dead = await next_dead_letter(broker, settings)
     assert dead.headers["x-flashclaim-attempts"] == settings.max_attempts == 3
     # Failed for good at its first delivery: never handed back to the broker to retry.
     assert not [r for r in caplog.records if r.getMessage() == "command failed; requeued"]
