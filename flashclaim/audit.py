@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,17 +43,21 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def run_audit(conninfo: str, pending_older_than: float = 60.0) -> AuditReport:
-    """Run every check in one repeatable-read snapshot, so they see one state."""
+def run_audit(
+    conninfo: str, pending_older_than: float = 60.0, coupons: Sequence[str] | None = None
+) -> AuditReport:
+    """Run every check in one repeatable-read snapshot, so they see one state; over the
+    whole database, or only what concerns ``coupons`` (one sale's coupons)."""
     q = queries()
     report = AuditReport()
+    params = {"older_than": pending_older_than, "coupons": list(coupons) if coupons else None}
     with psycopg.connect(conninfo, row_factory=dict_row) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         with conn.transaction():
-            row = conn.execute(q["audit_totals"].encode()).fetchone()
+            row = conn.execute(q["audit_totals"].encode(), params).fetchone()
             report.totals = dict(row) if row else {}
             for name, _ in CHECKS:
-                rows = conn.execute(q[name].encode(), {"older_than": pending_older_than})
+                rows = conn.execute(q[name].encode(), params)
                 report.violations[name] = [
                     {k: str(v) for k, v in r.items()} for r in rows.fetchall()
                 ]

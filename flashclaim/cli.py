@@ -95,7 +95,9 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim.audit import run_audit
 
     try:
-        report = run_audit(settings.database_url, pending_older_than=args.pending_older_than)
+        report = run_audit(
+            settings.database_url, pending_older_than=args.pending_older_than, coupons=args.coupon
+        )
     except psycopg.OperationalError as exc:
         print(f"flashclaim audit: cannot reach the database: {exc}", file=sys.stderr)
         return 2
@@ -231,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="a PENDING inbox row older than this is a violation (default 60)",
+    )
+    p.add_argument(
+        "--coupon",
+        action="append",
+        metavar="NAME",
+        help="audit only what concerns this coupon (repeat for several; default: all)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_audit, service="audit")

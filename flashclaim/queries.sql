@@ -99,9 +99,12 @@ WHERE inbox.status <> 'PROCESSED'
 RETURNING retry_count, status;
 
 -- name: audit_stock
+-- Every audit query takes %(coupons)s: NULL for the whole database, or the coupon
+-- names one sale is about (`flashclaim audit --coupon`).
 SELECT c.name, c.amount, c.remaining_amount, count(cl.id) AS claimed
 FROM coupons c
 LEFT JOIN claims cl ON cl.coupon_name = c.name
+WHERE %(coupons)s::text[] IS NULL OR c.name = ANY(%(coupons)s::text[])
 GROUP BY c.name
 HAVING c.remaining_amount <> c.amount - count(cl.id) OR c.remaining_amount < 0
 ORDER BY c.name
@@ -110,6 +113,7 @@ LIMIT 100;
 -- name: audit_duplicate_holders
 SELECT coupon_name, user_id, count(*) AS claims
 FROM claims
+WHERE %(coupons)s::text[] IS NULL OR coupon_name = ANY(%(coupons)s::text[])
 GROUP BY coupon_name, user_id
 HAVING count(*) > 1
 LIMIT 100;
@@ -119,7 +123,8 @@ LIMIT 100;
 SELECT cl.message_id, cl.coupon_name, i.status, i.result_status
 FROM claims cl
 LEFT JOIN inbox i ON i.message_id = cl.message_id
-WHERE i.message_id IS NULL OR i.status <> 'PROCESSED' OR i.result_status <> 200
+WHERE (i.message_id IS NULL OR i.status <> 'PROCESSED' OR i.result_status <> 200)
+  AND (%(coupons)s::text[] IS NULL OR cl.coupon_name = ANY(%(coupons)s::text[]))
 LIMIT 100;
 
 -- name: audit_success_without_claim
@@ -128,17 +133,25 @@ SELECT i.message_id, i.payload ->> 'coupon_name' AS coupon_name
 FROM inbox i
 LEFT JOIN claims cl ON cl.message_id = i.message_id
 WHERE i.status = 'PROCESSED' AND i.result_status = 200 AND cl.id IS NULL
+  AND (%(coupons)s::text[] IS NULL OR i.payload ->> 'coupon_name' = ANY(%(coupons)s::text[]))
 LIMIT 100;
 
 -- name: audit_stale_pending
 SELECT message_id, created_at, retry_count, error
 FROM inbox
 WHERE status = 'PENDING' AND created_at < now() - make_interval(secs => %(older_than)s)
+  AND (%(coupons)s::text[] IS NULL OR payload ->> 'coupon_name' = ANY(%(coupons)s::text[]))
 ORDER BY created_at
 LIMIT 100;
 
 -- name: audit_totals
-SELECT (SELECT count(*) FROM coupons) AS coupons,
-       (SELECT count(*) FROM claims) AS claims,
-       (SELECT count(*) FROM inbox) AS inbox,
-       (SELECT count(*) FROM inbox WHERE status = 'FAILED') AS failed;
+SELECT (SELECT count(*) FROM coupons
+        WHERE %(coupons)s::text[] IS NULL OR name = ANY(%(coupons)s::text[])) AS coupons,
+       (SELECT count(*) FROM claims
+        WHERE %(coupons)s::text[] IS NULL OR coupon_name = ANY(%(coupons)s::text[])) AS claims,
+       (SELECT count(*) FROM inbox
+        WHERE %(coupons)s::text[] IS NULL
+           OR payload ->> 'coupon_name' = ANY(%(coupons)s::text[])) AS inbox,
+       (SELECT count(*) FROM inbox WHERE status = 'FAILED'
+          AND (%(coupons)s::text[] IS NULL
+               OR payload ->> 'coupon_name' = ANY(%(coupons)s::text[]))) AS failed;

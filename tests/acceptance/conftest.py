@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from flashclaim.devstack import Stack
 from flashclaim.settings import Settings
@@ -126,6 +128,29 @@ class Services:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+
+async def until_sold_out_in_gateway(
+    http: aiohttp.ClientSession, services: Services, coupon: str, timeout: float = 10
+) -> None:
+    """Until the gateway answers claims on the sold-out ``coupon`` by itself: a probe's
+    answer is then kept under its fast-answer key (gateway/finals.py reads the holders of
+    a sold-out coupon once, in the background)."""
+    redis = aioredis.from_url(services.settings.redis_url)
+    try:
+        async with asyncio.timeout(timeout):
+            for i in itertools.count():
+                async with http.post(
+                    f"{services.base_url}/api/coupons/claim",
+                    json={"user_id": f"probe_{i}", "coupon_name": coupon},
+                ) as r:
+                    body = await r.json()
+                assert body.get("code") == "out_of_stock", body
+                if await redis.exists(f"{services.settings.namespace}:fast:{body['request_id']}"):
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        await redis.aclose()
 
 
 @pytest.fixture

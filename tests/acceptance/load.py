@@ -130,7 +130,15 @@ def verify(settings: Settings, load: Load, answers: list[Answer]) -> None:
         else:
             assert a.status in (400, 409), f"{a}: no inbox row for a {a.status}"
     audit = subprocess.run(
-        [sys.executable, "-m", "flashclaim.cli", "audit", "--pending-older-than", "300"],
+        [
+            sys.executable,
+            "-m",
+            "flashclaim.cli",
+            "audit",
+            "--pending-older-than",
+            "300",
+            *(arg for name in load.names for arg in ("--coupon", name)),
+        ],
         env=service_env(settings),
         capture_output=True,
         text=True,

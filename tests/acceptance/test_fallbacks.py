@@ -9,7 +9,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from flashclaim.results import ResultStore
-from tests.acceptance.conftest import Services
+from tests.acceptance.conftest import Services, until_sold_out_in_gateway
 from tests.acceptance.test_contract import call, claim, create
 
 
@@ -56,7 +56,7 @@ async def test_answers_given_in_the_gateway_are_kept_briefly_and_never_overwrite
     await create(http, services, coupon_name, 1)
     winner = await claim(http, services, "alice", coupon_name)
     assert (await claim(http, services, "bob", coupon_name))[1]["code"] == "out_of_stock"
-    await asyncio.sleep(0.5)  # the gateway reads the sold-out coupon's holders once
+    await until_sold_out_in_gateway(http, services, coupon_name)
     losers = await asyncio.gather(*(claim(http, services, f"u{i}", coupon_name) for i in range(50)))
     again = await claim(http, services, "alice", coupon_name)
     assert {s for s, _, _ in losers} == {400} and again[0] == 409

@@ -45,6 +45,25 @@ def restore(own_servers: Stack) -> Iterator[Stack]:
             server.start()
 
 
+async def redelivered(settings: Settings, timeout: float = 10) -> int:
+    """Messages the broker delivered again to the namespace's command queues, from its
+    management API (its figures are up to a second old in the test stack)."""
+    api = settings.amqp_management_url.rstrip("/")
+    auth = {"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="}  # guest:guest
+    count = 0
+    async with aiohttp.ClientSession(headers=auth) as http:
+        for _ in range(int(timeout / 0.5)):
+            count = 0
+            for name in settings.topology().claims_queues:
+                async with http.get(f"{api}/api/queues/%2F/{name}") as r:
+                    stats = (await r.json()).get("message_stats", {})
+                    count += int(stats.get("redeliver", 0))
+            if count:
+                return count
+            await asyncio.sleep(0.5)
+    return count
+
+
 async def started(services: Services, http: aiohttp.ClientSession, consumers: int = 1) -> Load:
     for _ in range(consumers):
         services.start_consumer()
@@ -68,27 +87,43 @@ async def test_consumer_killed_and_restarted_mid_load(
     services.start_consumer(consumer_index=0, **sharing)
     answers = await load.finish()
     verify(settings, load, answers)
+    # The kill hit claims in flight: what the victim held unacknowledged came back.
+    assert await redelivered(settings) > 0, "the kill reached no message"
 
 
 async def test_rabbitmq_restarted_mid_load(
     services: Services, http: aiohttp.ClientSession, settings: Settings, restore: Stack
 ) -> None:
-    load = await started(services, http)
+    """The broker restarts while claims are queued (the consumer is frozen for the
+    moment, so a backlog waits in the queues and in its hands): new claims are refused
+    at once, the queued ones answer 202 and get their final answer after the restart."""
+    consumer = services.start_consumer()
+    await services.start_gateway(**GATEWAY)
+    load = await Load(services, http).start()
     await load.reached(0.3)
-    assert restore.rabbitmq is not None
-    await asyncio.to_thread(restore.rabbitmq.stop)
-    # While the broker is away, a claim is refused at once with a Retry-After.
-    async with http.post(
-        f"{services.base_url}/api/coupons/claim",
-        json={"user_id": "late", "coupon_name": load.names[0]},
-    ) as r:
-        assert r.status == 503
-        assert (await r.json())["code"] == "service_unavailable"
-        assert int(r.headers["Retry-After"]) >= 1
-    await asyncio.to_thread(restore.rabbitmq.start)
+    consumer.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(GATEWAY["claim_wait_seconds"] + 0.5)  # waiting claims get 202
+        assert restore.rabbitmq is not None
+        await asyncio.to_thread(restore.rabbitmq.stop)
+        # While the broker is away, a claim is refused at once with a Retry-After.
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        async with http.post(
+            f"{services.base_url}/api/coupons/claim",
+            json={"user_id": "late", "coupon_name": load.names[0]},
+        ) as r:
+            assert r.status == 503
+            assert (await r.json())["code"] == "service_unavailable"
+            assert int(r.headers["Retry-After"]) >= 1
+        assert loop.time() - asked < 0.5
+        await asyncio.to_thread(restore.rabbitmq.start)
+    finally:
+        consumer.send_signal(signal.SIGCONT)
     answers = await load.finish()
     verify(settings, load, answers)
-    assert any(a.retries for a in answers), "the outage never reached a client"
+    assert any(a.pending for a in answers), "no queued claim waited through the restart"
+    assert any(a.retries for a in answers), "no client was refused during the restart"
 
 
 async def test_postgres_stopped_for_ten_seconds_mid_load(
@@ -149,6 +184,8 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
         channel = await connection.channel()
         dlq = await channel.declare_queue(settings.topology().claims_dlq, passive=True)
         assert dlq.declaration_result.message_count == 0
+    # The consumer held its messages through the outage: none given back to be tried again.
+    assert await redelivered(settings, timeout=3) == 0
 
 
 @pytest.mark.parametrize("server", ["postgres", "rabbitmq", "redis"])
@@ -184,6 +221,8 @@ async def test_redis_restarted_mid_load(
     await asyncio.to_thread(restore.redis.start)
     answers = await load.finish()
     verify(settings, load, answers)
+    # Without Redis no result reaches the gateway: claims in flight waited (202).
+    assert any(a.pending or a.retries for a in answers), "the restart reached no claim"
 
 
 async def test_malformed_message_mid_load_is_dead_lettered_without_delaying_others(
@@ -290,12 +329,17 @@ async def test_consumer_killed_between_commit_and_ack_answers_once_from_the_inbo
             victim.send_signal(signal.SIGKILL)
             victim.wait()
     # Committed but never acknowledged: all of them are back in the queue.
+    # (The broker notices the dead connection and requeues in its own time: wait for it.)
     async with await aio_pika.connect(settings.amqp_url) as connection:
         channel = await connection.channel()
-        waiting = 0
-        for name in settings.topology().claims_queues:
-            queue = await channel.declare_queue(name, passive=True)
-            waiting += queue.declaration_result.message_count
+        for _ in range(100):
+            waiting = 0
+            for name in settings.topology().claims_queues:
+                queue = await channel.declare_queue(name, passive=True)
+                waiting += queue.declaration_result.message_count or 0
+            if waiting >= len(users):
+                break
+            await asyncio.sleep(0.1)
         assert waiting == len(users)
     services.start_consumer()
     responses = await asyncio.gather(*claims)

@@ -8,7 +8,7 @@ import uuid
 import aiohttp
 
 from flashclaim.settings import Settings
-from tests.acceptance.conftest import Services
+from tests.acceptance.conftest import Services, until_sold_out_in_gateway
 from tests.acceptance.test_contract import call, claim, create
 
 
@@ -79,7 +79,7 @@ async def test_reusing_a_key_for_another_coupon_while_the_first_is_in_flight_is_
     await create(http, services, sold_out, 1)
     assert (await claim(http, services, "carol", sold_out))[0] == 200
     assert (await claim(http, services, "dave", sold_out))[1]["code"] == "out_of_stock"
-    await asyncio.sleep(0.5)  # the gateway reads the sold-out coupon's holders once
+    await until_sold_out_in_gateway(http, services, sold_out)
     status, body, _ = await claim(http, services, "erin", sold_out)
     assert (status, body["code"]) == (400, "out_of_stock")
 

@@ -17,7 +17,7 @@ import pytest
 from flashclaim import scenarios
 from flashclaim.messages import ClaimCommand
 from flashclaim.settings import Settings
-from tests.acceptance.conftest import LOGS, Services
+from tests.acceptance.conftest import LOGS, Services, free_port
 from tests.conftest import create_coupon_row
 from tests.proxy import Proxy
 
@@ -114,7 +114,18 @@ async def test_gateway_sigterm_drains_in_flight_requests(
         )
         for i in range(20)
     ]
-    await asyncio.sleep(0.5)
+    # Every claim is published (queued, waiting for a consumer) when the signal comes.
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        for _ in range(100):
+            queued = 0
+            for name in settings.topology().claims_queues:
+                queue = await channel.declare_queue(name, passive=True)
+                queued += queue.declaration_result.message_count or 0
+            if queued == 20:
+                break
+            await asyncio.sleep(0.05)
+    assert queued == 20
     gateway.send_signal(signal.SIGTERM)
     responses = await asyncio.gather(*in_flight)
     assert [r.status for r in responses] == [202] * 20
@@ -157,19 +168,51 @@ async def test_overloaded_gateway_refuses_with_503_instead_of_queueing(
 async def test_rate_limit_answers_429_per_client(
     services: Services, http: aiohttp.ClientSession, coupon_name: str
 ) -> None:
+    """A token bucket per client address: one client's burst does not limit another,
+    tokens come back at the configured rate, health checks and the admin port are apart."""
     await services.start_gateway(rate_limit_per_second=0.5, rate_limit_burst=3)
+    url = f"{services.base_url}/api/coupons/{coupon_name}"
     statuses = []
+    retry_after = 0
     for _ in range(5):
-        async with http.get(f"{services.base_url}/api/coupons/{coupon_name}") as r:
+        async with http.get(url) as r:
             statuses.append(r.status)
             if r.status == 429:
                 body = await r.json()
                 assert body["code"] == "rate_limited"
-                assert int(r.headers["Retry-After"]) >= 1
+                retry_after = int(r.headers["Retry-After"])
+                assert retry_after >= 1
     assert statuses == [404, 404, 404, 429, 429]
+    # Another client (another source address on loopback) has a bucket of its own.
+    other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=other) as second:
+        for _ in range(3):
+            async with second.get(url) as r:
+                assert r.status == 404
+        async with second.get(url) as r:
+            assert r.status == 429
     # Health checks are not rate limited.
     async with http.get(f"{services.base_url}/healthz") as r:
         assert r.status == 200
+    # After Retry-After the first client has a token again: one per two seconds, not a
+    # refilled bucket (3).
+    await asyncio.sleep(retry_after)
+    served = 0
+    for _ in range(3):
+        async with http.get(url) as r:
+            if r.status == 429:
+                break
+            assert r.status == 404
+            served += 1
+    assert 1 <= served <= 2, served
+    # The operators' API is another port, another process: never limited.
+    admin_port = free_port()
+    token = "t" * 40
+    await services.start_admin(admin_port, admin_token=token)
+    headers = {"Authorization": f"Bearer {token}", "X-Operator": "test"}
+    for _ in range(10):
+        async with http.get(f"http://127.0.0.1:{admin_port}/admin/dlq", headers=headers) as r:
+            assert r.status == 200
 
 
 def any_alive(pids: set[int]) -> bool:

@@ -45,8 +45,8 @@ def broken(settings: Settings, coupon_name: str) -> Iterator[str]:
         )
         conn.execute(
             "INSERT INTO inbox (message_id, sender, event_type, payload, created_at)"
-            " VALUES (%s, 't', 'x', '{}', now() - interval '2 hours')",
-            (stale,),
+            " VALUES (%s, 't', 'x', %s, now() - interval '2 hours')",
+            (stale, f'{{"coupon_name": "{coupon_name}"}}'),
         )
     yield coupon_name
     with psycopg.connect(settings.database_url) as conn:
@@ -75,6 +75,34 @@ def test_audit_reports_every_violation_and_fails(settings: Settings, broken: str
     assert result.returncode == 1
     assert "audit: FAILED" in result.stdout
     assert broken in result.stdout
+
+
+def test_audit_of_some_coupons_sees_only_them(settings: Settings, broken: str) -> None:
+    """`--coupon` audits one sale: the broken coupon's every violation is found when it
+    is named, and a sound coupon passes although the database holds the broken one."""
+    sound = f"SOUND_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute(
+            "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, 5, 5)", (sound,)
+        )
+    try:
+        report = run_audit(settings.database_url, pending_older_than=3600, coupons=[broken])
+        found = {name for name, rows in report.violations.items() if rows}
+        assert found == {
+            "audit_stock",
+            "audit_claims_without_success",
+            "audit_success_without_claim",
+            "audit_stale_pending",
+        }
+        assert report.totals == {"coupons": 1, "claims": 1, "inbox": 2, "failed": 0}
+        result = audit(settings, "--pending-older-than", "3600", "--coupon", sound)
+        assert result.returncode == 0, result.stdout
+        assert "coupons=1, claims=0, inbox=0" in result.stdout
+        result = audit(settings, "--coupon", sound, "--coupon", broken)
+        assert result.returncode == 1 and broken in result.stdout
+    finally:
+        with psycopg.connect(settings.database_url) as conn:
+            conn.execute("DELETE FROM coupons WHERE name = %s", (sound,))
 
 
 def test_audit_says_when_it_cannot_reach_the_database() -> None:

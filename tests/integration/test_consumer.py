@@ -362,3 +362,52 @@ async def test_attempts_are_counted_in_the_inbox_not_by_the_broker(
         assert conn.execute(
             "SELECT status, retry_count FROM inbox WHERE message_id = %s", (bad.request_id,)
         ).fetchone() == ("FAILED", 3)
+
+
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])  # serialization failure, deadlock
+async def test_a_lost_race_runs_the_batch_again_without_spending_an_attempt(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+    coupon_name: str,
+    sqlstate: str,
+) -> None:
+    """The batch transaction loses a race three times in a row (a trigger raises the
+    SQLSTATE, counting in a sequence, which rollbacks do not undo): it runs again at
+    once, and the claim is applied with no failed attempt recorded."""
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    trigger = f"race_{coupon_name.lower()}"
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"""
+            CREATE SEQUENCE {trigger};
+            CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('{trigger}') <= 3 THEN
+                    RAISE EXCEPTION 'simulated lost race' USING ERRCODE = '{sqlstate}';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER {trigger} BEFORE INSERT ON claims FOR EACH ROW
+            WHEN (NEW.coupon_name = '{coupon_name}') EXECUTE FUNCTION {trigger}();
+        """)
+    command = ClaimCommand(uuid.uuid4(), "user_1", coupon_name, REPLIES)
+    try:
+        async with subscribed(redis) as pubsub:
+            await publish(broker, settings, command)
+            consumers(1)
+            (reply,) = await collect_replies(pubsub, 1)
+        assert (reply.request_id, reply.status) == (command.request_id, 200)
+        with psycopg.connect(settings.database_url) as conn:
+            assert conn.execute(
+                "SELECT status, retry_count FROM inbox WHERE message_id = %s",
+                (command.request_id,),
+            ).fetchone() == ("PROCESSED", 0)
+            # The races were lost (three raised, the fourth insert went through).
+            assert conn.execute(f"SELECT last_value FROM {trigger}").fetchone() == (4,)
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(
+                f"DROP TRIGGER IF EXISTS {trigger} ON claims; DROP FUNCTION IF EXISTS {trigger}();"
+                f"DROP SEQUENCE IF EXISTS {trigger};"
+            )
