@@ -81,6 +81,10 @@ async def test_consumer_killed_and_restarted_mid_load(
     await services.start_gateway(**GATEWAY)
     load = await Load(services, http).start()
     await load.reached(0.3)
+    # Frozen first for a moment, so that the broker has handed it claims it never
+    # acknowledges: the kill then certainly hits messages in flight.
+    victim.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(0.5)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     await load.reached(0.5)
