@@ -19,6 +19,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: deps venv  ## pgbench ceiling and end-to-end figures, on servers of its own
 	$(BIN)/python bench/run.py

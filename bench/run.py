@@ -29,11 +29,11 @@ from typing import Any
 
 import psycopg
 
-from flashclaim.db import apply_schema
-from flashclaim.devstack import Stack
-from flashclaim.loadreport import Report
-from flashclaim.loadtest import run_scenario
-from flashclaim.processes import terminate
+from flashclaim.core.db import apply_schema
+from flashclaim.devtools.devstack import Stack
+from flashclaim.devtools.loadreport import Report
+from flashclaim.devtools.loadtest import run_scenario
+from flashclaim.devtools.processes import terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench"

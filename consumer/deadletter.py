@@ -9,33 +9,25 @@ topology is declared again (which restores the DLQ) and the copy sent once more;
 fails too, the original is rejected and the broker dead-letters it itself (``x-death``
 reason ``rejected``), holding it under its at-least-once dead-letter strategy until the
 DLQ takes it. Commands the broker dead-letters on its own (``x-death`` reason
-``delivery_limit``) carry only ``x-death``.
+``delivery_limit``) carry only ``x-death``. The headers and the copy are built by
+flashclaim/core/deadletters.py, which also reads them back for the operators.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from flashclaim.topology import CLAIM_ROUTING_KEY
+from flashclaim.core.deadletters import copy_of, failure_headers, properties_of
+from flashclaim.core.topology import CLAIM_ROUTING_KEY
 
 log = logging.getLogger(__name__)
 
-HEADER_PREFIX = "x-flashclaim-"
 
-
-def delivery_count(message: AbstractIncomingMessage) -> int:
-    """Earlier deliveries of this message, as counted by the broker (quorum queues)."""
-    value = (message.headers or {}).get("x-delivery-count", 0)
-    return value if isinstance(value, int) else 0
-
-
-class DeadLetterer:
+class DeadLetterPublisher:
     def __init__(
         self,
         exchange: AbstractExchange,
@@ -56,33 +48,8 @@ class DeadLetterer:
         attempts: int | None = None,
     ) -> None:
         """Move ``message`` to the DLQ; ``attempts`` are its failed attempts so far."""
-        headers: dict[str, Any] = dict(message.headers or {})
-        headers.update(
-            {
-                f"{HEADER_PREFIX}reason": reason,
-                f"{HEADER_PREFIX}error-type": type(error).__name__,
-                f"{HEADER_PREFIX}error": str(error)[:2000],
-                f"{HEADER_PREFIX}service": self._service,
-                f"{HEADER_PREFIX}failed-at": dt.datetime.now(dt.UTC).isoformat(),
-                f"{HEADER_PREFIX}attempts": (
-                    attempts if attempts is not None else delivery_count(message) + 1
-                ),
-                f"{HEADER_PREFIX}original-exchange": message.exchange or "",
-                f"{HEADER_PREFIX}original-routing-key": message.routing_key or "",
-            }
-        )
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            content_type=message.content_type,
-            app_id=message.app_id,
-            type=message.type,
-            timestamp=message.timestamp,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        headers = failure_headers(message, reason, error, self._service, attempts)
+        copy = copy_of(message.message_id, message.body, headers, properties_of(message))
         try:
             await self._publish(copy)
         except Exception as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from flashclaim.messages import ClaimCommand, Outcome
+from flashclaim.core.messages import ClaimCommand, Outcome
 
 
 def decide(

@@ -11,16 +11,16 @@ from typing import TypeVar
 from aio_pika.abc import AbstractRobustConnection
 from psycopg_pool import AsyncConnectionPool
 
-from consumer.deadletter import DeadLetterer
+from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.worker import ClaimWorker
-from flashclaim import broker
-from flashclaim.db import create_pool
-from flashclaim.policies import apply_configured
-from flashclaim.results import ResultStore
-from flashclaim.results import connect as connect_redis
-from flashclaim.settings import Settings
-from flashclaim.signals import stop_event_on_signals
+from flashclaim.core import broker
+from flashclaim.core.db import create_pool
+from flashclaim.core.policies import apply_configured
+from flashclaim.core.results import ResultStore
+from flashclaim.core.results import connect as connect_redis
+from flashclaim.core.settings import Settings
+from flashclaim.core.signals import stop_event_on_signals
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,7 +78,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             receiver,
             pool,
             ResultStore(redis, settings.namespace, settings.result_ttl_seconds),
-            DeadLetterer(
+            DeadLetterPublisher(
                 declared.dead_letters,
                 f"consumer {settings.instance_id}",
                 repair=lambda: topology.declare(channel),

@@ -20,8 +20,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
 from consumer.decide import decide
-from flashclaim.db import queries
-from flashclaim.messages import CLAIM_EVENT, ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.db import queries
+from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, ClaimResult, Outcome
 
 
 @dataclass(frozen=True, slots=True)

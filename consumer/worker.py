@@ -30,14 +30,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from psycopg_pool import AsyncConnectionPool
 from tenacity import RetryCallState
 
-from consumer.deadletter import DeadLetterer, delivery_count
+from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.store import BatchOutcome, Delivery, apply_batch
-from flashclaim.db import queries
-from flashclaim.errors import PoisonMessage
-from flashclaim.messages import CLAIM_EVENT, ClaimCommand
-from flashclaim.results import ResultStore
-from flashclaim.retry import contention_retry, is_outage, outage_retry, transient_retry
+from flashclaim.core.db import queries
+from flashclaim.core.deadletters import delivery_count
+from flashclaim.core.errors import PoisonMessage
+from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand
+from flashclaim.core.results import ResultStore
+from flashclaim.core.retry import contention_retry, is_outage, outage_retry, transient_retry
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class ClaimWorker:
         receiver: BatchReceiver,
         pool: AsyncConnectionPool,
         results: ResultStore,
-        dead_letters: DeadLetterer,
+        dead_letters: DeadLetterPublisher,
         worker_id: str,
         max_attempts: int = 3,
     ) -> None:

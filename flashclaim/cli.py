@@ -9,11 +9,18 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from flashclaim import logs
-from flashclaim.errors import ConfigError
-from flashclaim.settings import Settings
+from flashclaim.core import logs
+from flashclaim.core.errors import ConfigError
+from flashclaim.core.settings import Settings
 
 log = logging.getLogger("flashclaim")
+# Packages of the optional extras (pyproject.toml), for a clear error when one is missing.
+EXTRAS = {
+    "hdrh": "loadtest",
+    "matplotlib": "loadtest",
+    "locust": "loadtest",
+    "supervisor": "devstack",
+}
 
 
 def _run_async(coro: Coroutine[Any, Any, None]) -> None:
@@ -34,7 +41,7 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _admin(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway import admin
+    from flashclaim.ops import admin
 
     if not settings.admin_token:
         print("flashclaim admin: set FLASHCLAIM_ADMIN_TOKEN (32+ characters)", file=sys.stderr)
@@ -51,7 +58,7 @@ def _consumer(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _schema_apply(settings: Settings, args: argparse.Namespace) -> int:
-    from flashclaim.db import apply_schema
+    from flashclaim.core.db import apply_schema
 
     apply_schema(settings.database_url)
     print("schema applied", file=sys.stderr)
@@ -60,9 +67,9 @@ def _schema_apply(settings: Settings, args: argparse.Namespace) -> int:
 
 def _topology_apply(settings: Settings, args: argparse.Namespace) -> int:
     """Declare the exchanges and queues and set their policies (idempotent)."""
-    from flashclaim import broker
-    from flashclaim.errors import DependencyUnavailable
-    from flashclaim.policies import apply_configured
+    from flashclaim.core import broker
+    from flashclaim.core.errors import DependencyUnavailable
+    from flashclaim.core.policies import apply_configured
 
     async def apply() -> None:
         await apply_configured(settings)
@@ -80,7 +87,7 @@ def _topology_apply(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _stack(settings: Settings, args: argparse.Namespace) -> int:
-    from flashclaim import devstack
+    from flashclaim.devtools import devstack
 
     if args.action == "stop":
         return devstack.stop_profile(args.profile)
@@ -92,7 +99,7 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
 
     import psycopg
 
-    from flashclaim.audit import run_audit
+    from flashclaim.ops.invariants import run_audit
 
     try:
         report = run_audit(
@@ -114,7 +121,7 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _scenarios(settings: Settings, args: argparse.Namespace) -> int:
-    from flashclaim import scenarios
+    from flashclaim.devtools import scenarios
 
     reports = asyncio.run(scenarios.run_all(args.url.rstrip("/"), burst=args.burst))
     for report in reports:
@@ -127,7 +134,7 @@ def _scenarios(settings: Settings, args: argparse.Namespace) -> int:
 def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flashclaim.loadtest import run_scenario
+    from flashclaim.devtools.loadtest import run_scenario
 
     params = {
         k: v
@@ -172,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = topology.add_parser("apply", help="declare them and set the policies (idempotent)")
     a.set_defaults(func=_topology_apply, service="topology")
 
-    from flashclaim.devstack import PROFILES
+    from flashclaim.devtools.devstack import PROFILES
 
     p = sub.add_parser(
         "stack",
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--read-share", type=float, default=0.3)
     p.set_defaults(func=_loadtest, service="loadtest")
 
-    from flashclaim import dlq_cli
+    from flashclaim.ops import dlq_cli
 
     dlq_cli.add_parser(sub, argparse.ArgumentParser(add_help=False))
 
@@ -260,7 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flashclaim: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, args.service)
-    return int(args.func(settings, args))
+    try:
+        return int(args.func(settings, args))
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"flashclaim {args.command}: needs the {extra!r} extra "
+            f"(pip install 'flashclaim[{extra}]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

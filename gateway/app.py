@@ -9,12 +9,12 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashclaim import broker
-from flashclaim.db import create_pool
-from flashclaim.errors import DependencyUnavailable
-from flashclaim.results import ResultStore
-from flashclaim.results import connect as connect_redis
-from flashclaim.settings import Settings
+from flashclaim.core import broker
+from flashclaim.core.db import create_pool
+from flashclaim.core.errors import DependencyUnavailable
+from flashclaim.core.results import ResultStore
+from flashclaim.core.results import connect as connect_redis
+from flashclaim.core.settings import Settings
 from gateway.claims import ClaimService
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes

@@ -9,9 +9,9 @@ from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
-from flashclaim.errors import Overloaded
-from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
-from flashclaim.results import ResultStore
+from flashclaim.core.errors import Overloaded
+from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.results import ResultStore
 from gateway.finals import FinalAnswers
 from gateway.idempotency import IdempotencyKeyReused
 from gateway.publisher import ClaimPublisher

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import uuid
 
 from aiohttp import web
 
-from flashclaim.errors import DependencyUnavailable
-from flashclaim.messages import ClaimCommand, ClaimResult
+from flashclaim.core.errors import DependencyUnavailable
+from flashclaim.core.messages import ClaimCommand, ClaimResult
 from gateway import validation
 from gateway.jsonresponse import json_response
 from gateway.middleware import error_response

@@ -23,8 +23,8 @@ import hmac
 import secrets
 import uuid
 
-from flashclaim.errors import FlashclaimError
-from flashclaim.settings import IDEMPOTENCY_SECRET_MIN
+from flashclaim.core.errors import FlashclaimError
+from flashclaim.core.settings import IDEMPOTENCY_SECRET_MIN
 
 
 class IdempotencyKeyReused(FlashclaimError):

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashclaim.errors import (
+from flashclaim.core.errors import (
     CouponExists,
     CouponNotFound,
     DependencyUnavailable,

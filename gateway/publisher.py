@@ -11,9 +11,9 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from circuitbreaker import CircuitBreaker
 
-from flashclaim import broker
-from flashclaim.errors import DependencyUnavailable
-from flashclaim.messages import CLAIM_EVENT, ClaimCommand
+from flashclaim.core import broker
+from flashclaim.core.errors import DependencyUnavailable
+from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand
 
 
 class ClaimPublisher:

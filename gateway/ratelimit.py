@@ -11,7 +11,7 @@ import math
 
 import redis.asyncio as aioredis
 
-from flashclaim.errors import RateLimited
+from flashclaim.core.errors import RateLimited
 
 log = logging.getLogger(__name__)
 

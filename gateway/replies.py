@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 
-from flashclaim.messages import ClaimResult
+from flashclaim.core.messages import ClaimResult
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from flashclaim.db import queries
-from flashclaim.errors import CouponExists, CouponNotFound, DependencyUnavailable
-from flashclaim.messages import ClaimResult
+from flashclaim.core.db import queries
+from flashclaim.core.errors import CouponExists, CouponNotFound, DependencyUnavailable
+from flashclaim.core.messages import ClaimResult
 from gateway.nextflight import NextFlight
 
 

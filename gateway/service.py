@@ -28,7 +28,7 @@ from aiohttp.worker import GunicornUVLoopWebWorker
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
 from gateway.access_log import CanonicalAccessLogger
 from gateway.app import create_app
 from gateway.idempotency import random_secret

@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flashclaim.errors import InvalidInput
-from flashclaim.messages import check_name
+from flashclaim.core.errors import InvalidInput
+from flashclaim.core.messages import check_name
 
 AMOUNT_MAX = 2_147_483_647  # PostgreSQL integer
 IDEMPOTENCY_KEY_MAX = 255

@@ -16,9 +16,9 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from flashclaim.db import apply_schema
-from flashclaim.devstack import ENV_URLS, Stack
-from flashclaim.settings import PREFIX, Settings
+from flashclaim.core.db import apply_schema
+from flashclaim.core.settings import PREFIX, Settings
+from flashclaim.devtools.devstack import ENV_URLS, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 _URL_VARS = set(ENV_URLS.values())

@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from flashclaim.devstack import Stack
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
+from flashclaim.devtools.devstack import Stack
 from tests.conftest import make_settings
 
 LOGS = Path(__file__).resolve().parents[2] / ".stack" / "test" / "services"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import psycopg
 
-from flashclaim.client import Answer, ClaimClient
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
+from flashclaim.devtools.client import Answer, ClaimClient
 from tests.acceptance.conftest import Services, service_env
 
 

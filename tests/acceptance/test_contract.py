@@ -10,7 +10,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import Services
 
 

@@ -23,9 +23,9 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from flashclaim.messages import ClaimCommand
-from flashclaim.policies import apply_configured
-from flashclaim.settings import Settings
+from flashclaim.core.messages import ClaimCommand
+from flashclaim.core.policies import apply_configured
+from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import LOGS, Services, free_port, service_env
 from tests.conftest import create_coupon_row
 

@@ -8,7 +8,7 @@ import uuid
 import aiohttp
 import redis.asyncio as aioredis
 
-from flashclaim.results import ResultStore
+from flashclaim.core.results import ResultStore
 from tests.acceptance.conftest import Services, until_sold_out_in_gateway
 from tests.acceptance.test_contract import call, claim, create
 

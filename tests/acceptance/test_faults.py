@@ -19,8 +19,8 @@ import aiohttp
 import psycopg
 import pytest
 
-from flashclaim.devstack import Stack
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
+from flashclaim.devtools.devstack import Stack
 from tests.acceptance.conftest import Services
 from tests.acceptance.load import Load, verify
 

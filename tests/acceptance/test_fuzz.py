@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashclaim.messages import check_name
+from flashclaim.core.messages import check_name
 from tests.acceptance.conftest import Services, free_port
 
 

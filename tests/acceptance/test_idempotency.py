@@ -7,7 +7,7 @@ import uuid
 
 import aiohttp
 
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import Services, until_sold_out_in_gateway
 from tests.acceptance.test_contract import call, claim, create
 

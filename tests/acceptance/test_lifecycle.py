@@ -14,9 +14,9 @@ import aiohttp
 import psycopg
 import pytest
 
-from flashclaim import scenarios
-from flashclaim.messages import ClaimCommand
-from flashclaim.settings import Settings
+from flashclaim.core.messages import ClaimCommand
+from flashclaim.core.settings import Settings
+from flashclaim.devtools import scenarios
 from tests.acceptance.conftest import LOGS, Services, free_port
 from tests.conftest import create_coupon_row
 from tests.proxy import Proxy

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiohttp
 
-from flashclaim.loadreport import Report
-from flashclaim.loadtest import Run
+from flashclaim.devtools.loadreport import Report
+from flashclaim.devtools.loadtest import Run
 from tests.acceptance.conftest import Services
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ import urllib.parse
 import aiohttp
 import pytest
 
-from flashclaim import scenarios
-from flashclaim.devstack import Stack
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
+from flashclaim.devtools import scenarios
+from flashclaim.devtools.devstack import Stack
 from tests.acceptance.conftest import Services
 
 

@@ -8,7 +8,7 @@ import uuid
 
 import aiohttp
 
-from flashclaim import scenarios
+from flashclaim.devtools import scenarios
 from tests.acceptance.conftest import LOGS, Services
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from flashclaim import supervision
-from flashclaim.devstack import PROFILES
+from flashclaim.devtools import supervision
+from flashclaim.devtools.devstack import PROFILES
 from tests.acceptance.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from flashclaim.audit import run_audit
-from flashclaim.settings import Settings
+from flashclaim.core.settings import Settings
+from flashclaim.ops.invariants import run_audit
 
 
 def audit(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer import service
-from flashclaim.messages import ClaimCommand, ClaimResult
-from flashclaim.results import ResultStore
-from flashclaim.settings import Settings
+from flashclaim.core.messages import ClaimCommand, ClaimResult
+from flashclaim.core.results import ResultStore
+from flashclaim.core.settings import Settings
 from tests.conftest import create_coupon_row
 
 REPLIES = "replies-under-test"

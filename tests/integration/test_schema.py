@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from flashclaim.db import apply_schema
-from flashclaim.settings import Settings
+from flashclaim.core.db import apply_schema
+from flashclaim.core.settings import Settings
 
 
 @contextlib.contextmanager

@@ -8,8 +8,8 @@ import uuid
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.store import Delivery, apply_batch
-from flashclaim.messages import ClaimCommand
-from flashclaim.settings import Settings
+from flashclaim.core.messages import ClaimCommand
+from flashclaim.core.settings import Settings
 from tests.conftest import create_coupon_row
 
 

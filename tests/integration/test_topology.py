@@ -8,8 +8,8 @@ import urllib.parse
 import aiohttp
 
 from consumer import service
-from flashclaim.policies import policies
-from flashclaim.settings import Settings
+from flashclaim.core.policies import policies
+from flashclaim.core.settings import Settings
 
 
 async def effective(settings: Settings, queue: str) -> dict[str, object]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 
 from consumer.decide import decide
-from flashclaim.messages import ClaimCommand, Outcome
+from flashclaim.core.messages import ClaimCommand, Outcome
 
 
 def claim(user: str, coupon: str = "C") -> ClaimCommand:

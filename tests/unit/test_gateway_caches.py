@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 from gateway.finals import FinalAnswers
 from gateway.nextflight import NextFlight
 

@@ -5,8 +5,8 @@ import uuid
 import orjson
 import pytest
 
-from flashclaim.errors import PoisonMessage
-from flashclaim.messages import ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.errors import PoisonMessage
+from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 
 
 def test_command_round_trips() -> None:

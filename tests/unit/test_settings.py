@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from flashclaim.errors import ConfigError
-from flashclaim.settings import Settings
+from flashclaim.core.errors import ConfigError
+from flashclaim.core.settings import Settings
 
 
 def test_defaults_match_the_local_stack() -> None:

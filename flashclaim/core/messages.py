@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from flashclaim.errors import InvalidInput, PoisonMessage
+from flashclaim.core.errors import InvalidInput, PoisonMessage
 
 VERSION = 1
 CLAIM_EVENT = "coupon.claim.requested"

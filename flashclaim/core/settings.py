@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from flashclaim.errors import ConfigError
+from flashclaim.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from flashclaim.topology import Topology
+    from flashclaim.core.topology import Topology
 
 PREFIX = "FLASHCLAIM_"
 ADMIN_TOKEN_MIN_LENGTH = 32
@@ -37,7 +37,7 @@ class Settings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:55672/"
     # RabbitMQ's management HTTP API, through which consumers set the queues' policies
     # (delivery limit, dead-lettering) at start; credentials default to the AMQP URL's.
-    # Empty: the operator sets them (see flashclaim/policies.py).
+    # Empty: the operator sets them (see flashclaim/core/policies.py).
     amqp_management_url: str = "http://127.0.0.1:55673/"
     redis_url: str = "redis://127.0.0.1:56379/0"
     # Prefix of every exchange, queue and Redis key, so that several deployments (or
@@ -119,7 +119,7 @@ class Settings:
         return settings
 
     def topology(self) -> Topology:
-        from flashclaim.topology import Topology
+        from flashclaim.core.topology import Topology
 
         return Topology(self.namespace, self.delivery_limit, self.partitions)
 

@@ -27,11 +27,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashclaim import broker
-from flashclaim.dlq import DeadLetters, Selection, seconds
-from flashclaim.errors import ConfigError, InvalidInput
-from flashclaim.settings import PREFIX, Settings
-from flashclaim.signals import stop_event_on_signals
+from flashclaim.core import broker
+from flashclaim.core.deadletters import BadSelection, DeadLetterQueue, Selection
+from flashclaim.core.errors import ConfigError, InvalidInput
+from flashclaim.core.settings import PREFIX, Settings
+from flashclaim.core.signals import stop_event_on_signals
 from gateway import validation
 from gateway.access_log import CanonicalAccessLogger
 from gateway.jsonresponse import json_response
@@ -39,7 +39,7 @@ from gateway.middleware import errors_middleware
 
 log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("admin_settings", Settings)
-DLQ = web.AppKey("dlq", DeadLetters)
+DLQ = web.AppKey("dlq", DeadLetterQueue)
 routes = web.RouteTableDef()
 
 
@@ -70,18 +70,9 @@ async def _bearer_token(request: web.Request, handler: Handler) -> web.StreamRes
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     connection = await broker.connect(s.amqp_url, f"gateway admin {s.instance_id}")
-    app[DLQ] = DeadLetters(connection, s.topology())
+    app[DLQ] = DeadLetterQueue(connection, s.topology())
     yield
     await connection.close()
-
-
-def _seconds(value: object) -> float:
-    try:
-        return seconds(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(
-            "'older_than' must be a finite, non-negative number of seconds"
-        ) from None
 
 
 def _operator(request: web.Request) -> str:
@@ -93,28 +84,18 @@ def _operator(request: web.Request) -> str:
     return f"{named} via http from {request.remote or 'unknown'}"
 
 
-def _selection(data: dict[str, Any]) -> Selection:
-    ids = data.get("message_ids") or []
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InvalidInput("'message_ids' must be a list of strings")
-    older = data.get("older_than")
-    if older is not None:
-        if not isinstance(older, int | float):
-            raise InvalidInput("'older_than' must be a number of seconds")
-        older = _seconds(older)
-    for key in ("reason", "coupon"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise InvalidInput(f"'{key}' must be a string")
-    selection = Selection(
-        frozenset(ids),
-        data.get("reason"),
-        data.get("coupon"),
-        None if older is None else float(older),
-        data.get("all") is True,
-    )
-    if selection.empty:
-        raise InvalidInput("name message_ids, a filter (reason, coupon, older_than) or all")
-    return selection
+def _selection(data: dict[str, Any], required: bool = True) -> Selection:
+    try:
+        return Selection.of(
+            data.get("message_ids"),
+            data.get("reason"),
+            data.get("coupon"),
+            data.get("older_than"),
+            data.get("all") is True,
+            required=required,
+        )
+    except BadSelection as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 @routes.get("/admin/dlq")
@@ -125,28 +106,23 @@ async def stats(request: web.Request) -> web.Response:
 @routes.get("/admin/dlq/messages")
 async def list_messages(request: web.Request) -> web.Response:
     q = request.query
-    older = _seconds(q["older_than"]) if "older_than" in q else None
     try:
         limit = int(q.get("limit", "100"))
     except ValueError:
         raise InvalidInput("'limit' must be a whole number") from None
     if limit < 0:
         raise InvalidInput("'limit' cannot be negative")
-    selection = Selection(reason=q.get("reason"), coupon=q.get("coupon"), older_than=older)
-    dlq = request.app[DLQ]
-    letters = [x for name in dlq.queues for x in await dlq.peek(name)]
-    return json_response([x.summary() for x in letters if selection.matches(x)][:limit])
+    selection = _selection(dict(q), required=False)
+    letters = await request.app[DLQ].select(selection)
+    return json_response([x.summary() for x in letters][:limit])
 
 
 @routes.get("/admin/dlq/messages/{message_id}")
 async def show(request: web.Request) -> web.Response:
-    dlq = request.app[DLQ]
-    wanted = request.match_info["message_id"]
-    for name in dlq.queues:
-        for letter in await dlq.peek(name):
-            if letter.message_id == wanted:
-                return json_response(letter.full())
-    return json_response({"error": "no such dead letter", "code": "not_found"}, status=404)
+    letter = await request.app[DLQ].find(request.match_info["message_id"])
+    if letter is None:
+        return json_response({"error": "no such dead letter", "code": "not_found"}, status=404)
+    return json_response(letter.full())
 
 
 @routes.post("/admin/dlq/replay")

@@ -1,4 +1,10 @@
-"""Dead-lettered claims: read them without consuming, replay or purge them safely.
+"""Dead letters: their format, and reading, replaying and purging them safely.
+
+This module owns the dead-letter format: the ``x-flashclaim-*`` headers the consumer
+writes when it moves a command to the DLQ (``failure_headers``, used by
+consumer/deadletter.py) are the ones read back here (``DeadLetter``), and the outgoing
+copy is built in one place (``copy_of``). The CLI (ops/dlq_cli.py) and the HTTP API
+(ops/admin.py) are front ends over ``DeadLetterQueue`` and ``Selection``.
 
 Reading ("peeking") subscribes to the dead-letter queue, takes up to ``scan`` messages
 without acknowledging them, and closes the channel: every message goes back to the
@@ -30,10 +36,100 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from flashclaim.topology import Topology
+from flashclaim.core.topology import Topology
 
-audit_log = logging.getLogger("flashclaim.audit")
+operations_log = logging.getLogger("flashclaim.operations")
+
+# The header contract. Written by the consumer when it dead-letters a command:
 HEADER = "x-flashclaim-"
+REASON = f"{HEADER}reason"  # poison | failed (the broker's own: x-death reason)
+ERROR_TYPE = f"{HEADER}error-type"
+ERROR = f"{HEADER}error"  # at most 2,000 characters
+SERVICE = f"{HEADER}service"  # the consumer instance
+FAILED_AT = f"{HEADER}failed-at"  # ISO 8601, UTC
+ATTEMPTS = f"{HEADER}attempts"  # failed attempts so far
+ORIGINAL_EXCHANGE = f"{HEADER}original-exchange"
+ORIGINAL_ROUTING_KEY = f"{HEADER}original-routing-key"
+# Written by a replay, on the republished command:
+REPLAYS = f"{HEADER}replays"
+REPLAYED_AT = f"{HEADER}replayed-at"
+# The broker's own, dropped on a replay (a fresh start):
+_BROKER_HEADERS = ("x-death", "x-delivery-count")
+_BROKER_PREFIXES = ("x-first-death", "x-last-death")
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier deliveries of this message, as counted by the broker (quorum queues)."""
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
+
+
+def failure_headers(
+    message: AbstractIncomingMessage,
+    reason: str,
+    error: BaseException,
+    service: str,
+    attempts: int | None = None,
+) -> dict[str, Any]:
+    """The message's headers plus why it is dead-lettered; ``attempts`` are its failed
+    attempts so far (default: the broker's delivery count, plus this one)."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    headers.update(
+        {
+            REASON: reason,
+            ERROR_TYPE: type(error).__name__,
+            ERROR: str(error)[:2000],
+            SERVICE: service,
+            FAILED_AT: dt.datetime.now(dt.UTC).isoformat(),
+            ATTEMPTS: attempts if attempts is not None else delivery_count(message) + 1,
+            ORIGINAL_EXCHANGE: message.exchange or "",
+            ORIGINAL_ROUTING_KEY: message.routing_key or "",
+        }
+    )
+    return headers
+
+
+def replay_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """A fresh start for a replayed command: no death history and no attempt count, and
+    the replay recorded."""
+    fresh = {
+        k: v
+        for k, v in headers.items()
+        if not (k.startswith(HEADER) or k in _BROKER_HEADERS or k.startswith(_BROKER_PREFIXES))
+    }
+    replays = headers.get(REPLAYS)
+    fresh[REPLAYS] = (replays if isinstance(replays, int) else 0) + 1
+    fresh[REPLAYED_AT] = dt.datetime.now(dt.UTC).isoformat()
+    return fresh
+
+
+def copy_of(
+    message_id: str | None, body: bytes, headers: dict[str, Any], properties: dict[str, Any]
+) -> aio_pika.Message:
+    """A persistent copy of a command, with the given headers and its properties."""
+    return aio_pika.Message(
+        body,
+        headers=headers,
+        message_id=message_id or None,
+        correlation_id=properties.get("correlation_id"),
+        reply_to=properties.get("reply_to"),
+        content_type=properties.get("content_type"),
+        app_id=properties.get("app_id"),
+        type=properties.get("type"),
+        timestamp=properties.get("timestamp"),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def properties_of(message: AbstractIncomingMessage) -> dict[str, Any]:
+    return {
+        "content_type": message.content_type,
+        "app_id": message.app_id,
+        "type": message.type,
+        "reply_to": message.reply_to,
+        "correlation_id": message.correlation_id,
+        "timestamp": message.timestamp,
+    }
 
 
 def _text(value: Any) -> str:
@@ -69,15 +165,15 @@ class DeadLetter:
 
     @property
     def reason(self) -> str:
-        return _text(self.headers.get(f"{HEADER}reason")) or _text(self.death.get("reason"))
+        return _text(self.headers.get(REASON)) or _text(self.death.get("reason"))
 
     @property
     def error_type(self) -> str:
-        return _text(self.headers.get(f"{HEADER}error-type"))
+        return _text(self.headers.get(ERROR_TYPE))
 
     @property
     def error(self) -> str:
-        return _text(self.headers.get(f"{HEADER}error"))
+        return _text(self.headers.get(ERROR))
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -99,7 +195,7 @@ class DeadLetter:
 
     @property
     def delivery_count(self) -> int:
-        attempts = self.headers.get(f"{HEADER}attempts")
+        attempts = self.headers.get(ATTEMPTS)
         if isinstance(attempts, int):
             return attempts
         count = self.death.get("count")
@@ -108,7 +204,7 @@ class DeadLetter:
     @property
     def death_times(self) -> list[dt.datetime]:
         times = [_time(d.get("time")) for d in self.headers.get("x-death") or []]
-        times.append(_time(self.headers.get(f"{HEADER}failed-at")))
+        times.append(_time(self.headers.get(FAILED_AT)))
         return sorted(t for t in times if t is not None)
 
     @property
@@ -122,8 +218,8 @@ class DeadLetter:
     @property
     def origin(self) -> tuple[str, str]:
         """The exchange and routing key the message was first published to."""
-        exchange = _text(self.headers.get(f"{HEADER}original-exchange"))
-        key = _text(self.headers.get(f"{HEADER}original-routing-key"))
+        exchange = _text(self.headers.get(ORIGINAL_EXCHANGE))
+        key = _text(self.headers.get(ORIGINAL_ROUTING_KEY))
         if not exchange and self.death:
             exchange = _text(self.death.get("exchange"))
             keys = self.death.get("routing-keys") or []
@@ -156,7 +252,7 @@ class DeadLetter:
             **self.summary(),
             "original_exchange": exchange,
             "original_routing_key": key,
-            "properties": self.properties,
+            "properties": _jsonable(self.properties),
             "headers": _jsonable(self.headers),
             "body": self.body.decode(errors="replace"),
         }
@@ -179,13 +275,7 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
         message_id=message.message_id or "",
         body=message.body,
         headers=dict(message.headers or {}),
-        properties={
-            "content_type": message.content_type,
-            "app_id": message.app_id,
-            "type": message.type,
-            "reply_to": message.reply_to,
-            "timestamp": message.timestamp.isoformat() if message.timestamp else None,
-        },
+        properties=properties_of(message),
     )
 
 
@@ -207,7 +297,11 @@ def local_operator() -> str:
         return f"uid:{os.getuid()}"
 
 
-@dataclass
+class BadSelection(ValueError):
+    """A selection an operator gave that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
 class Selection:
     """Which dead letters an operation applies to."""
 
@@ -216,6 +310,44 @@ class Selection:
     coupon: str | None = None
     older_than: float | None = None  # seconds since the first death
     every: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        message_ids: object = None,
+        reason: object = None,
+        coupon: object = None,
+        older_than: object = None,
+        every: object = False,
+        *,
+        required: bool = False,
+    ) -> Selection:
+        """A selection from what a front end was given (parsed JSON or command-line
+        values), checked: raises :class:`BadSelection` with a message for the operator.
+        ``required``: refuse an empty selection (replay and purge must name something)."""
+        ids = message_ids or []
+        if not isinstance(ids, list | tuple | frozenset) or not all(
+            isinstance(i, str) for i in ids
+        ):
+            raise BadSelection("'message_ids' must be a list of strings")
+        texts: list[str | None] = []
+        for name, value in (("reason", reason), ("coupon", coupon)):
+            if value is not None and not isinstance(value, str):
+                raise BadSelection(f"'{name}' must be a string")
+            texts.append(value or None)
+        if older_than is not None:
+            if isinstance(older_than, bool) or not isinstance(older_than, int | float | str):
+                raise BadSelection("'older_than' must be a number of seconds")
+            try:
+                older_than = seconds(older_than)
+            except ValueError as exc:
+                raise BadSelection(f"'older_than': {exc}") from None
+        if not isinstance(every, bool):
+            raise BadSelection("'all' must be true or false")
+        selection = cls(frozenset(ids), texts[0], texts[1], older_than, every)
+        if required and selection.empty:
+            raise BadSelection("name message ids, a filter (reason, coupon, older_than) or all")
+        return selection
 
     def matches(self, letter: DeadLetter) -> bool:
         if self.message_ids and letter.message_id not in self.message_ids:
@@ -241,7 +373,7 @@ class Selection:
         )
 
 
-class DeadLetters:
+class DeadLetterQueue:
     """Operations on one broker's dead-letter queues."""
 
     def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
@@ -263,6 +395,14 @@ class DeadLetters:
         async with self._held(queue, scan) as held:
             letters = [_dead_letter(m) for m in held]
         return letters
+
+    async def select(self, selection: Selection, scan: int = 10_000) -> list[DeadLetter]:
+        """The matching dead letters, in queue order, all left in place."""
+        return [x for q in self.queues for x in await self.peek(q, scan) if selection.matches(x)]
+
+    async def find(self, message_id: str, scan: int = 10_000) -> DeadLetter | None:
+        found = await self.select(Selection(message_ids=frozenset([message_id])), scan)
+        return found[0] if found else None
 
     async def stats(self, scan: int = 10_000) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -313,7 +453,7 @@ class DeadLetters:
                 finally:
                     await publisher.close()
         if not dry_run:
-            _audit("replay", moved, operator)
+            _record("replay", moved, operator)
         return moved
 
     async def purge(
@@ -327,43 +467,18 @@ class DeadLetters:
                     if selection.matches(letter):
                         await message.ack()
                         removed.append(letter)
-        _audit("purge", removed, operator)
+        _record("purge", removed, operator)
         return removed
 
     async def _republish(self, channel: AbstractChannel, letter: DeadLetter) -> None:
         exchange_name, routing_key = letter.origin
         if not exchange_name:
             raise ValueError(f"message {letter.message_id} has no original exchange")
-        # A fresh start: no death history, no attempt count; the replay is recorded.
-        headers = {
-            k: v
-            for k, v in letter.headers.items()
-            if not (
-                k.startswith(HEADER)
-                or k in ("x-death", "x-delivery-count")
-                or k.startswith("x-first-death")
-                or k.startswith("x-last-death")
-            )
-        }
-        replays = letter.headers.get(f"{HEADER}replays")
-        headers[f"{HEADER}replays"] = (replays if isinstance(replays, int) else 0) + 1
-        headers[f"{HEADER}replayed-at"] = dt.datetime.now(dt.UTC).isoformat()
         exchange = await channel.get_exchange(exchange_name, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                letter.body,
-                headers=headers,
-                message_id=letter.message_id or None,
-                reply_to=letter.properties.get("reply_to"),
-                content_type=letter.properties.get("content_type"),
-                app_id=letter.properties.get("app_id"),
-                type=letter.properties.get("type"),
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key,
-            mandatory=True,
-            timeout=10,
+        copy = copy_of(
+            letter.message_id, letter.body, replay_headers(letter.headers), letter.properties
         )
+        await exchange.publish(copy, routing_key, mandatory=True, timeout=10)
 
     @asynccontextmanager
     async def _channel(self) -> AsyncIterator[AbstractChannel]:
@@ -418,8 +533,9 @@ class DeadLetters:
                 await asyncio.sleep(0.05)
 
 
-def _audit(action: str, letters: list[DeadLetter], operator: str) -> None:
-    audit_log.warning(
+def _record(action: str, letters: list[DeadLetter], operator: str) -> None:
+    """The operations log: who replayed or purged what (an audit event)."""
+    operations_log.warning(
         f"dlq {action}",
         extra={
             "audit": True,

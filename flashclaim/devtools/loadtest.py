@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from flashclaim.loadreport import Recorder, Report
+from flashclaim.devtools.loadreport import Recorder, Report
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The stack's services under supervisord: restarted when they crash, stopped in order.
 
-``make run`` starts the servers itself (flashclaim/devstack.py), then hands the
+``make run`` starts the servers itself (flashclaim/devtools/devstack.py), then hands the
 services to supervisord (the long-standing process manager of Python deployments;
 honcho stops everything when one process exits, which is the behaviour being avoided,
 and circus brings ZeroMQ for no gain here):

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from flashclaim.client import ClaimClient
+from flashclaim.devtools.client import ClaimClient
 
 
 @dataclass

@@ -33,9 +33,9 @@ from typing import Any
 
 import aiohttp
 
-from flashclaim.errors import DependencyUnavailable
-from flashclaim.settings import Settings
-from flashclaim.topology import Topology
+from flashclaim.core.errors import DependencyUnavailable
+from flashclaim.core.settings import Settings
+from flashclaim.core.topology import Topology
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from flashclaim.db import queries
+from flashclaim.core.db import queries
 
 # (query, what a row found by it means)
 CHECKS: tuple[tuple[str, str], ...] = (

@@ -538,11 +538,11 @@ class Stack:
 
 def run_foreground(profile: str, consumers: int = 1) -> int:
     """``make run``: the servers, the schema, then the gateway and consumers under
-    supervisord (flashclaim/supervision.py), until Ctrl-C or SIGTERM."""
-    from flashclaim import supervision
-    from flashclaim.db import apply_schema
-    from flashclaim.processes import StopRequest, terminate
-    from flashclaim.settings import Settings
+    supervisord (flashclaim/devtools/supervision.py), until Ctrl-C or SIGTERM."""
+    from flashclaim.core.db import apply_schema
+    from flashclaim.core.settings import Settings
+    from flashclaim.devtools import supervision
+    from flashclaim.devtools.processes import StopRequest, terminate
 
     stack = Stack(profile)
     stop = StopRequest()

@@ -15,7 +15,7 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 @functools.cache
 def queries() -> dict[str, str]:
     """Every statement of ``queries.sql`` by name, parsed once."""
-    text = importlib.resources.files("flashclaim").joinpath("queries.sql").read_text()
+    text = importlib.resources.files("flashclaim.core").joinpath("queries.sql").read_text()
     parts = _NAME.split(text)
     return {
         name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
@@ -23,7 +23,7 @@ def queries() -> dict[str, str]:
 
 
 def schema_sql() -> str:
-    return importlib.resources.files("flashclaim").joinpath("schema.sql").read_text()
+    return importlib.resources.files("flashclaim.core").joinpath("schema.sql").read_text()
 
 
 def apply_schema(conninfo: str) -> None:

@@ -59,7 +59,7 @@ class Topology:
 
     def claims_queue_arguments(self) -> dict[str, Any]:
         """Only what can never change: limits and dead-lettering are policies
-        (flashclaim/policies.py), since a queue's arguments are fixed for its life."""
+        (flashclaim/core/policies.py), since a queue's arguments are fixed for its life."""
         return {"x-queue-type": "quorum", "x-single-active-consumer": True}
 
     async def declare(self, channel: AbstractChannel) -> Declared:

@@ -13,9 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from flashclaim import broker
-from flashclaim.dlq import DeadLetter, DeadLetters, Selection, local_operator, seconds
-from flashclaim.settings import Settings
+from flashclaim.core import broker
+from flashclaim.core.deadletters import (
+    BadSelection,
+    DeadLetter,
+    DeadLetterQueue,
+    Selection,
+    local_operator,
+    seconds,
+)
+from flashclaim.core.settings import Settings
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -81,25 +88,25 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _selection(args: argparse.Namespace) -> Selection:
-    return Selection(
-        message_ids=frozenset(getattr(args, "message_ids", None) or []),
-        reason=getattr(args, "reason", None),
-        coupon=getattr(args, "coupon", None),
-        older_than=getattr(args, "older_than", None),
-        every=getattr(args, "all", False),
+    return Selection.of(
+        getattr(args, "message_ids", None),
+        getattr(args, "reason", None),
+        getattr(args, "coupon", None),
+        getattr(args, "older_than", None),
+        getattr(args, "all", False),
     )
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     connection = await broker.connect(settings.amqp_url, "flashclaim dlq", wait_seconds=5)
     try:
-        dlq = DeadLetters(connection, settings.topology())
+        dlq = DeadLetterQueue(connection, settings.topology())
         return await ACTIONS[args.action](dlq, args, sys.stdout)
     finally:
         await connection.close()
 
 
-async def _stats(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int:
+async def _stats(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
     stats = await dlq.stats(args.scan)
     if args.json:
         print(json.dumps(stats, indent=2), file=out)
@@ -131,13 +138,11 @@ def _table(letters: list[DeadLetter], out: TextIO) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)), file=out)
 
 
-async def _select(dlq: DeadLetters, args: argparse.Namespace) -> list[DeadLetter]:
-    selection = _selection(args)
-    letters = [x for q in dlq.queues for x in await dlq.peek(q, args.scan)]
-    return [x for x in letters if selection.matches(x)]
+async def _select(dlq: DeadLetterQueue, args: argparse.Namespace) -> list[DeadLetter]:
+    return await dlq.select(_selection(args), args.scan)
 
 
-async def _list(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int:
+async def _list(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
     letters = (await _select(dlq, args))[: args.limit]
     if args.json:
         print(json.dumps([x.summary() for x in letters], indent=2), file=out)
@@ -147,30 +152,28 @@ async def _list(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int:
     return 0 if letters else 1
 
 
-async def _show(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int:
-    found = [
-        x
-        for q in dlq.queues
-        for x in await dlq.peek(q, args.scan)
-        if x.message_id == args.message_id
-    ]
-    if not found:
+async def _show(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
+    letter = await dlq.find(args.message_id, args.scan)
+    if letter is None:
         print(f"no dead letter with message id {args.message_id}", file=sys.stderr)
         return 1
-    print(json.dumps(found[0].full(), indent=2, default=str), file=out)
+    print(json.dumps(letter.full(), indent=2, default=str), file=out)
     return 0
 
 
-def _refuse_empty(selection: Selection, verb: str) -> bool:
-    if selection.empty:
-        print(f"flashclaim dlq {verb}: name message ids, a filter, or --all", file=sys.stderr)
-        return True
-    return False
+def _required(args: argparse.Namespace, verb: str) -> Selection | None:
+    try:
+        return Selection.of(
+            args.message_ids, args.reason, args.coupon, args.older_than, args.all, required=True
+        )
+    except BadSelection as exc:
+        print(f"flashclaim dlq {verb}: {exc} (or --all)", file=sys.stderr)
+        return None
 
 
-async def _replay(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int:
-    selection = _selection(args)
-    if _refuse_empty(selection, "replay"):
+async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
+    selection = _required(args, "replay")
+    if selection is None:
         return 2
     done = 0
 
@@ -206,11 +209,11 @@ async def _replay(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> in
     return 0 if moved else 1
 
 
-async def _purge(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int:
-    selection = _selection(args)
-    if _refuse_empty(selection, "purge"):
+async def _purge(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
+    selection = _required(args, "purge")
+    if selection is None:
         return 2
-    matching = await _select(dlq, args)
+    matching = await dlq.select(selection, args.scan)
     if not matching:
         print("nothing matches", file=out)
         return 1
@@ -239,7 +242,7 @@ async def _purge(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int
     return 0
 
 
-async def _export(dlq: DeadLetters, args: argparse.Namespace, out: TextIO) -> int:
+async def _export(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
     letters = await _select(dlq, args)
     lines = [json.dumps(x.full(), default=str) for x in letters]
     if args.output:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 
-from flashclaim.messages import ClaimResult
+from flashclaim.core.messages import ClaimResult
 
 
 def connect(url: str, max_connections: int = 64) -> aioredis.Redis:

@@ -1,0 +1,1 @@
+"""Operators' tools: the dead-letter CLI and HTTP API, and the database audit."""
