@@ -30,10 +30,11 @@ from typing import Any
 import psycopg
 
 from flashclaim.core.db import apply_schema
+from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
 from flashclaim.devtools.loadreport import Report
 from flashclaim.devtools.loadtest import run_scenario
-from flashclaim.devtools.processes import terminate
+from flashclaim.devtools.processes import start_service, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench"
@@ -197,24 +198,17 @@ def main() -> int:
     stack.start()
     try:
         urls = stack.urls()
-        apply_schema(urls["FLASHCLAIM_DATABASE_URL"])
+        # Settings of the shell (FLASHCLAIM_*) apply, for experiments; the servers are ours.
+        settings = Settings.from_env({**os.environ, **urls}).replace(
+            http_port=PORT, log_level="WARNING", gateway_workers=2
+        )
+        apply_schema(settings.database_url)
         say("pgbench ceiling (10 s)")
-        ceiling = pgbench_ceiling(stack, urls["FLASHCLAIM_DATABASE_URL"])
-        env = {
-            **os.environ,
-            **urls,
-            "FLASHCLAIM_HTTP_PORT": str(PORT),
-            "FLASHCLAIM_LOG_LEVEL": "WARNING",
-            "FLASHCLAIM_GATEWAY_WORKERS": "2",
-        }
-        logs = open(OUT / "services.log", "wb")  # noqa: SIM115
-        exe = [sys.executable, "-m", "flashclaim.cli"]
-        procs.append(
-            subprocess.Popen([*exe, "consumer"], env=env, stdout=logs, stderr=subprocess.STDOUT)
-        )
-        procs.append(
-            subprocess.Popen([*exe, "gateway"], env=env, stdout=logs, stderr=subprocess.STDOUT)
-        )
+        ceiling = pgbench_ceiling(stack, settings.database_url)
+        log = OUT / "services.log"
+        log.unlink(missing_ok=True)
+        procs.append(start_service("consumer", settings.environ(), log))
+        procs.append(start_service("gateway", settings.environ(), log))
         wait_healthy()
         time.sleep(1)
         reports = asyncio.run(end_to_end())

@@ -40,7 +40,7 @@ def stack(clean_environment: None) -> Iterator[Stack]:
     servers = Stack("test", root=ROOT / ".stack", fresh=True)
     servers.start()
     try:
-        apply_schema(servers.urls()["FLASHCLAIM_DATABASE_URL"])
+        apply_schema(Settings.from_env(servers.urls()).database_url)
         yield servers
     finally:
         servers.stop()
@@ -53,12 +53,7 @@ def namespace() -> str:
 
 
 def make_settings(stack: Stack, namespace: str) -> Settings:
-    urls = stack.urls()
-    return Settings(
-        database_url=urls["FLASHCLAIM_DATABASE_URL"],
-        amqp_url=urls["FLASHCLAIM_AMQP_URL"],
-        redis_url=urls["FLASHCLAIM_REDIS_URL"],
-        amqp_management_url=urls["FLASHCLAIM_AMQP_MANAGEMENT_URL"],
+    return Settings.from_env(stack.urls()).replace(
         namespace=namespace,
         instance_id=f"test-{uuid.uuid4().hex[:8]}",
         claim_wait_seconds=10.0,

@@ -118,6 +118,10 @@ class Settings:
         settings.validate()
         return settings
 
+    def environ(self) -> dict[str, str]:
+        """These settings as the variables a process reads them back from."""
+        return environ(**{f.name: getattr(self, f.name) for f in fields(self)})
+
     def topology(self) -> Topology:
         from flashclaim.core.topology import Topology
 
@@ -165,6 +169,17 @@ class Settings:
             )
         if not self.namespace.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise ConfigError(f"{PREFIX}NAMESPACE may hold only letters, digits, '.', '-', '_'")
+
+
+def environ(**values: object) -> dict[str, str]:
+    """``FLASHCLAIM_*`` variables for settings given by field name (``http_port=8081``),
+    read back by :meth:`Settings.from_env`; a name that is no setting is an error, and
+    ``None`` leaves a setting out. The one place these variable names are spelled."""
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"no such setting: {', '.join(unknown)}")
+    return {PREFIX + name.upper(): str(v) for name, v in values.items() if v is not None}
 
 
 def _parse(f: dataclasses.Field[object], raw: str) -> object:

@@ -26,6 +26,8 @@ from typing import IO
 
 import psycopg
 
+from flashclaim.core.settings import Settings, environ
+
 
 class StackError(RuntimeError):
     """A local server could not be set up or started."""
@@ -458,11 +460,10 @@ def reserve_ports(ports: Ports) -> None:
         pass
 
 
-ENV_URLS = {
-    "postgres": "FLASHCLAIM_DATABASE_URL",
-    "rabbitmq": "FLASHCLAIM_AMQP_URL",
-    "redis": "FLASHCLAIM_REDIS_URL",
-}
+# The servers' settings, and the variables naming a server to use instead of starting one.
+SERVER_SETTINGS = {"postgres": "database_url", "rabbitmq": "amqp_url", "redis": "redis_url"}
+ENV_URLS = {server: next(iter(environ(**{name: "-"}))) for server, name in SERVER_SETTINGS.items()}
+MANAGEMENT_URL = next(iter(environ(amqp_management_url="-")))
 
 
 class Stack:
@@ -499,16 +500,17 @@ class Stack:
         return [s for s in (self.postgres, self.rabbitmq, self.redis) if s is not None]
 
     def urls(self) -> dict[str, str]:
-        return {
-            "FLASHCLAIM_DATABASE_URL": self.external.get("postgres") or self.postgres.url,  # type: ignore[union-attr]
-            "FLASHCLAIM_AMQP_URL": self.external.get("rabbitmq") or self.rabbitmq.url,  # type: ignore[union-attr]
-            "FLASHCLAIM_REDIS_URL": self.external.get("redis") or self.redis.url,  # type: ignore[union-attr]
-            "FLASHCLAIM_AMQP_MANAGEMENT_URL": (
+        """The servers' settings (``FLASHCLAIM_*`` variables) for the services."""
+        return environ(
+            database_url=self.external.get("postgres") or self.postgres.url,  # type: ignore[union-attr]
+            amqp_url=self.external.get("rabbitmq") or self.rabbitmq.url,  # type: ignore[union-attr]
+            redis_url=self.external.get("redis") or self.redis.url,  # type: ignore[union-attr]
+            amqp_management_url=(
                 self.rabbitmq.management_url
                 if self.rabbitmq is not None
-                else self._environ.get("FLASHCLAIM_AMQP_MANAGEMENT_URL", "")
+                else self._environ.get(MANAGEMENT_URL, "")
             ),
-        }
+        )
 
     def start(self) -> None:
         reserve_ports(self.ports)
@@ -540,7 +542,6 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
     """``make run``: the servers, the schema, then the gateway and consumers under
     supervisord (flashclaim/devtools/supervision.py), until Ctrl-C or SIGTERM."""
     from flashclaim.core.db import apply_schema
-    from flashclaim.core.settings import Settings
     from flashclaim.devtools import supervision
     from flashclaim.devtools.processes import StopRequest, terminate
 
@@ -550,15 +551,15 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
     try:
         print(f"flashclaim: starting servers in {stack.root} ...", file=sys.stderr, flush=True)
         stack.start()
-        env = {**os.environ, **stack.urls()}
-        apply_schema(env["FLASHCLAIM_DATABASE_URL"])
         # Two gateway processes share the port unless told otherwise (2-core machines).
-        env.setdefault("FLASHCLAIM_GATEWAY_WORKERS", "2")
-        grace = Settings.from_env(env).shutdown_grace_seconds
+        env = {**environ(gateway_workers=2), **os.environ, **stack.urls()}
+        settings = Settings.from_env(env)
+        apply_schema(settings.database_url)
+        grace = settings.shutdown_grace_seconds
         conf = supervision.config(stack.root, consumers, env, grace)
         supervisor = subprocess.Popen(supervision.command(conf), env=env, start_new_session=True)
         record_pid(stack.root, "supervisord", supervisor.pid)
-        _print_summary(stack, env, conf)
+        _print_summary(stack, settings, conf)
         while not stop.requested:
             if supervisor.poll() is not None:
                 print("flashclaim: supervisord exited; stopping", file=sys.stderr)
@@ -585,19 +586,18 @@ def stop_profile(profile: str) -> int:
     return 0
 
 
-def _print_summary(stack: Stack, env: Mapping[str, str], conf: Path) -> None:
-    port = env.get("FLASHCLAIM_HTTP_PORT", "8080")
+def _print_summary(stack: Stack, settings: Settings, conf: Path) -> None:
     lines = [
         "",
         "flashclaim is running (Ctrl-C stops everything):",
-        f"  API              http://127.0.0.1:{port}/api/coupons",
-        f"  PostgreSQL       {env['FLASHCLAIM_DATABASE_URL']}",
-        f"  RabbitMQ         {env['FLASHCLAIM_AMQP_URL']}",
+        f"  API              http://127.0.0.1:{settings.http_port}/api/coupons",
+        f"  PostgreSQL       {settings.database_url}",
+        f"  RabbitMQ         {settings.amqp_url}",
     ]
     if stack.rabbitmq is not None:
         lines.append(f"  RabbitMQ UI      {stack.rabbitmq.management_url}  (guest / guest)")
     lines += [
-        f"  Redis            {env['FLASHCLAIM_REDIS_URL']}",
+        f"  Redis            {settings.redis_url}",
         f"  server logs      {stack.root}/*.log",
         f"  services         {Path(sys.executable).parent / 'supervisorctl'} -c {conf} status",
         "                   (a service that crashes is restarted)",

@@ -1,11 +1,55 @@
-"""Supervising child processes: a stop request, and stopping the children."""
+"""Starting flashclaim's service processes, and stopping child processes.
+
+Every tool that starts a gateway, a consumer or the admin API (the local stack, the
+benchmark, the acceptance tests) builds the command and the environment here.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import FrameType
+
+from flashclaim.core.settings import PREFIX
+
+ROLES = ("gateway", "consumer", "admin")
+
+
+def service_command(role: str) -> list[str]:
+    """The command line of one service: ``flashclaim <role>`` with this interpreter."""
+    if role not in ROLES:
+        raise ValueError(f"no such service: {role!r} (one of {', '.join(ROLES)})")
+    return [sys.executable, "-m", "flashclaim.cli", role]
+
+
+def service_env(
+    settings: Mapping[str, str], base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``base`` (default: this process's environment) without any ``FLASHCLAIM_*``
+    variable of its own, plus ``settings`` (from :func:`flashclaim.core.settings.environ`
+    or :meth:`Settings.environ`): the service sees exactly the settings it is given."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()}
+    env = {k: v for k, v in env.items() if not k.startswith(PREFIX)}
+    env.update(settings)
+    return env
+
+
+def start_service(
+    role: str, settings: Mapping[str, str], log: Path, base: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start one service with these settings, its output appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            service_command(role),
+            env=service_env(settings, base),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 class StopRequest:

@@ -22,6 +22,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from flashclaim.core.settings import environ
+from flashclaim.devtools.processes import service_command
+
+ADMIN_TOKEN = next(iter(environ(admin_token="-")))
+
 # A service that ran this long counts as started: a crash later is restarted at once.
 START_SECONDS = 3
 START_RETRIES = 5
@@ -32,12 +37,10 @@ def programs(consumers: int, env: Mapping[str, str]) -> dict[str, dict[str, str]
     progs: dict[str, dict[str, str]] = {"gateway": {}}
     for i in range(consumers):
         # The consumers share the partitions (each one the stand-by of the others').
-        progs[f"consumer-{i}"] = {
-            "FLASHCLAIM_CONSUMER_COUNT": str(consumers),
-            "FLASHCLAIM_CONSUMER_INDEX": str(i),
-            "FLASHCLAIM_INSTANCE_ID": f"consumer-{i}",
-        }
-    if env.get("FLASHCLAIM_ADMIN_TOKEN"):
+        progs[f"consumer-{i}"] = environ(
+            consumer_count=consumers, consumer_index=i, instance_id=f"consumer-{i}"
+        )
+    if env.get(ADMIN_TOKEN):
         progs["admin"] = {}
     return progs
 
@@ -67,7 +70,7 @@ def config(root: Path, consumers: int, env: Mapping[str, str], grace: float) -> 
     ]
     role = {"gateway": "gateway", "admin": "admin"}
     for name, extra in programs(consumers, env).items():
-        command = f"{sys.executable} -m flashclaim.cli {role.get(name, 'consumer')}"
+        command = " ".join(service_command(role.get(name, "consumer")))
         lines += [
             "",
             f"[program:{name}]",

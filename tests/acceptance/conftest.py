@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
 import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from flashclaim.core.settings import Settings
+from flashclaim.devtools import processes
 from flashclaim.devtools.devstack import Stack
 from tests.conftest import make_settings
 
@@ -33,19 +32,10 @@ def free_port() -> int:
 
 
 def service_env(settings: Settings, **overrides: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHCLAIM_")}
-    values = {
-        "database_url": settings.database_url,
-        "amqp_url": settings.amqp_url,
-        "amqp_management_url": settings.amqp_management_url,
-        "redis_url": settings.redis_url,
-        "namespace": settings.namespace,
-        "log_level": "INFO",
-        "shutdown_grace_seconds": 5,
-        **overrides,
-    }
-    env.update({f"FLASHCLAIM_{k.upper()}": str(v) for k, v in values.items()})
-    return env
+    """The environment of a service (or a CLI command) run with ``settings``, a short
+    shutdown grace, and ``overrides`` (setting names)."""
+    chosen = settings.replace(**{"log_level": "INFO", "shutdown_grace_seconds": 5, **overrides})
+    return processes.service_env(chosen.environ())
 
 
 @dataclass
@@ -62,17 +52,12 @@ class Services:
         return f"http://127.0.0.1:{self.port}"
 
     def _spawn(self, role: str, **overrides: Any) -> subprocess.Popen[bytes]:
-        LOGS.mkdir(parents=True, exist_ok=True)
         instance = overrides.pop("instance_id", f"{role}-{uuid.uuid4().hex[:8]}")
-        log = open(LOGS / f"{self.settings.namespace}-{instance}.log", "wb")  # noqa: SIM115
-        env = service_env(self.settings, instance_id=instance, **overrides)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flashclaim.cli", role],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        proc = processes.start_service(
+            role,
+            service_env(self.settings, instance_id=instance, **overrides),
+            LOGS / f"{self.settings.namespace}-{instance}.log",
         )
-        log.close()
         self.procs.append(proc)
         return proc
 

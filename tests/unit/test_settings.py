@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from flashclaim.core.errors import ConfigError
-from flashclaim.core.settings import Settings
+from flashclaim.core.settings import Settings, environ
 
 
 def test_defaults_match_the_local_stack() -> None:
@@ -38,3 +38,19 @@ def test_values_are_read_with_the_prefix_and_typed() -> None:
 def test_bad_values_fail_clearly(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_settings_given_to_a_process_are_read_back_unchanged() -> None:
+    """Every tool starts services with ``environ``/``Settings.environ``: a process must
+    see exactly the settings it was given (the defaults included)."""
+    given = Settings(
+        http_port=9999,
+        claim_wait_seconds=0.25,
+        namespace="shop-2",
+        admin_token="a" * 40,
+        instance_id="consumer-7",
+    )
+    assert Settings.from_env(given.environ()) == given
+    assert environ(http_port=1, admin_token=None) == {"FLASHCLAIM_HTTP_PORT": "1"}
+    with pytest.raises(TypeError, match="no such setting: htp_port"):
+        environ(htp_port=1)
