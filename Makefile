@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run stop test lint bench deps venv scenarios clean
+.PHONY: run stop test lint bench deps venv scenarios lock clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
@@ -32,11 +32,21 @@ deps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installed from the lock (exact versions, hashes checked), then the project itself.
+$(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# After changing dependencies in pyproject.toml: pin them again (uv, from the dev extra).
+# requirements.lock is what production installs (the image); requirements-dev.lock adds
+# the extras for tests, load tests, the local stack and linting.
+LOCK := $(BIN)/uv pip compile pyproject.toml -q --universal --python-version 3.11 --generate-hashes
+lock: venv
+	$(LOCK) -o requirements.lock
+	$(LOCK) --extra dev -o requirements-dev.lock
 
 clean:
 	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg
 
-from flashclaim.core.db import apply_schema
+from flashclaim.core.db import migrate
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
 from flashclaim.devtools.loadreport import Report
@@ -202,7 +202,7 @@ def main() -> int:
         settings = Settings.from_env({**os.environ, **urls}).replace(
             http_port=PORT, log_level="WARNING", gateway_workers=2
         )
-        apply_schema(settings.database_url)
+        migrate(settings.database_url)
         say("pgbench ceiling (10 s)")
         ceiling = pgbench_ceiling(stack, settings.database_url)
         log = OUT / "services.log"

@@ -57,11 +57,21 @@ def _consumer(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _schema_apply(settings: Settings, args: argparse.Namespace) -> int:
-    from flashclaim.core.db import apply_schema
+def _schema(settings: Settings, args: argparse.Namespace) -> int:
+    import psycopg
 
-    apply_schema(settings.database_url)
-    print("schema applied", file=sys.stderr)
+    from flashclaim.core.db import migrate, pending_migrations
+
+    try:
+        if args.action == "status":
+            pending = pending_migrations(settings.database_url)
+            print("up to date" if not pending else "pending: " + ", ".join(pending))
+            return 0 if not pending else 1
+        applied = migrate(settings.database_url)
+    except psycopg.OperationalError as exc:
+        print(f"flashclaim schema: cannot reach the database: {exc}", file=sys.stderr)
+        return 2
+    print(("applied " + ", ".join(applied)) if applied else "schema up to date", file=sys.stderr)
     return 0
 
 
@@ -171,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="database schema")
     schema = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = schema.add_parser("apply", help="apply schema.sql (idempotent)")
-    a.set_defaults(func=_schema_apply, service="schema")
+    a = schema.add_parser("apply", help="apply the pending migrations (each once)")
+    a.set_defaults(func=_schema, service="schema")
+    a = schema.add_parser("status", help="list the pending migrations; exit 1 if any")
+    a.set_defaults(func=_schema, service="schema")
 
     p = sub.add_parser("topology", help="RabbitMQ exchanges, queues and policies")
     topology = p.add_subparsers(dest="action", required=True, metavar="ACTION")

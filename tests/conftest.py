@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from flashclaim.core.db import apply_schema
+from flashclaim.core.db import migrate
 from flashclaim.core.settings import PREFIX, Settings
 from flashclaim.devtools.devstack import ENV_URLS, Stack
 
@@ -40,7 +40,7 @@ def stack(clean_environment: None) -> Iterator[Stack]:
     servers = Stack("test", root=ROOT / ".stack", fresh=True)
     servers.start()
     try:
-        apply_schema(Settings.from_env(servers.urls()).database_url)
+        migrate(Settings.from_env(servers.urls()).database_url)
         yield servers
     finally:
         servers.stop()

@@ -541,7 +541,7 @@ class Stack:
 def run_foreground(profile: str, consumers: int = 1) -> int:
     """``make run``: the servers, the schema, then the gateway and consumers under
     supervisord (flashclaim/devtools/supervision.py), until Ctrl-C or SIGTERM."""
-    from flashclaim.core.db import apply_schema
+    from flashclaim.core.db import migrate
     from flashclaim.devtools import supervision
     from flashclaim.devtools.processes import StopRequest, terminate
 
@@ -554,7 +554,7 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         # Two gateway processes share the port unless told otherwise (2-core machines).
         env = {**environ(gateway_workers=2), **os.environ, **stack.urls()}
         settings = Settings.from_env(env)
-        apply_schema(settings.database_url)
+        migrate(settings.database_url)
         grace = settings.shutdown_grace_seconds
         conf = supervision.config(stack.root, consumers, env, grace)
         supervisor = subprocess.Popen(supervision.command(conf), env=env, start_new_session=True)

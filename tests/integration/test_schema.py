@@ -1,4 +1,4 @@
-"""The database itself enforces the invariants, and the schema applies twice."""
+"""The database itself enforces the invariants, and the migrations apply once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from flashclaim.core.db import apply_schema
+from flashclaim.core.db import migrate
 from flashclaim.core.settings import Settings
 
 
@@ -23,8 +23,8 @@ def rollback(conn: psycopg.Connection[Any]) -> Iterator[None]:
 
 
 def test_schema_applies_twice(settings: Settings) -> None:
-    apply_schema(settings.database_url)
-    apply_schema(settings.database_url)
+    migrate(settings.database_url)
+    assert migrate(settings.database_url) == []
 
 
 def test_database_refuses_what_the_code_must_never_do(settings: Settings, coupon_name: str) -> None:
