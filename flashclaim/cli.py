@@ -43,7 +43,7 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 def _admin(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim.ops import admin
 
-    if not settings.admin_token:
+    if not settings.admin_token.get_secret_value():
         print("flashclaim admin: set FLASHCLAIM_ADMIN_TOKEN (32+ characters)", file=sys.stderr)
         return 2
     _run_async(admin.run(settings))

@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> web.Application:
     app[READINESS] = {}
     # An unset secret is drawn by the process that starts the gateway workers and
     # handed to them (gateway/service.py); a lone process draws its own.
-    app[REQUEST_IDS] = RequestIds(settings.idempotency_secret or random_secret())
+    app[REQUEST_IDS] = RequestIds(settings.idempotency_secret.get_secret_value() or random_secret())
     app.add_routes(routes)
     app.cleanup_ctx.extend([_database, _redis, _broker, _claims])
     return app

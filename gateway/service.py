@@ -111,7 +111,7 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
     def __init__(self, settings: Settings) -> None:
         # Every worker must derive the same request id from an Idempotency-Key: the
         # secret is settled here, before the workers are forked.
-        if not settings.idempotency_secret:
+        if not settings.idempotency_secret.get_secret_value():
             settings = settings.replace(idempotency_secret=shared_secret())
         self._settings = settings
         super().__init__()

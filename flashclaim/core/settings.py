@@ -1,13 +1,28 @@
-"""Typed settings, read once from ``FLASHCLAIM_*`` environment variables."""
+"""Typed settings, read once from ``FLASHCLAIM_*`` environment variables.
+
+pydantic checks them (types, ranges, the rules between them) and reports every bad
+variable at once. They are read by :meth:`Settings.from_env` from any mapping, not
+only ``os.environ``: the tools start services from settings they build (``environ``)
+and the tests read a mapping of their own, which pydantic-settings' sources cannot take
+without patching ``os.environ``; reading the prefixed names is the few lines below.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from flashclaim.core.errors import ConfigError
 
@@ -20,18 +35,30 @@ IDEMPOTENCY_SECRET_MIN = 32
 # Settings where an empty value is a choice (turn the feature off), not "use the default".
 _EMPTY_MEANS_OFF = frozenset({"amqp_management_url"})
 
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+Port = Annotated[int, Field(gt=0, le=65_535)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+]
+
 
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(BaseModel):
     """Everything a flashclaim process can be configured with.
 
     Each field ``name`` is read from ``FLASHCLAIM_<NAME>``; the defaults match the local
     stack that ``make run`` starts.
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     database_url: str = "postgresql://flashclaim@127.0.0.1:55432/flashclaim"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:55672/"
@@ -42,154 +69,153 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:56379/0"
     # Prefix of every exchange, queue and Redis key, so that several deployments (or
     # test runs) can share one broker and one Redis.
-    namespace: str = "flashclaim"
+    namespace: str = Field("flashclaim", pattern=r"^[A-Za-z0-9._-]+$")
     http_host: str = "127.0.0.1"
-    http_port: int = 8080
+    http_port: Port = 8080
     # The operators' dead-letter API (/admin/dlq) is served only when a token (at least
     # ADMIN_TOKEN_MIN_LENGTH characters) is set, on its own address: loopback unless
     # told otherwise, whatever HTTP_HOST is.
-    admin_token: str = ""
+    admin_token: SecretStr = SecretStr("")
     admin_host: str = "127.0.0.1"
-    admin_port: int = 8081
+    admin_port: Port = 8081
     # Key of the HMAC that turns an Idempotency-Key into a request id (at least 32
     # characters; every gateway of a deployment needs the same one). Unset: each
     # gateway supervisor draws one at start, so retries are recognised by the gateway
     # processes it runs, until it restarts.
-    idempotency_secret: str = ""
+    idempotency_secret: SecretStr = SecretStr("")
     # Gateway processes sharing the port (SO_REUSEPORT); each has its own reply channel.
-    gateway_workers: int = 1
+    gateway_workers: Positive = 1
     # How long a claim request waits for its result before answering 202.
-    claim_wait_seconds: float = 5.0
+    claim_wait_seconds: PositiveSeconds = 5.0
     # How long results stay in Redis for GET /api/claims/{id} and Idempotency-Key replays
     # (PostgreSQL's inbox keeps them for good).
-    result_ttl_seconds: int = 86_400
+    result_ttl_seconds: Positive = 86_400
     # How long an answer the gateway gave without a round trip (409 for a holder, 400
     # for a sold-out coupon) stays readable at /api/claims/{id}. Such answers can come
     # at HTTP speed after a sell-out, so they are kept briefly (bounds Redis memory).
-    fast_answer_ttl_seconds: int = 600
-    max_body_bytes: int = 65_536
+    fast_answer_ttl_seconds: Positive = 600
+    max_body_bytes: Positive = 65_536
     # How long the gateway waits for the broker to confirm a claim before answering 503.
-    publish_timeout_seconds: float = 5.0
-    db_pool_min_size: int = 1
-    db_pool_max_size: int = 10
-    consumer_prefetch: int = 1000
+    publish_timeout_seconds: PositiveSeconds = 5.0
+    db_pool_min_size: Positive = 1
+    db_pool_max_size: Positive = 10
+    consumer_prefetch: Positive = 1000
     # Command queues; a coupon's claims always go to the same one. Changing it moves
     # coupons between queues: drain the queues first.
-    partitions: int = 4
+    partitions: Positive = 4
     # Consumers share the partitions: consumer i of n takes partitions p with
     # p % n == i at once, and the others after STANDBY_DELAY_SECONDS, as a stand-by
     # that the broker switches to if their consumer goes away.
-    consumer_count: int = 1
-    consumer_index: int = 0
-    standby_delay_seconds: float = 2.0
-    batch_size: int = 200
-    batch_linger_ms: float = 1.0
+    consumer_count: Positive = 1
+    consumer_index: NonNegative = 0
+    standby_delay_seconds: Seconds = 2.0
+    batch_size: Positive = 200
+    batch_linger_ms: NonNegativeNumber = 1.0
     # Failed attempts (counted by the broker's x-delivery-count) after which a command
     # is marked FAILED in the inbox and dead-lettered with its error.
-    max_attempts: int = 3
+    max_attempts: Positive = 3
     # The broker's own bound on redeliveries (a backstop for consumers that crash before
     # they can count): it dead-letters with x-death reason "delivery_limit".
-    delivery_limit: int = 5
+    delivery_limit: Positive = 5
     # Claims one gateway process holds at once; beyond that it answers 503 at once.
-    max_in_flight_claims: int = 10_000
+    max_in_flight_claims: Positive = 10_000
     # Per-client token bucket in Redis (client = remote address); 0 turns it off.
-    rate_limit_per_second: float = 0.0
-    rate_limit_burst: int = 0
+    rate_limit_per_second: NonNegativeNumber = 0.0
+    rate_limit_burst: NonNegative = 0
     # Broker circuit breaker: consecutive failed publishes that open it, and how long
     # it stays open (answering 503 at once) before a publish is tried again.
-    breaker_failure_threshold: int = 5
-    breaker_recovery_seconds: float = 2.0
+    breaker_failure_threshold: Positive = 5
+    breaker_recovery_seconds: PositiveSeconds = 2.0
     # Seconds a stopping consumer or gateway gets to finish what it has in hand.
-    shutdown_grace_seconds: float = 10.0
-    log_level: str = "INFO"
-    instance_id: str = field(default_factory=_default_instance_id)
+    shutdown_grace_seconds: Seconds = 10.0
+    log_level: LogLevel = "INFO"
+    instance_id: str = Field(default_factory=_default_instance_id, min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.consumer_index >= self.consumer_count:
+            raise ValueError(f"{PREFIX}CONSUMER_INDEX must be from 0 to CONSUMER_COUNT - 1")
+        if self.delivery_limit < self.max_attempts:
+            raise ValueError(f"{PREFIX}DELIVERY_LIMIT must be at least {PREFIX}MAX_ATTEMPTS")
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError(f"{PREFIX}DB_POOL_MIN_SIZE exceeds {PREFIX}DB_POOL_MAX_SIZE")
+        token = self.admin_token.get_secret_value()
+        if token and len(token) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"{PREFIX}ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_LENGTH} characters"
+                " (e.g. `openssl rand -hex 32`)"
+            )
+        secret = self.idempotency_secret.get_secret_value()
+        if secret and len(secret) < IDEMPOTENCY_SECRET_MIN:
+            raise ValueError(
+                f"{PREFIX}IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN} characters"
+            )
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``environ`` (default ``os.environ``), failing clearly."""
+        """Settings from ``environ`` (default ``os.environ``); a :class:`ConfigError`
+        naming every bad variable if any is."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(PREFIX + f.name.upper())
-            if raw is None or (raw == "" and f.name not in _EMPTY_MEANS_OFF):
+        for name in cls.model_fields:
+            raw = env.get(PREFIX + name.upper())
+            if raw is None or (raw == "" and name not in _EMPTY_MEANS_OFF):
                 continue
-            values[f.name] = _parse(f, raw)
-        settings = cls(**values)  # type: ignore[arg-type]
-        settings.validate()
-        return settings
+            values[name] = raw
+        return cls.checked(values)
+
+    @classmethod
+    def checked(cls, values: Mapping[str, object]) -> Settings:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc)) from None
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with ``changes`` (field names), checked like any settings."""
+        return self.checked({**self.values(), **changes})
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
     def environ(self) -> dict[str, str]:
         """These settings as the variables a process reads them back from."""
-        return environ(**{f.name: getattr(self, f.name) for f in fields(self)})
+        return environ(**self.values())
 
     def topology(self) -> Topology:
         from flashclaim.core.topology import Topology
 
         return Topology(self.namespace, self.delivery_limit, self.partitions)
 
-    def replace(self, **changes: object) -> Settings:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
-    def validate(self) -> None:
-        positive = (
-            "http_port",
-            "admin_port",
-            "claim_wait_seconds",
-            "result_ttl_seconds",
-            "fast_answer_ttl_seconds",
-            "max_body_bytes",
-            "publish_timeout_seconds",
-            "db_pool_min_size",
-            "db_pool_max_size",
-            "consumer_prefetch",
-            "batch_size",
-            "delivery_limit",
+def _explain(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:  # a rule between settings
+            problems.append(message)
+            continue
+        name = str(error["loc"][0])
+        shown = (
+            "(hidden)" if name in ("admin_token", "idempotency_secret") else repr(error["input"])
         )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be greater than 0")
-        if not 0 <= self.consumer_index < self.consumer_count:
-            raise ConfigError(f"{PREFIX}CONSUMER_INDEX must be from 0 to CONSUMER_COUNT - 1")
-        if self.delivery_limit < self.max_attempts:
-            raise ConfigError(f"{PREFIX}DELIVERY_LIMIT must be at least {PREFIX}MAX_ATTEMPTS")
-        if self.rate_limit_per_second < 0 or self.rate_limit_burst < 0:
-            raise ConfigError("rate limits cannot be negative")
-        if self.batch_linger_ms < 0 or self.shutdown_grace_seconds < 0:
-            raise ConfigError("linger and grace periods cannot be negative")
-        if self.db_pool_min_size > self.db_pool_max_size:
-            raise ConfigError(f"{PREFIX}DB_POOL_MIN_SIZE exceeds {PREFIX}DB_POOL_MAX_SIZE")
-        if self.admin_token and len(self.admin_token) < ADMIN_TOKEN_MIN_LENGTH:
-            raise ConfigError(
-                f"{PREFIX}ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_LENGTH} characters"
-                " (e.g. `openssl rand -hex 32`)"
-            )
-        if self.idempotency_secret and len(self.idempotency_secret) < IDEMPOTENCY_SECRET_MIN:
-            raise ConfigError(
-                f"{PREFIX}IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN} characters"
-            )
-        if not self.namespace.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise ConfigError(f"{PREFIX}NAMESPACE may hold only letters, digits, '.', '-', '_'")
+        if error["type"] == "extra_forbidden":
+            problems.append(f"no such setting: {name}")
+        else:
+            problems.append(f"{PREFIX}{name.upper()}={shown}: {message}")
+    return "; ".join(problems)
 
 
 def environ(**values: object) -> dict[str, str]:
     """``FLASHCLAIM_*`` variables for settings given by field name (``http_port=8081``),
     read back by :meth:`Settings.from_env`; a name that is no setting is an error, and
     ``None`` leaves a setting out. The one place these variable names are spelled."""
-    known = {f.name for f in fields(Settings)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(Settings.model_fields))
     if unknown:
         raise TypeError(f"no such setting: {', '.join(unknown)}")
-    return {PREFIX + name.upper(): str(v) for name, v in values.items() if v is not None}
-
-
-def _parse(f: dataclasses.Field[object], raw: str) -> object:
-    kind = f.type
-    name = PREFIX + f.name.upper()
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from None
-    return raw
+    return {
+        PREFIX + name.upper(): v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+        for name, v in values.items()
+        if v is not None
+    }

@@ -55,7 +55,7 @@ def create_admin_app(settings: Settings) -> web.Application:
 
 @web.middleware
 async def _bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    expected = f"Bearer {request.app[SETTINGS].admin_token}".encode()
+    expected = f"Bearer {request.app[SETTINGS].admin_token.get_secret_value()}".encode()
     # Header bytes that are not UTF-8 arrive as surrogate escapes: compare raw bytes.
     given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(given, expected):
@@ -153,7 +153,7 @@ async def purge(request: web.Request) -> web.Response:
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve the admin API until ``stop`` is set (default: SIGTERM or SIGINT)."""
-    if not settings.admin_token:
+    if not settings.admin_token.get_secret_value():
         raise ConfigError(f"{PREFIX}ADMIN_TOKEN is not set: the admin API stays off")
     stop = stop or stop_event_on_signals()
     runner = web.AppRunner(

@@ -29,15 +29,39 @@ def test_values_are_read_with_the_prefix_and_typed() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"FLASHCLAIM_HTTP_PORT": "eighty"}, "not a valid int"),
-        ({"FLASHCLAIM_BATCH_SIZE": "0"}, "greater than 0"),
-        ({"FLASHCLAIM_NAMESPACE": "a b"}, "NAMESPACE"),
+        ({"FLASHCLAIM_HTTP_PORT": "eighty"}, "HTTP_PORT='eighty': .*valid integer"),
+        ({"FLASHCLAIM_HTTP_PORT": "70000"}, "HTTP_PORT='70000': .*less than or equal to 65535"),
+        ({"FLASHCLAIM_BATCH_SIZE": "0"}, "BATCH_SIZE='0': .*greater than 0"),
+        ({"FLASHCLAIM_NAMESPACE": "a b"}, "NAMESPACE='a b'"),
         ({"FLASHCLAIM_DB_POOL_MIN_SIZE": "5", "FLASHCLAIM_DB_POOL_MAX_SIZE": "2"}, "exceeds"),
+        ({"FLASHCLAIM_PARTITIONS": "-1"}, "PARTITIONS="),
+        ({"FLASHCLAIM_MAX_IN_FLIGHT_CLAIMS": "0"}, "MAX_IN_FLIGHT_CLAIMS="),
+        ({"FLASHCLAIM_BREAKER_RECOVERY_SECONDS": "nan"}, "BREAKER_RECOVERY_SECONDS="),
+        ({"FLASHCLAIM_MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS="),
+        ({"FLASHCLAIM_LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD'"),
+        ({"FLASHCLAIM_CONSUMER_INDEX": "2", "FLASHCLAIM_CONSUMER_COUNT": "2"}, "CONSUMER_INDEX"),
+        ({"FLASHCLAIM_ADMIN_TOKEN": "short"}, "ADMIN_TOKEN must be at least 32"),
     ],
 )
 def test_bad_values_fail_clearly(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_every_bad_variable_is_named_at_once_and_secrets_are_not_shown() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(
+            {
+                "FLASHCLAIM_HTTP_PORT": "x",
+                "FLASHCLAIM_BATCH_SIZE": "0",
+                "FLASHCLAIM_IDEMPOTENCY_SECRET": 5 * "s3cret",
+            }
+        )
+    message = str(caught.value)
+    assert "HTTP_PORT" in message and "BATCH_SIZE" in message
+    assert "s3cret" not in message
+    assert Settings.from_env({"FLASHCLAIM_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    assert "s3cret" not in repr(Settings.from_env({"FLASHCLAIM_ADMIN_TOKEN": 8 * "s3cret"}))
 
 
 def test_settings_given_to_a_process_are_read_back_unchanged() -> None:
