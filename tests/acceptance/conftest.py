@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from flashclaim.core.settings import Settings
+from flashclaim.core.settings import Settings, environ
 from flashclaim.devtools import processes
 from flashclaim.devtools.devstack import Stack
 from tests.conftest import make_settings
@@ -34,8 +34,9 @@ def free_port() -> int:
 def service_env(settings: Settings, **overrides: Any) -> dict[str, str]:
     """The environment of a service (or a CLI command) run with ``settings``, a short
     shutdown grace, and ``overrides`` (setting names)."""
-    chosen = settings.replace(**{"log_level": "INFO", "shutdown_grace_seconds": 5, **overrides})
-    return processes.service_env(chosen.environ())
+    # Overrides are not checked here: a test may hand a service a bad value on purpose.
+    values = {**settings.environ(), **environ(log_level="INFO", shutdown_grace_seconds=5)}
+    return processes.service_env({**values, **environ(**overrides)})
 
 
 @dataclass
