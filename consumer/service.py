@@ -17,8 +17,7 @@ from consumer.worker import ClaimWorker
 from flashclaim.core import broker
 from flashclaim.core.db import create_pool
 from flashclaim.core.policies import apply_configured
-from flashclaim.core.results import ResultStore
-from flashclaim.core.results import connect as connect_redis
+from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
 from flashclaim.core.signals import stop_event_on_signals
 
@@ -47,7 +46,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         settings.db_pool_max_size,
         f"flashclaim-consumer-{settings.instance_id}",
     )
-    redis = connect_redis(settings.redis_url)
+    redis = redis_client(settings.redis_url)
     connection: AbstractRobustConnection | None = None
     try:
         if not await unless_stopped(_opened(pool), stop):

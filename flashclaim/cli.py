@@ -41,12 +41,12 @@ def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _admin(settings: Settings, args: argparse.Namespace) -> int:
-    from flashclaim.ops import admin
+    from flashclaim.ops import dlq_api
 
     if not settings.admin_token.get_secret_value():
         print("flashclaim admin: set FLASHCLAIM_ADMIN_TOKEN (32+ characters)", file=sys.stderr)
         return 2
-    _run_async(admin.run(settings))
+    _run_async(dlq_api.run(settings))
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -12,10 +11,9 @@ from aiohttp.typedefs import Handler
 from flashclaim.core import broker
 from flashclaim.core.db import create_pool
 from flashclaim.core.errors import DependencyUnavailable
-from flashclaim.core.results import ResultStore
-from flashclaim.core.results import connect as connect_redis
+from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
-from gateway.claims import ClaimService
+from gateway.claims import Claims
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
 from gateway.idempotency import RequestIds, random_secret
@@ -24,12 +22,16 @@ from gateway.publisher import ClaimPublisher
 from gateway.ratelimit import RateLimiter
 from gateway.replies import ReplyListener
 from gateway.repository import Repository
-from gateway.state import CLAIMS, READINESS, REPOSITORY, REQUEST_IDS
-
-SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", aioredis.Redis)
-AMQP = web.AppKey("amqp", AbstractRobustConnection)
-LIMITER = web.AppKey("limiter", RateLimiter)
+from gateway.state import (
+    AMQP,
+    CLAIMS,
+    LIMITER,
+    READINESS,
+    REDIS,
+    REPOSITORY,
+    REQUEST_IDS,
+    SETTINGS,
+)
 
 
 @web.middleware
@@ -74,7 +76,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    client = connect_redis(s.redis_url)
+    client = redis_client(s.redis_url)
     app[REDIS] = client
     if s.rate_limit_per_second > 0:
         app[LIMITER] = RateLimiter(client, s.namespace, s.rate_limit_per_second, s.rate_limit_burst)
@@ -110,7 +112,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         s.breaker_failure_threshold,
         s.breaker_recovery_seconds,
     )
-    app[CLAIMS] = ClaimService(
+    app[CLAIMS] = Claims(
         publisher,
         replies,
         results,

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ACCEPTED_MEMORY = 200_000
 
 
-class ClaimService:
+class Claims:
     def __init__(
         self,
         publisher: ClaimPublisher,

@@ -12,7 +12,7 @@ make that safe between clients (the IETF Idempotency-Key draft and Stripe work a
   id from a key they guessed, and read its answer at ``/api/claims/{id}``.
 
 Within one scope, the same key with another coupon is a conflict (``422``), and the same
-key with the same body gets the first request's answer: :class:`ClaimService` checks the
+key with the same body gets the first request's answer: :class:`Claims` checks the
 claim a key was first used for (the fingerprint) before anything is published.
 """
 

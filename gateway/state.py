@@ -1,17 +1,25 @@
-"""Typed keys of the gateway's application state."""
+"""Typed keys of the gateway's application state, all of them."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from gateway.claims import ClaimService
+from flashclaim.core.settings import Settings
+from gateway.claims import Claims
 from gateway.idempotency import RequestIds
+from gateway.ratelimit import RateLimiter
 from gateway.repository import Repository
 
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", aioredis.Redis)
+AMQP = web.AppKey("amqp", AbstractRobustConnection)
+LIMITER = web.AppKey("limiter", RateLimiter)
 REPOSITORY = web.AppKey("repository", Repository)
-CLAIMS = web.AppKey("claims", ClaimService)
+CLAIMS = web.AppKey("claims", Claims)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 # Named checks behind /readyz: each returns None or raises.
 READINESS = web.AppKey("readiness", dict[str, Callable[[], Awaitable[None]]])

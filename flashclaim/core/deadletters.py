@@ -4,7 +4,7 @@ This module owns the dead-letter format: the ``x-flashclaim-*`` headers the cons
 writes when it moves a command to the DLQ (``failure_headers``, used by
 consumer/deadletter.py) are the ones read back here (``DeadLetter``), and the outgoing
 copy is built in one place (``copy_of``). The CLI (ops/dlq_cli.py) and the HTTP API
-(ops/admin.py) are front ends over ``DeadLetterQueue`` and ``Selection``.
+(ops/dlq_api.py) are front ends over ``DeadLetterQueue`` and ``Selection``.
 
 Reading ("peeking") subscribes to the dead-letter queue, takes up to ``scan`` messages
 without acknowledging them, and closes the channel: every message goes back to the

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from flashclaim.core.messages import ClaimResult
 
 
-def connect(url: str, max_connections: int = 64) -> aioredis.Redis:
+def redis_client(url: str, max_connections: int = 64) -> aioredis.Redis:
     """A Redis client whose requests wait (up to 2 s) for a free connection.
 
     The default pool refuses outright once it has opened its maximum of connections,
