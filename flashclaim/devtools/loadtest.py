@@ -21,13 +21,14 @@ import random
 import sys
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from flashclaim.devtools import promises
 from flashclaim.devtools.loadreport import Recorder, Report
 
 
@@ -101,24 +102,11 @@ class Run:
         statuses = Counter(s for _, _, s in self.finals)
         report.details["final_statuses"] = {str(k): v for k, v in sorted(statuses.items())}
         report.details["followed_202"] = len(self.pending)
-        report.checks["every request answered finally"] = not (statuses[0] or statuses[202])
-        report.checks["no 5xx"] = not any(s >= 500 for s in statuses)
-        winners: dict[str, list[str]] = defaultdict(list)
-        for user, coupon, status in self.finals:
-            if status == 200:
-                winners[coupon].append(user)
-        consistent = unique = stock_ok = True
-        for name in coupons:
-            async with self.http.get(f"{self.base}/api/coupons/{name}") as r:
-                state = await r.json()
-            holders = state["claimed_by"]
-            consistent &= sorted(holders) == sorted(winners[name])
-            unique &= len(set(holders)) == len(holders)
-            stock_ok &= state["remaining_amount"] == state["amount"] - len(holders) >= 0
-        report.checks["claimed_by equals the users told they won"] = consistent
-        report.checks["nobody holds a coupon twice"] = unique
-        report.checks["remaining_amount = amount - claims, never negative"] = stock_ok
-        report.details["winners"] = sum(len(w) for w in winners.values())
+        verdict = await promises.check(
+            self.http, self.base, (promises.Final(*f) for f in self.finals), coupons
+        )
+        report.checks.update(verdict.checks)
+        report.details["winners"] = sum(len(w) for w in verdict.winners.values())
 
 
 async def _progress(recorder: Recorder, stop: asyncio.Event) -> None:

@@ -90,7 +90,7 @@ async def test_consumer_killed_and_restarted_mid_load(
     await load.reached(0.5)
     services.start_consumer(consumer_index=0, **sharing)
     answers = await load.finish()
-    verify(settings, load, answers)
+    await verify(settings, load, answers)
     # The kill hit claims in flight: what the victim held unacknowledged came back.
     assert await redelivered(settings) > 0, "the kill reached no message"
 
@@ -125,7 +125,7 @@ async def test_rabbitmq_restarted_mid_load(
     finally:
         consumer.send_signal(signal.SIGCONT)
     answers = await load.finish()
-    verify(settings, load, answers)
+    await verify(settings, load, answers)
     assert any(a.pending for a in answers), "no queued claim waited through the restart"
     assert any(a.retries for a in answers), "no client was refused during the restart"
 
@@ -165,7 +165,7 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
     await asyncio.sleep(8)
     await asyncio.to_thread(restore.postgres.start)
     answers = await load.finish()
-    verify(settings, load, answers)
+    await verify(settings, load, answers)
     assert any(a.pending for a in answers), "no claim waited for the database"
     assert load.done > before
     finals = []
@@ -210,7 +210,7 @@ async def test_server_crashes_mid_load(
     await asyncio.sleep(3)
     await asyncio.to_thread(victim.start)
     answers = await load.finish()
-    verify(settings, load, answers)
+    await verify(settings, load, answers)
     assert any(a.pending or a.retries for a in answers), "the crash reached no claim"
 
 
@@ -224,7 +224,7 @@ async def test_redis_restarted_mid_load(
     await asyncio.sleep(2)
     await asyncio.to_thread(restore.redis.start)
     answers = await load.finish()
-    verify(settings, load, answers)
+    await verify(settings, load, answers)
     # Without Redis no result reaches the gateway: claims in flight waited (202).
     assert any(a.pending or a.retries for a in answers), "the restart reached no claim"
 
@@ -256,7 +256,7 @@ async def test_malformed_message_mid_load_is_dead_lettered_without_delaying_othe
         assert dead.headers["x-flashclaim-error-type"] == "PoisonMessage"
         await dead.ack()
         assert await dlq.get(fail=False) is None
-    verify(settings, load, answers)
+    await verify(settings, load, answers)
     # The claims behind it were answered without waiting for a timeout.
     assert not any(a.pending for a in answers)
 
