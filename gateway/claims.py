@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 from flashclaim.core.errors import Overloaded
@@ -46,10 +47,6 @@ class Claims:
         self._finals = finals
         self._background: set[asyncio.Task[None]] = set()
 
-    @property
-    def reply_channel(self) -> str:
-        return self._replies.channel
-
     async def submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
         """The claim's final result, or ``None`` if it is still pending after the wait.
 
@@ -87,7 +84,8 @@ class Claims:
             self._in_background(self._results.store_fast(fast))
             return fast
         with self._replies.expect(command.request_id) as reply:
-            await self._publisher.publish(command)
+            # The consumer answers on this process's own channel.
+            await self._publisher.publish(replace(command, reply_to=self._replies.channel))
             try:
                 result: ClaimResult | None = await asyncio.wait_for(reply, self._wait)
             except TimeoutError:

@@ -45,9 +45,8 @@ async def claim(request: web.Request) -> web.Response:
     request_id = ids.for_key(user_id, key) if key else ids.fresh()
     request["claim_id"] = str(request_id)
     request["coupon_name"] = coupon_name
-    service = request.app[CLAIMS]
-    command = ClaimCommand(request_id, user_id, coupon_name, reply_to=service.reply_channel)
-    result = await service.submit(command, replayable=key is not None)
+    command = ClaimCommand(request_id, user_id, coupon_name)
+    result = await request.app[CLAIMS].submit(command, replayable=key is not None)
     if result is None:
         request["outcome"] = "pending"
         return pending_response(request_id)
