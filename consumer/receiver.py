@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from flashclaim.core.retry import broker_retry
+
 
 class BatchReceiver:
     """Buffers deliveries (at most the channel's prefetch) and hands them out in batches.
@@ -49,8 +51,12 @@ class BatchReceiver:
         await self._subscribe(self._standby)
 
     async def _subscribe(self, queues: Sequence[AbstractQueue]) -> None:
+        # The connection may drop while subscribing (a broker restart just after ours):
+        # wait for it to come back and subscribe then, rather than fail the consumer.
         for queue in queues:
-            self._tags.append((queue, await queue.consume(self._on_message)))
+            async for attempt in broker_retry():
+                with attempt:
+                    self._tags.append((queue, await queue.consume(self._on_message)))
 
     async def stop(self) -> None:
         """Stop new deliveries; what is buffered stays available to ``next_batch``.

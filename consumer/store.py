@@ -84,7 +84,7 @@ async def apply_batch(
         cur = await conn.execute(q["inbox_lock_existing"], {"message_ids": existing})
         for message_id, status, result_status, result_body, payload in await cur.fetchall():
             if status == "PROCESSED":
-                results[message_id] = ClaimResult(message_id, result_status, result_body)
+                results[message_id] = ClaimResult.of_answer(message_id, result_status, result_body)
                 continue
             # Left PENDING by an earlier attempt: apply it now, as first recorded. (A
             # client reusing an Idempotency-Key for another coupon sends the same id

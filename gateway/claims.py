@@ -150,7 +150,6 @@ class Claims:
 
 
 def _same_claim(result: ClaimResult, command: ClaimCommand) -> ClaimResult:
-    body = result.body
-    if body.get("user_id") != command.user_id or body.get("coupon_name") != command.coupon_name:
+    if (result.user_id, result.coupon_name) != (command.user_id, command.coupon_name):
         raise IdempotencyKeyReused("Idempotency-Key was already used for a different claim")
     return result

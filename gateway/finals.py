@@ -58,11 +58,8 @@ class FinalAnswers:
         return None
 
     def learn(self, result: ClaimResult) -> None:
-        coupon = result.body.get("coupon_name")
-        user = result.body.get("user_id")
-        if not isinstance(coupon, str) or not isinstance(user, str):
-            return
-        if result.status == Outcome.CLAIMED.status:
+        coupon, user = result.coupon_name, result.user_id
+        if result.outcome is Outcome.CLAIMED:
             if coupon in self._sold_out:
                 return
             holders = self._holders.setdefault(coupon, set())
@@ -72,7 +69,7 @@ class FinalAnswers:
                 self._size += 1
                 self._shrink()
         elif (
-            result.body.get("code") == Outcome.OUT_OF_STOCK.code
+            result.outcome is Outcome.OUT_OF_STOCK
             and coupon not in self._sold_out
             and coupon not in self._loading
         ):

@@ -50,7 +50,7 @@ async def claim(request: web.Request) -> web.Response:
     if result is None:
         request["outcome"] = "pending"
         return pending_response(request_id)
-    request["outcome"] = result.body.get("code", "claimed")
+    request["outcome"] = result.outcome.code
     return result_response(result)
 
 

@@ -46,7 +46,9 @@ class Repository:
             return "UNKNOWN", None
         if row["status"] != "PROCESSED":
             return row["status"], None
-        return row["status"], ClaimResult(request_id, row["result_status"], row["result_body"])
+        return row["status"], ClaimResult.of_answer(
+            request_id, row["result_status"], row["result_body"]
+        )
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1 AS ok", {})

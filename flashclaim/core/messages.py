@@ -100,24 +100,56 @@ class Outcome(enum.Enum):
         self.code = code
         self.message = message
 
+    @classmethod
+    def of_answer(cls, status: int, body: dict[str, Any]) -> Outcome:
+        """The outcome an answer was made from (``ClaimResult.status`` and ``.body``),
+        for answers read back from Redis or the inbox."""
+        given = body.get("code") or body.get("status")
+        for outcome in cls:
+            if (outcome.status, outcome.code) == (status, given):
+                return outcome
+        raise ValueError(f"not a claim answer: {status} {given!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """The final answer to one claim request, as the HTTP client sees it."""
+    """The final answer to one claim request: typed here, an HTTP status and a JSON
+    body only at the edges (``status``, ``body``, and the stored form)."""
 
     request_id: uuid.UUID
-    status: int
-    body: dict[str, Any]
+    outcome: Outcome
+    user_id: str
+    coupon_name: str
 
     @classmethod
     def of(cls, command: ClaimCommand, outcome: Outcome) -> ClaimResult:
-        rid = str(command.request_id)
-        common = {"user_id": command.user_id, "coupon_name": command.coupon_name, "request_id": rid}
-        if outcome is Outcome.CLAIMED:
-            body: dict[str, Any] = {"status": "claimed", **common}
-        else:
-            body = {"error": outcome.message, "code": outcome.code, **common}
-        return cls(command.request_id, outcome.status, body)
+        return cls(command.request_id, outcome, command.user_id, command.coupon_name)
+
+    @classmethod
+    def of_answer(cls, request_id: uuid.UUID, status: int, body: dict[str, Any]) -> ClaimResult:
+        """A result from its stored form (an inbox row's result, a Redis value)."""
+        return cls(
+            request_id,
+            Outcome.of_answer(status, body),
+            str(body.get("user_id", "")),
+            str(body.get("coupon_name", "")),
+        )
+
+    @property
+    def status(self) -> int:
+        return self.outcome.status
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The JSON the HTTP client gets (and the inbox and Redis keep)."""
+        common = {
+            "user_id": self.user_id,
+            "coupon_name": self.coupon_name,
+            "request_id": str(self.request_id),
+        }
+        if self.outcome is Outcome.CLAIMED:
+            return {"status": "claimed", **common}
+        return {"error": self.outcome.message, "code": self.outcome.code, **common}
 
     def dumps(self) -> bytes:
         return orjson.dumps(
@@ -130,7 +162,7 @@ class ClaimResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClaimResult:
-        return cls(uuid.UUID(data["request_id"]), int(data["status"]), data["body"])
+        return cls.of_answer(uuid.UUID(data["request_id"]), int(data["status"]), data["body"])
 
     @classmethod
     def loads_many(cls, raw: bytes | str) -> list[ClaimResult]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import aio_pika.exceptions
+import aiormq.exceptions
 import psycopg
 import redis.exceptions
 from psycopg_pool import PoolTimeout
@@ -59,6 +61,27 @@ def is_transient(exc: BaseException) -> bool:
     if is_outage(exc) or is_contention(exc):
         return True
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+
+
+def is_broker_away(exc: BaseException) -> bool:
+    """The broker connection dropped (or is being restored) under an operation."""
+    return isinstance(
+        exc,
+        aiormq.exceptions.AMQPConnectionError
+        | aio_pika.exceptions.ChannelInvalidStateError
+        | ConnectionError
+        | TimeoutError,
+    )
+
+
+def broker_retry() -> AsyncRetrying:
+    """Retry a broker operation until the connection is back (aio-pika reconnects by
+    itself); the caller bounds it by cancelling."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_broker_away),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
+        reraise=True,
+    )
 
 
 def contention_retry(attempts: int = 5) -> AsyncRetrying:

@@ -43,3 +43,21 @@ def test_result_bodies_follow_the_contract() -> None:
     assert sold_out.body["error"]
     assert ClaimResult.loads(sold_out.dumps()) == sold_out
     assert orjson.loads(sold_out.dumps())["status"] == 400
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_a_result_keeps_its_outcome_through_redis_and_the_inbox(outcome: Outcome) -> None:
+    command = ClaimCommand(uuid.uuid4(), "alice", "PROMO")
+    result = ClaimResult.of(command, outcome)
+    assert ClaimResult.loads(result.dumps()) == result
+    assert ClaimResult.of_answer(command.request_id, result.status, result.body) == result
+    common = {"user_id": "alice", "coupon_name": "PROMO", "request_id": str(command.request_id)}
+    if outcome is Outcome.CLAIMED:
+        assert (result.status, result.body) == (200, {"status": "claimed", **common})
+    else:
+        assert result.body == {"error": outcome.message, "code": outcome.code, **common}
+
+
+def test_an_answer_that_is_no_outcome_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a claim answer"):
+        ClaimResult.of_answer(uuid.uuid4(), 200, {"code": "out_of_stock"})

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from aio_pika.abc import AbstractIncomingMessage
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import ChannelInvalidStateError
+from aiormq.exceptions import AMQPConnectionError
 
 from consumer.receiver import BatchReceiver
 
@@ -20,3 +23,34 @@ async def test_draining_takes_what_is_buffered_without_waiting() -> None:
     assert await receiver.next_batch(wait=0) == []
     empty: Any = await receiver.next_batch(wait=0.01)
     assert empty == []
+
+
+class FlakyQueue:
+    """A queue whose subscription fails while the connection is being restored."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = failures
+        self.subscribed = 0
+
+    async def consume(self, callback: object) -> str:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.subscribed += 1
+        return "tag"
+
+
+async def test_a_connection_lost_while_subscribing_is_waited_out() -> None:
+    """The broker went away just as the consumer subscribed: it subscribes once the
+    connection is back, instead of exiting (seen when a broker restarts at our start)."""
+    lost = AMQPConnectionError("Server connection unexpectedly closed")
+    queue = FlakyQueue([lost, ChannelInvalidStateError("reconnecting")])
+    receiver = BatchReceiver([cast(AbstractQueue, queue)], batch_size=2, linger=0.0)
+    await receiver.start()
+    assert queue.subscribed == 1
+
+
+async def test_other_subscription_errors_are_not_retried() -> None:
+    queue = FlakyQueue([ValueError("a bug")])
+    receiver = BatchReceiver([cast(AbstractQueue, queue)], batch_size=2, linger=0.0)
+    with pytest.raises(ValueError, match="a bug"):
+        await receiver.start()
