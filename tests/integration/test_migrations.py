@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,3 +96,29 @@ def test_migrations_run_once_and_leave_a_database_built_before_them_alone(
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT name FROM coupons").fetchall() == [("KEPT",)]
         assert conn.execute("SELECT count(*) FROM _yoyo_migration").fetchone() == (1,)
+
+
+def test_the_schema_commands_say_what_is_pending_and_apply_it(
+    new_database: Callable[[], str],
+) -> None:
+    database = new_database()
+    env = {"FLASHCLAIM_DATABASE_URL": database, "PATH": "/usr/bin:/bin"}
+
+    def schema(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "flashclaim.cli", "schema", action],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    status = schema("status")
+    assert (status.returncode, status.stdout.strip()) == (1, "pending: 0001_initial")
+    applied = schema("apply")
+    assert applied.returncode == 0 and "applied 0001_initial" in applied.stderr
+    status = schema("status")
+    assert (status.returncode, status.stdout.strip()) == (0, "up to date")
+    env["FLASHCLAIM_DATABASE_URL"] = "postgresql://x@127.0.0.1:1/x?connect_timeout=1"
+    unreachable = schema("status")
+    assert unreachable.returncode == 2 and "cannot reach the database" in unreachable.stderr
