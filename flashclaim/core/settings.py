@@ -207,6 +207,14 @@ def _explain(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def variable(name: str) -> str:
+    """The environment variable of the setting ``name`` (``http_port`` ->
+    ``FLASHCLAIM_HTTP_PORT``); a name that is no setting is an error."""
+    if name not in Settings.model_fields:
+        raise TypeError(f"no such setting: {name}")
+    return PREFIX + name.upper()
+
+
 def environ(**values: object) -> dict[str, str]:
     """``FLASHCLAIM_*`` variables for settings given by field name (``http_port=8081``),
     read back by :meth:`Settings.from_env`; a name that is no setting is an error, and
@@ -215,7 +223,7 @@ def environ(**values: object) -> dict[str, str]:
     if unknown:
         raise TypeError(f"no such setting: {', '.join(unknown)}")
     return {
-        PREFIX + name.upper(): v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+        variable(name): v.get_secret_value() if isinstance(v, SecretStr) else str(v)
         for name, v in values.items()
         if v is not None
     }

@@ -26,7 +26,7 @@ from typing import IO
 
 import psycopg
 
-from flashclaim.core.settings import Settings, environ
+from flashclaim.core.settings import Settings, environ, variable
 
 
 class StackError(RuntimeError):
@@ -462,8 +462,8 @@ def reserve_ports(ports: Ports) -> None:
 
 # The servers' settings, and the variables naming a server to use instead of starting one.
 SERVER_SETTINGS = {"postgres": "database_url", "rabbitmq": "amqp_url", "redis": "redis_url"}
-ENV_URLS = {server: next(iter(environ(**{name: "-"}))) for server, name in SERVER_SETTINGS.items()}
-MANAGEMENT_URL = next(iter(environ(amqp_management_url="-")))
+ENV_URLS = {server: variable(name) for server, name in SERVER_SETTINGS.items()}
+MANAGEMENT_URL = variable("amqp_management_url")
 
 
 class Stack:

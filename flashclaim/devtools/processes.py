@@ -32,10 +32,8 @@ def service_env(
     """``base`` (default: this process's environment) without any ``FLASHCLAIM_*``
     variable of its own, plus ``settings`` (from :func:`flashclaim.core.settings.environ`
     or :meth:`Settings.environ`): the service sees exactly the settings it is given."""
-    env = {k: v for k, v in (os.environ if base is None else base).items()}
-    env = {k: v for k, v in env.items() if not k.startswith(PREFIX)}
-    env.update(settings)
-    return env
+    given = os.environ if base is None else base
+    return {**{k: v for k, v in given.items() if not k.startswith(PREFIX)}, **settings}
 
 
 def start_service(

@@ -22,10 +22,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from flashclaim.core.settings import environ
+from flashclaim.core.settings import environ, variable
 from flashclaim.devtools.processes import service_command
-
-ADMIN_TOKEN = next(iter(environ(admin_token="-")))
 
 # A service that ran this long counts as started: a crash later is restarted at once.
 START_SECONDS = 3
@@ -40,7 +38,7 @@ def programs(consumers: int, env: Mapping[str, str]) -> dict[str, dict[str, str]
         progs[f"consumer-{i}"] = environ(
             consumer_count=consumers, consumer_index=i, instance_id=f"consumer-{i}"
         )
-    if env.get(ADMIN_TOKEN):
+    if env.get(variable("admin_token")):
         progs["admin"] = {}
     return progs
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
@@ -114,6 +115,23 @@ class Services:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+
+async def until_queued(settings: Settings, expected: int, timeout: float = 10) -> int:
+    """Until the command queues hold ``expected`` ready messages (or the timeout);
+    the count last seen."""
+    queued = 0
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        for _ in range(int(timeout / 0.05)):
+            queued = 0
+            for name in settings.topology().claims_queues:
+                queue = await channel.declare_queue(name, passive=True)
+                queued += queue.declaration_result.message_count or 0
+            if queued >= expected:
+                break
+            await asyncio.sleep(0.05)
+    return queued
 
 
 async def until_sold_out_in_gateway(

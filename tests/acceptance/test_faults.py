@@ -21,7 +21,7 @@ import pytest
 
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
-from tests.acceptance.conftest import Services
+from tests.acceptance.conftest import Services, until_queued
 from tests.acceptance.load import Load, verify
 
 # Short waits so that outages produce 202s, which the clients then follow.
@@ -334,17 +334,7 @@ async def test_consumer_killed_between_commit_and_ack_answers_once_from_the_inbo
             victim.wait()
     # Committed but never acknowledged: all of them are back in the queue.
     # (The broker notices the dead connection and requeues in its own time: wait for it.)
-    async with await aio_pika.connect(settings.amqp_url) as connection:
-        channel = await connection.channel()
-        for _ in range(100):
-            waiting = 0
-            for name in settings.topology().claims_queues:
-                queue = await channel.declare_queue(name, passive=True)
-                waiting += queue.declaration_result.message_count or 0
-            if waiting >= len(users):
-                break
-            await asyncio.sleep(0.1)
-        assert waiting == len(users)
+    assert await until_queued(settings, len(users)) == len(users)
     services.start_consumer()
     responses = await asyncio.gather(*claims)
     answers = [(r.status, await r.json()) for r in responses]

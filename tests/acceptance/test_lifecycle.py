@@ -17,7 +17,7 @@ import pytest
 from flashclaim.core.messages import ClaimCommand
 from flashclaim.core.settings import Settings
 from flashclaim.devtools import scenarios
-from tests.acceptance.conftest import LOGS, Services, free_port
+from tests.acceptance.conftest import LOGS, Services, free_port, until_queued
 from tests.conftest import create_coupon_row
 from tests.proxy import Proxy
 
@@ -115,17 +115,7 @@ async def test_gateway_sigterm_drains_in_flight_requests(
         for i in range(20)
     ]
     # Every claim is published (queued, waiting for a consumer) when the signal comes.
-    async with await aio_pika.connect(settings.amqp_url) as connection:
-        channel = await connection.channel()
-        for _ in range(100):
-            queued = 0
-            for name in settings.topology().claims_queues:
-                queue = await channel.declare_queue(name, passive=True)
-                queued += queue.declaration_result.message_count or 0
-            if queued == 20:
-                break
-            await asyncio.sleep(0.05)
-    assert queued == 20
+    assert await until_queued(settings, 20) == 20
     gateway.send_signal(signal.SIGTERM)
     responses = await asyncio.gather(*in_flight)
     assert [r.status for r in responses] == [202] * 20
