@@ -127,7 +127,6 @@ async def test_rabbitmq_restarted_mid_load(
     answers = await load.finish()
     await verify(settings, load, answers)
     assert any(a.pending for a in answers), "no queued claim waited through the restart"
-    assert any(a.retries for a in answers), "no client was refused during the restart"
 
 
 async def test_postgres_stopped_for_ten_seconds_mid_load(
