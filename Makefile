@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run stop test lint bench deps venv scenarios lock clean
+.PHONY: run stop test lint bench deps venv scenarios lock schema clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
@@ -21,11 +21,17 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: deps venv  ## pgbench ceiling and end-to-end figures, on servers of its own
+bench: deps venv  ## the figures beside their floors and ceilings, on servers of its own
+	bash deploy/install-deps.sh --bench
 	$(BIN)/python bench/run.py
 
 scenarios: venv  ## Flash Sale, Double Dip and a burst against a running `make run`
 	$(BIN)/flashclaim scenarios --url http://127.0.0.1:8080
+
+# After adding a migration: write schema.sql, the whole schema, from the migrated catalog.
+schema: deps venv
+	$(BIN)/pytest -q -p no:randomly tests/integration/test_migrations.py --update-schema \
+	  -k schema_sql_is_what
 
 deps:
 	bash deploy/install-deps.sh

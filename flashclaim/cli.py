@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from flashclaim.core import logs
@@ -163,39 +163,55 @@ def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Handler,
+    text: str,
+    service: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand run by ``func``; ``service`` names it in the logs (default: ``name``)."""
+    p = sub.add_parser(name, help=text)
+    p.set_defaults(func=func, service=service or name)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashclaim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("gateway", help="serve the HTTP API")
+    p = _command(sub, "gateway", _gateway, "serve the HTTP API")
     p.add_argument("--port", type=int, help="override FLASHCLAIM_HTTP_PORT")
-    p.set_defaults(func=_gateway, service="gateway")
-
-    p = sub.add_parser(
-        "admin", help="serve the operators' dead-letter API (needs FLASHCLAIM_ADMIN_TOKEN)"
+    _command(
+        sub, "admin", _admin, "serve the operators' dead-letter API (needs FLASHCLAIM_ADMIN_TOKEN)"
     )
-    p.set_defaults(func=_admin, service="admin")
+    _command(sub, "consumer", _consumer, "apply claim commands from RabbitMQ to PostgreSQL")
 
-    p = sub.add_parser("consumer", help="apply claim commands from RabbitMQ to PostgreSQL")
-    p.set_defaults(func=_consumer, service="consumer")
+    schema = sub.add_parser("schema", help="database schema").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    _command(schema, "apply", _schema, "apply the pending migrations (each once)", "schema")
+    _command(schema, "status", _schema, "list the pending migrations; exit 1 if any", "schema")
 
-    p = sub.add_parser("schema", help="database schema")
-    schema = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = schema.add_parser("apply", help="apply the pending migrations (each once)")
-    a.set_defaults(func=_schema, service="schema")
-    a = schema.add_parser("status", help="list the pending migrations; exit 1 if any")
-    a.set_defaults(func=_schema, service="schema")
-
-    p = sub.add_parser("topology", help="RabbitMQ exchanges, queues and policies")
-    topology = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = topology.add_parser("apply", help="declare them and set the policies (idempotent)")
-    a.set_defaults(func=_topology_apply, service="topology")
+    topology = sub.add_parser("topology", help="RabbitMQ exchanges, queues and policies")
+    _command(
+        topology.add_subparsers(dest="action", required=True, metavar="ACTION"),
+        "apply",
+        _topology_apply,
+        "declare them and set the policies (idempotent)",
+        "topology",
+    )
 
     from flashclaim.devtools.devstack import PROFILES
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "stack",
-        help="start PostgreSQL, RabbitMQ and Redis locally, then the gateway and consumers",
+        _stack,
+        "start PostgreSQL, RabbitMQ and Redis locally, then the gateway and consumers",
     )
     p.add_argument(
         "action",
@@ -207,9 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default="run", choices=sorted(PROFILES))
     p.add_argument("--consumers", type=int, default=1)
-    p.set_defaults(func=_stack, service="stack")
 
-    p = sub.add_parser("loadtest", help="run a load scenario against a gateway and check it")
+    p = _command(sub, "loadtest", _loadtest, "run a load scenario against a gateway and check it")
     scenarios = p.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default="http://127.0.0.1:8080")
@@ -221,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--users", type=int, default=1000)
     s.add_argument("--stock", type=int, default=100)
     s.add_argument("--concurrency", type=int, default=256)
+    s = scenarios.add_parser(
+        "http-floor", parents=[common], help="N GET /healthz, C at a time (a burst's floor)"
+    )
+    s.add_argument("--requests", type=int, default=10_000)
+    s.add_argument("--concurrency", type=int, default=1000)
     s = scenarios.add_parser("double-dip", parents=[common], help="one user, N claims at once")
     s.add_argument("--attempts", type=int, default=10)
     s.add_argument("--stock", type=int, default=100)
@@ -239,13 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=1)
         if name == "mixed":
             s.add_argument("--read-share", type=float, default=0.3)
-    p.set_defaults(func=_loadtest, service="loadtest")
 
     from flashclaim.ops import dlq_cli
 
     dlq_cli.add_parser(sub, argparse.ArgumentParser(add_help=False))
 
-    p = sub.add_parser("audit", help="check the database's invariants; exit 1 on a violation")
+    p = _command(sub, "audit", _audit, "check the database's invariants; exit 1 on a violation")
     p.add_argument(
         "--pending-older-than",
         type=float,
@@ -260,14 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="audit only what concerns this coupon (repeat for several; default: all)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_audit, service="audit")
 
-    p = sub.add_parser(
-        "scenarios", help="run Flash Sale, Double Dip and a burst over HTTP, and check them"
+    p = _command(
+        sub,
+        "scenarios",
+        _scenarios,
+        "run Flash Sale, Double Dip and a burst over HTTP, and check them",
     )
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--burst", type=int, default=2000, help="claims in the burst (stock 100)")
-    p.set_defaults(func=_scenarios, service="scenarios")
     return parser
 
 

@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 _URL_VARS = set(ENV_URLS.values())
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-schema",
+        action="store_true",
+        help="write schema.sql from the migrations (what `make schema` runs)",
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def clean_environment() -> Iterator[None]:
     """No FLASHCLAIM_* variable of the developer's shell may change an outcome."""

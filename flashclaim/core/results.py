@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -36,33 +37,32 @@ def redis_client(url: str, max_connections: int = 64) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+@dataclass(frozen=True, slots=True)
 class ResultStore:
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        namespace: str,
-        ttl_seconds: int,
-        fast_ttl_seconds: int | None = None,
-    ) -> None:
-        self._redis = client
-        self._ns = namespace
-        self._ttl = ttl_seconds
-        self._fast_ttl = fast_ttl_seconds or ttl_seconds
+    """The Redis keys of claim results (see the module docstring), over one client.
+
+    ``fast_ttl_seconds`` bounds answers the gateway gave itself (default: ``ttl_seconds``).
+    """
+
+    redis: aioredis.Redis
+    namespace: str
+    ttl_seconds: int
+    fast_ttl_seconds: int | None = None
 
     def result_key(self, request_id: uuid.UUID) -> str:
-        return f"{self._ns}:result:{request_id}"
+        return f"{self.namespace}:result:{request_id}"
 
     def pending_key(self, request_id: uuid.UUID) -> str:
-        return f"{self._ns}:pending:{request_id}"
+        return f"{self.namespace}:pending:{request_id}"
 
     def fast_key(self, request_id: uuid.UUID) -> str:
-        return f"{self._ns}:fast:{request_id}"
+        return f"{self.namespace}:fast:{request_id}"
 
     def fingerprint_key(self, request_id: uuid.UUID) -> str:
-        return f"{self._ns}:idem:{request_id}"
+        return f"{self.namespace}:idem:{request_id}"
 
     def reply_channel(self, instance_id: str) -> str:
-        return f"{self._ns}:replies:{instance_id}"
+        return f"{self.namespace}:replies:{instance_id}"
 
     async def publish(self, results: Iterable[tuple[ClaimResult, str | None]]) -> None:
         """Store each result, and push each gateway its results in one message.
@@ -70,11 +70,11 @@ class ResultStore:
         One round trip for the whole batch: a SET per result, and a PUBLISH per waiting
         gateway carrying a JSON list of that gateway's results.
         """
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         by_channel: dict[str, list[bytes]] = {}
         for result, reply_to in results:
             raw = result.dumps()
-            pipe.set(self.result_key(result.request_id), raw, ex=self._ttl)
+            pipe.set(self.result_key(result.request_id), raw, ex=self.ttl_seconds)
             if reply_to:
                 by_channel.setdefault(reply_to, []).append(raw)
         if not pipe.command_stack:
@@ -85,13 +85,16 @@ class ResultStore:
 
     async def store_fast(self, result: ClaimResult) -> None:
         """Keep an answer given without a round trip, unless the id has one already."""
-        await self._redis.set(
-            self.fast_key(result.request_id), result.dumps(), ex=self._fast_ttl, nx=True
+        await self.redis.set(
+            self.fast_key(result.request_id),
+            result.dumps(),
+            ex=(self.fast_ttl_seconds or self.ttl_seconds),
+            nx=True,
         )
 
     async def get(self, request_id: uuid.UUID) -> ClaimResult | None:
         """The consumer's result, else an answer the gateway gave by itself."""
-        raw_result, raw_fast = await self._redis.mget(
+        raw_result, raw_fast = await self.redis.mget(
             self.result_key(request_id), self.fast_key(request_id)
         )
         raw = raw_result if raw_result is not None else raw_fast
@@ -100,14 +103,14 @@ class ResultStore:
     async def fingerprint(self, request_id: uuid.UUID, claim: bytes) -> bytes:
         """Record ``claim`` as what ``request_id`` stands for, unless something is
         recorded already; return what is recorded (``claim`` itself the first time)."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(self.fingerprint_key(request_id), claim, ex=self._ttl, nx=True)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.fingerprint_key(request_id), claim, ex=self.ttl_seconds, nx=True)
         pipe.get(self.fingerprint_key(request_id))
         _, recorded = await pipe.execute()
         return bytes(recorded) if recorded is not None else claim
 
     async def mark_pending(self, request_id: uuid.UUID) -> None:
-        await self._redis.set(self.pending_key(request_id), b"1", ex=self._ttl)
+        await self.redis.set(self.pending_key(request_id), b"1", ex=self.ttl_seconds)
 
     async def is_pending(self, request_id: uuid.UUID) -> bool:
-        return bool(await self._redis.exists(self.pending_key(request_id)))
+        return bool(await self.redis.exists(self.pending_key(request_id)))

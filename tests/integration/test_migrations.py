@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import uuid
@@ -15,7 +14,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from flashclaim.core.db import migrate, pending_migrations, schema_sql
 from flashclaim.core.settings import Settings
+from flashclaim.devtools import schemafile
 from flashclaim.devtools.devstack import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_FILE = ROOT / "schema.sql"
+MIGRATIONS_DIR = ROOT / "flashclaim" / "core" / "migrations"
+MIGRATIONS = sorted(p.stem for p in MIGRATIONS_DIR.glob("*.sql"))
 
 
 @pytest.fixture
@@ -41,61 +46,41 @@ def new_database(stack: Stack, settings: Settings) -> Iterator[Callable[[], str]
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
-def dump(stack: Stack, conninfo: str) -> str:
-    """The schema as pg_dump writes it, without yoyo's own tables, comments, and the
-    random key of pg_dump's \\restrict guard lines."""
-    assert stack.postgres is not None
-    params = conninfo_to_dict(conninfo)
-    out = subprocess.run(
-        [
-            str(Path(stack.postgres.bindir) / "pg_dump"),
-            "--schema-only",
-            "--no-owner",
-            "--exclude-table=_yoyo*",
-            "--exclude-table=yoyo_lock",
-            f"--host={params['host']}",
-            f"--port={params['port']}",
-            f"--username={params['user']}",
-            str(params["dbname"]),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return "\n".join(
-        line
-        for line in out.splitlines()
-        if line.strip() and not re.match(r"\s*--|\\(un)?restrict ", line)
-    )
-
-
-def test_migrating_an_empty_database_gives_exactly_schema_sql(
-    stack: Stack, new_database: Callable[[], str]
+def test_schema_sql_is_what_the_migrations_add_up_to(
+    stack: Stack, new_database: Callable[[], str], request: pytest.FixtureRequest
 ) -> None:
+    """schema.sql is the migrated catalog as pg_dump writes it (``make schema`` writes
+    it with ``--update-schema``), and building a database from it gives that catalog."""
+    assert stack.postgres is not None
+    bindir = Path(stack.postgres.bindir)
     migrated, built = new_database(), new_database()
-    assert pending_migrations(migrated) == ["0001_initial"]
+    assert pending_migrations(migrated) == MIGRATIONS
     migrate(migrated)
     assert pending_migrations(migrated) == []
+    expected = schemafile.render(schemafile.pg_dump(migrated, bindir))
+    if request.config.getoption("--update-schema"):
+        SCHEMA_FILE.write_text(expected)
+    assert schema_sql() == expected, "schema.sql is out of date: run `make schema`"
+    assert "CREATE TABLE public.inbox" in expected and "COMMENT ON TABLE public.claims" in expected
     with psycopg.connect(built, autocommit=True) as conn:
         conn.execute(schema_sql().encode())
-    assert dump(stack, migrated) == dump(stack, built)
-    assert "CREATE TABLE public.inbox" in dump(stack, migrated)
+    assert schemafile.render(schemafile.pg_dump(built, bindir)) == expected
 
 
 def test_migrations_run_once_and_leave_a_database_built_before_them_alone(
     new_database: Callable[[], str],
 ) -> None:
-    """A database made by the schema.sql of earlier releases takes the first migration
-    as a no-op; applying again changes nothing."""
+    """A database made by the schema.sql of the releases before migrations (the text of
+    the first migration) takes that migration as a no-op; applying again changes nothing."""
     database = new_database()
     with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute(schema_sql().encode())
+        conn.execute((MIGRATIONS_DIR / "0001_initial.sql").read_bytes())
         conn.execute("INSERT INTO coupons (name, amount, remaining_amount) VALUES ('KEPT', 3, 3)")
-    assert migrate(database) == ["0001_initial"]
+    assert migrate(database) == MIGRATIONS
     assert migrate(database) == []
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT name FROM coupons").fetchall() == [("KEPT",)]
-        assert conn.execute("SELECT count(*) FROM _yoyo_migration").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM _yoyo_migration").fetchone() == (len(MIGRATIONS),)
 
 
 def test_the_schema_commands_say_what_is_pending_and_apply_it(
@@ -114,9 +99,10 @@ def test_the_schema_commands_say_what_is_pending_and_apply_it(
         )
 
     status = schema("status")
-    assert (status.returncode, status.stdout.strip()) == (1, "pending: 0001_initial")
+    assert (status.returncode, status.stdout.strip()) == (1, f"pending: {', '.join(MIGRATIONS)}")
     applied = schema("apply")
-    assert applied.returncode == 0 and "applied 0001_initial" in applied.stderr
+    assert applied.returncode == 0
+    assert f"applied {', '.join(MIGRATIONS)}" in applied.stderr
     status = schema("status")
     assert (status.returncode, status.stdout.strip()) == (0, "up to date")
     env["FLASHCLAIM_DATABASE_URL"] = "postgresql://x@127.0.0.1:1/x?connect_timeout=1"

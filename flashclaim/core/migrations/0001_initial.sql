@@ -1,6 +1,5 @@
 -- The schema as first released: coupons, claims and the inbox.
--- (schema.sql is the readable whole; tests/integration/test_schema.py checks that
--- these migrations, applied to an empty database, produce exactly it.)
+-- Written to be harmless on a database built by the schema.sql of those releases.
 
 CREATE TABLE IF NOT EXISTS coupons (
     name             text        PRIMARY KEY
