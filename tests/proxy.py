@@ -3,7 +3,9 @@
 The real server keeps running for every other test; only connections through the proxy
 see the fault. ``cut()`` closes every proxied connection and refuses new ones (as a
 server that went away); ``restore()`` accepts again. ``stall()`` keeps the connections
-open but forwards nothing (a server that hangs) until ``flow()``.
+open but forwards nothing (a server that hangs) until ``flow()``. ``black_hole()`` accepts
+new connections and never answers on them, not even after ``restore()`` (a server that
+takes connections while it cannot serve them, as a broker does while it boots).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Proxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing: asyncio.Event | None = None
+        self._swallowing = False
+        self._swallowed: list[asyncio.StreamWriter] = []
 
     def url(self, scheme_url: str, server_port: int) -> str:
         """``scheme_url`` (a server URL) with the server's port replaced by the proxy's."""
@@ -50,6 +54,11 @@ class Proxy:
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
 
     def restore(self) -> None:
+        self._swallowing = False
+        self._call(self._listen())
+
+    def black_hole(self) -> None:
+        self._swallowing = True
         self._call(self._listen())
 
     def cut(self) -> None:
@@ -85,12 +94,16 @@ class Proxy:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for writer in list(self._writers):
+        for writer in [*self._writers, *self._swallowed]:
             writer.transport.abort()
+        self._swallowed.clear()
         for task in list(self._pipes):
             task.cancel()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._swallowing:
+            self._swallowed.append(writer)  # open, and silent for good
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

@@ -12,6 +12,11 @@ from tenacity import wait_exponential_jitter as backoff
 
 log = logging.getLogger(__name__)
 
+# Bound of one connection attempt, reconnections included: a broker that accepts the TCP
+# connection but never completes the AMQP handshake (one still booting, recovering its
+# queues) would otherwise hold the attempt, and the reconnection, forever.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
 
 def is_up(connection: AbstractRobustConnection) -> bool:
     """Whether the connection can carry anything now. A robust connection that lost its
@@ -34,6 +39,9 @@ async def connect(url: str, name: str, wait_seconds: float = 60.0) -> AbstractRo
     async for attempt in retrying:
         with attempt:
             return await aio_pika.connect_robust(
-                url, client_properties={"connection_name": name}, reconnect_interval=1.0
+                url,
+                client_properties={"connection_name": name},
+                reconnect_interval=1.0,
+                timeout=CONNECT_TIMEOUT_SECONDS,
             )
     raise AssertionError("unreachable")  # pragma: no cover

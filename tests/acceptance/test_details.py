@@ -118,6 +118,31 @@ async def test_readiness_names_each_dependency_that_is_down(
         broker.close()
 
 
+async def test_a_reconnection_to_a_broker_that_never_answers_is_abandoned_and_tried_again(
+    services: Services, http: aiohttp.ClientSession, settings: Settings
+) -> None:
+    """The broker goes away, then comes back first as one that takes connections and
+    says nothing (booting): the gateway's reconnection attempt gives up after its
+    timeout and the next one, to the broker serving again, succeeds."""
+    broker, amqp_url = Proxy.before(settings.amqp_url)
+    try:
+        await services.start_gateway(amqp_url=amqp_url)
+        broker.cut()
+        broker.black_hole()  # the reconnection attempt is taken and never answered
+        await asyncio.sleep(3)
+        broker.restore()
+        ready = False
+        for _ in range(300):  # the attempt's timeout (10 s), then a new attempt
+            _, body, _ = await call(http, "GET", f"{services.base_url}/readyz")
+            if body["checks"]["broker"] == "ok":
+                ready = True
+                break
+            await asyncio.sleep(0.1)
+        assert ready, body
+    finally:
+        broker.close()
+
+
 async def test_circuit_breaker_opens_on_a_hung_broker_and_closes_after_recovery(
     services: Services, http: aiohttp.ClientSession, settings: Settings, coupon_name: str
 ) -> None:
