@@ -206,9 +206,13 @@ async def test_server_crashes_mid_load(
     """kill -9 of a server (no clean shutdown, no goodbye to the clients), a few seconds
     down, then back: every claim still gets one final answer matching the database, and
     the crash did reach claims in flight (they waited, or their client retried)."""
-    load = await started(services, http)
-    await load.reached(0.3)
     victim = getattr(restore, server)
+    services.start_consumer()
+    await services.start_gateway(**GATEWAY)
+    if server == "rabbitmq":  # the broker's own registrations of the new queues, saved
+        await asyncio.to_thread(victim.flush_metadata)
+    load = await Load(services, http).start()
+    await load.reached(0.3)
     await asyncio.to_thread(victim.kill)
     await asyncio.sleep(3)
     await asyncio.to_thread(victim.start)
@@ -305,7 +309,8 @@ async def test_consumer_killed_between_commit_and_ack_answers_once_from_the_inbo
 ) -> None:
     # The consumer commits, then stalls reporting to Redis before it acknowledges:
     # killing it there leaves committed claims whose messages the broker still holds.
-    await services.start_gateway(claim_wait_seconds=60)
+    # One message per claim, so that the queue's depth counts the claims.
+    await services.start_gateway(claim_wait_seconds=60, publish_max_claims=1)
     async with http.post(
         f"{services.base_url}/api/coupons", json={"name": coupon_name, "amount": 10}
     ) as r:
