@@ -1,16 +1,23 @@
-"""`make bench`: the pgbench ceiling and the end-to-end scenarios, in one run.
+"""`make bench`: flashclaim's figures beside the floors and ceilings of the same run.
 
 Starts its own servers (profile ``bench``: own ports, durable settings), a consumer and
-a gateway with two worker processes, then measures:
+a gateway with two worker processes, then measures, each figure next to what bounds it:
 
-1. the one-transaction-per-claim ceiling on one hot coupon (pgbench, 8 clients);
-2. open-loop claims on one hot coupon at fixed offered rates (latency percentiles);
-3. the most claims per second end to end (offered well above capacity);
-4. a burst of 10,000 concurrent claims for 100 in stock;
-5. peak memory of each gateway and consumer process.
+1. ceilings of the database alone (pgbench on one hot coupon row): one transaction per
+   claim (8 clients), and 100 claims a transaction (2 clients);
+2. bursts of 10,000 claims for 100 in stock from 1,000 and from 10,000 clients at once,
+   beside the same bursts of ``GET /healthz`` (the HTTP floor);
+3. sustained valid claims on one hot coupon from 128 keep-alive clients (wrk), beside
+   the invalid-claim ``400`` path (no pipeline) and the one-transaction-per-claim
+   ceiling, with the CPU each process spent per claim;
+4. open-loop claims at 1,000 and 2,000 per second (latency from the schedule);
+5. one consumer draining 100,000 claims of one hot coupon queued beforehand, beside the
+   batched ceiling;
+6. the peak memory of every gateway and consumer process.
 
-Prints a table and writes ``reports/bench/results.json`` and a chart per scenario.
-Figures are one run on whatever machine runs it: compare them only within one run.
+Prints a table (measure, figure, bound, target) and writes ``reports/bench/results.json``
+and a chart per load scenario. One run on whatever machine runs it: compare figures only
+within one run.
 """
 
 from __future__ import annotations
@@ -19,14 +26,16 @@ import asyncio
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import drain
+import probes
 import psycopg
 
 from flashclaim.core.db import migrate
@@ -40,71 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench"
 PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
+MEMORY_TARGET_MB = 200
 
 
 def say(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
-def pgbench_ceiling(stack: Stack, url: str, seconds: int = 10, clients: int = 8) -> float:
-    assert stack.postgres is not None
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO coupons (name, amount, remaining_amount) "
-            "VALUES ('PGBENCH_HOT', 100000000, 100000000) ON CONFLICT DO NOTHING"
-        )
-    result = subprocess.run(
-        [
-            str(stack.postgres.bindir / "pgbench"),
-            "-n",
-            "-c",
-            str(clients),
-            "-j",
-            "2",
-            "-T",
-            str(seconds),
-            "-f",
-            str(ROOT / "bench" / "pgbench_claim.sql"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(stack.postgres.port),
-            "-U",
-            "flashclaim",
-            "flashclaim",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    match = re.search(r"tps = ([\d.]+)", result.stdout)
-    if not match:
-        raise RuntimeError(f"pgbench printed no tps:\n{result.stdout}\n{result.stderr}")
-    return float(match.group(1))
-
-
-def peak_rss_mb(pids: list[int]) -> dict[int, float]:
-    peaks = {}
-    for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        match = re.search(r"VmHWM:\s+(\d+) kB", status)
-        if match:
-            peaks[pid] = int(match.group(1)) / 1024
-    return peaks
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(t) for t in text]
-    return found
-
-
-def wait_healthy(timeout: float = 60) -> None:
+def wait_listening(timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
@@ -119,83 +71,247 @@ async def scenario(name: str, chart: str, **params: Any) -> Report:
     report = await run_scenario(name, BASE, {"connections": 512, **params}, progress=False)
     report.write_chart(OUT / f"{chart}.png")
     say(
-        f"{chart}: {report.throughput:,.0f}/s, p99 {report.percentiles_ms()['p99']:.1f} ms, "
-        f"checks {'ok' if report.ok else 'FAILED'}"
+        f"{chart}: {report.seconds:.2f} s, {report.throughput:,.0f}/s, "
+        f"p99 {report.percentiles_ms()['p99']:.1f} ms, checks {'ok' if report.ok else 'FAILED'}"
     )
     return report
 
 
-async def end_to_end() -> dict[str, Report]:
-    reports = {}
-    reports["flash_sale"] = await scenario(
-        "flash-sale", "flash-sale", users=50, stock=5, concurrency=50
-    )
-    reports["double_dip"] = await scenario("double-dip", "double-dip", attempts=10, stock=100)
-    for rate in (500, 1000):
-        reports[f"fixed_{rate}"] = await scenario(
-            "sustained", f"sustained-{rate}", rate=rate, duration=10, coupons=1, hot_share=1.0
+class Bench:
+    def __init__(self, stack: Stack, settings: Settings) -> None:
+        self.stack = stack
+        self.settings = settings
+        self.log = OUT / "services.log"
+        self.consumer: subprocess.Popen[bytes] | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.figures: dict[str, Any] = {}
+        self.reports: dict[str, Report] = {}
+        self.peaks: dict[str, float] = {}
+
+    # -- processes -------------------------------------------------------------------
+
+    def start_consumer(self) -> None:
+        self.consumer = start_service("consumer", self.settings.environ(), self.log)
+
+    def stop_consumer(self) -> None:
+        if self.consumer is not None:
+            self.note_memory()
+            terminate([self.consumer], 30)
+            self.consumer = None
+
+    def workers(self) -> list[int]:
+        return probes.children(self.gateway.pid) if self.gateway else []
+
+    def meter(self) -> probes.CpuMeter:
+        s = self.stack
+        assert s.postgres and s.rabbitmq and s.redis and s.postgres.proc and s.rabbitmq.proc
+        assert s.redis.proc
+        pg, mq, rd = s.postgres.proc.pid, s.rabbitmq.proc.pid, s.redis.proc.pid
+        me = os.getpid()
+        return probes.CpuMeter(
+            {
+                "gateway workers": self.workers,
+                "consumer": lambda: [self.consumer.pid] if self.consumer else [],
+                "RabbitMQ": lambda: probes.group(mq),
+                "PostgreSQL": lambda: probes.group(pg),
+                "Redis": lambda: probes.group(rd),
+                "load generator": lambda: [me, *probes.children(me)],
+            }
         )
-    reports["max"] = await scenario(
-        "sustained", "sustained-max", rate=3000, duration=10, coupons=1, hot_share=1.0
-    )
-    return reports
 
+    def note_memory(self) -> None:
+        for i, pid in enumerate(self.workers()):
+            self.peaks[f"gateway worker {i}"] = max(
+                self.peaks.get(f"gateway worker {i}", 0.0), probes.peak_rss_mb(pid)
+            )
+        if self.consumer is not None:
+            self.peaks["consumer"] = max(
+                self.peaks.get("consumer", 0.0), probes.peak_rss_mb(self.consumer.pid)
+            )
 
-async def burst() -> Report:
-    return await scenario(
-        "flash-sale", "burst-10000", users=10_000, stock=100, concurrency=10_000, connections=10_000
-    )
+    # -- measures --------------------------------------------------------------------
 
+    def ceilings(self) -> None:
+        pg = self.stack.postgres
+        assert pg is not None
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO coupons (name, amount, remaining_amount) "
+                "VALUES ('PGBENCH_HOT', 2000000000, 2000000000) ON CONFLICT DO NOTHING"
+            )
+        say("pgbench: one transaction per claim (10 s), then 100 claims a transaction (10 s)")
+        self.figures["pgbench_one_per_tx"] = probes.pgbench(
+            pg.bindir, pg.port, ROOT / "bench" / "pgbench_claim.sql", 10, 8, "flashclaim"
+        )
+        self.figures["pgbench_batched"] = 100 * probes.pgbench(
+            pg.bindir, pg.port, ROOT / "bench" / "pgbench_batch.sql", 10, 2, "flashclaim"
+        )
 
-def table(ceiling: float, reports: dict[str, Report], memory: dict[str, float]) -> str:
-    top = reports["max"]
-    burst = reports["burst"]
-    rows = [
-        (
-            "one-transaction-per-claim ceiling (pgbench, 8 clients, hot row)",
-            f"{ceiling:,.0f} claims/s",
-        ),
-        (
-            "end to end, one hot coupon, offered 3,000/s",
-            f"{top.throughput:,.0f} claims/s = {top.throughput / ceiling:.2f}x the ceiling",
-        ),
-    ]
-    for rate in (500, 1000):
-        r = reports[f"fixed_{rate}"]
-        lat = r.percentiles_ms()
+    async def bursts(self) -> None:
+        for clients in (1000, 10_000):
+            self.reports[f"floor_{clients}"] = await scenario(
+                "http-floor",
+                f"http-floor-{clients}",
+                requests=10_000,
+                concurrency=clients,
+                connections=clients,
+            )
+            self.reports[f"burst_{clients}"] = await scenario(
+                "flash-sale",
+                f"burst-{clients}",
+                users=10_000,
+                stock=100,
+                concurrency=clients,
+                connections=clients,
+            )
+
+    def sustained_wrk(self) -> None:
+        coupon = f"WRK_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, %s, %s)",
+                (coupon, 10_000_000, 10_000_000),
+            )
+        script = ROOT / "bench" / "claims.lua"
+        say("wrk: the invalid-claim 400 path (10 s, 128 connections)")
+        self.figures["wrk_invalid"] = probes.wrk(BASE, script, [coupon, "x", "invalid"], 10, 128)
+        say("wrk: valid claims on one hot coupon (10 s, 128 connections)")
+        meter = self.meter()
+        meter.start()
+        self.figures["wrk_claims"] = result = probes.wrk(BASE, script, [coupon, "w"], 10, 128)
+        cpu = meter.stop()
+        with psycopg.connect(self.settings.database_url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM claims WHERE coupon_name = %s", (coupon,)
+            ).fetchone()
+        granted = int(row[0]) if row else 0
+        result["granted"] = granted
+        self.figures["cpu_ms_per_claim"] = {
+            name: 1000 * seconds / max(granted, 1) for name, seconds in cpu.items()
+        }
+        self.note_memory()
+
+    async def open_loop(self) -> None:
+        for rate in (1000, 2000):
+            self.reports[f"fixed_{rate}"] = await scenario(
+                "sustained", f"sustained-{rate}", rate=rate, duration=10, coupons=1, hot_share=1.0
+            )
+            self.note_memory()
+
+    def drain(self, claims: int = 100_000) -> None:
+        self.stop_consumer()
+        coupon = f"DRAIN_{uuid.uuid4().hex[:8]}"
+        say(f"drain: queueing {claims:,} claims (messages of 100) with no consumer running")
+        asyncio.run(drain.queue_claims(self.settings, coupon, claims, 100))
+        say("drain: one consumer applies them")
+        self.start_consumer()
+        self.figures["drain"] = drain.wait_applied(self.settings, coupon, claims, 300)
+        self.note_memory()
+
+    # -- the table -------------------------------------------------------------------
+
+    def table(self) -> list[tuple[str, str, str, str]]:
+        f, r = self.figures, self.reports
+        one, batched = f["pgbench_one_per_tx"], f["pgbench_batched"]
+        rows = []
+        for clients in (1000, 10_000):
+            burst, floor = r[f"burst_{clients}"], r[f"floor_{clients}"]
+            statuses = burst.recorder.statuses
+            ratio = burst.seconds / floor.seconds
+            rows.append(
+                (
+                    f"burst: 10,000 claims for 100 in stock, {clients:,} clients at a time",
+                    f"all answered in {burst.seconds:.2f} s = {ratio:.2f}x the floor "
+                    f"({statuses[200]} winners, {statuses[202]} x 202, "
+                    f"{sum(v for k, v in statuses.items() if k >= 500)} x 5xx)",
+                    f"the same burst of GET /healthz: {floor.seconds:.2f} s",
+                    _target(ratio <= 1.5, "<= 1.5x the floor"),
+                )
+            )
+        claims, invalid = f["wrk_claims"], f["wrk_invalid"]
         rows.append(
             (
-                f"offered {rate:,}/s: achieved, p50 / p99",
-                f"{r.throughput:,.0f}/s, {lat['p50']:.1f} / {lat['p99']:.1f} ms",
+                "sustained, one hot coupon, 128 keep-alive clients (wrk, 10 s)",
+                f"{claims['rate']:,.0f} claims/s = {claims['rate'] / one:.2f}x the ceiling "
+                f"(p99 {claims['p99_ms']:.0f} ms, {claims['non_2xx']:.0f} non-2xx)",
+                f"invalid-claim 400 path: {invalid['rate']:,.0f} req/s; "
+                f"one transaction per claim (pgbench): {one:,.0f} tx/s",
+                _target(claims["rate"] >= 3 * one, ">= 3x the pgbench ceiling"),
             )
         )
-    statuses = dict(burst.recorder.statuses)
-    rows += [
-        (
-            "burst 10,000 concurrent claims, 100 in stock",
-            f"{statuses.get(200, 0)} winners, {sum(v for k, v in statuses.items() if k >= 500)}"
-            f" x 5xx, last answer {burst.percentiles_ms()['max'] / 1000:.1f} s",
-        ),
-        (
-            "Flash Sale (50 users, 5 in stock) / Double Dip (10 x 1 user)",
-            f"{'ok' if reports['flash_sale'].ok else 'FAILED'} / "
-            f"{'ok' if reports['double_dip'].ok else 'FAILED'}",
-        ),
-        (
-            "peak memory in the sustained runs: gateway workers / consumer",
-            " / ".join(f"{v:.0f} MB" for v in memory.values()),
-        ),
-    ]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        for rate, target in ((1000, 50.0), (2000, 100.0)):
+            rep = r[f"fixed_{rate}"]
+            lat = rep.percentiles_ms()
+            rows.append(
+                (
+                    f"open loop {rate:,} claims/s, one hot coupon (10 s)",
+                    f"achieved {rep.throughput:,.0f}/s, p50 {lat['p50']:.1f} ms, "
+                    f"p99 {lat['p99']:.1f} ms",
+                    "",
+                    _target(lat["p99"] <= target, f"p99 <= {target:.0f} ms"),
+                )
+            )
+        rows.append(
+            (
+                "one consumer draining one hot coupon (100,000 claims queued first)",
+                f"{f['drain']:,.0f} claims/s",
+                f"batched SQL ceiling (pgbench, 100 claims/tx): {batched:,.0f} claims/s",
+                _target(f["drain"] >= 10_000, ">= 10,000 claims/s"),
+            )
+        )
+        cpu = f["cpu_ms_per_claim"]
+        rows.append(
+            (
+                "CPU per claim in the wrk run, by process (ms)",
+                ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+                + f"; all {sum(cpu.values()):.3f}",
+                "",
+                "",
+            )
+        )
+        worst = max(self.peaks.values())
+        rows.append(
+            (
+                "peak memory per process",
+                ", ".join(f"{k} {v:.0f} MB" for k, v in self.peaks.items()),
+                "",
+                _target(worst <= MEMORY_TARGET_MB, f"<= {MEMORY_TARGET_MB} MB each"),
+            )
+        )
+        rows.append(
+            (
+                "Flash Sale (50 users, 5 in stock) / Double Dip (10 x 1 user)",
+                f"{'ok' if r['flash_sale'].ok else 'FAILED'} / "
+                f"{'ok' if r['double_dip'].ok else 'FAILED'}",
+                "",
+                "",
+            )
+        )
+        return rows
+
+
+def _target(met: bool, text: str) -> str:
+    return f"{text}: {'met' if met else 'NOT met'}"
+
+
+def render(rows: list[tuple[str, str, str, str]]) -> str:
+    lines = []
+    for measure, figure, bound, target in rows:
+        lines.append(measure)
+        lines.append(f"    {figure}")
+        if bound:
+            lines.append(f"    bound:  {bound}")
+        if target:
+            lines.append(f"    target: {target}")
+    return "\n".join(lines)
 
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     stack = Stack("bench", root=ROOT / ".stack", fresh=True)
-    procs: list[subprocess.Popen[bytes]] = []
     say("starting servers")
     stack.start()
+    bench: Bench | None = None
     try:
         urls = stack.urls()
         # Settings of the shell (FLASHCLAIM_*) apply, for experiments; the servers are ours.
@@ -203,40 +319,48 @@ def main() -> int:
             http_port=PORT, log_level="WARNING", gateway_workers=2
         )
         migrate(settings.database_url)
-        say("pgbench ceiling (10 s)")
-        ceiling = pgbench_ceiling(stack, settings.database_url)
-        log = OUT / "services.log"
-        log.unlink(missing_ok=True)
-        procs.append(start_service("consumer", settings.environ(), log))
-        procs.append(start_service("gateway", settings.environ(), log))
-        wait_healthy()
+        bench = Bench(stack, settings)
+        bench.ceilings()
+        bench.log.unlink(missing_ok=True)
+        bench.start_consumer()
+        bench.gateway = start_service("gateway", settings.environ(), bench.log)
+        wait_listening()
         time.sleep(1)
-        reports = asyncio.run(end_to_end())
-        # Peak resident memory so far: the sustained scenarios, before the burst.
-        workers = children_of(procs[1].pid)
-        peaks = peak_rss_mb([*workers, procs[0].pid])
-        memory = {f"gateway {i}": peaks.get(pid, float("nan")) for i, pid in enumerate(workers)}
-        memory["consumer"] = peaks.get(procs[0].pid, float("nan"))
-        reports["burst"] = asyncio.run(burst())
+
+        async def http_runs() -> None:
+            assert bench is not None
+            bench.reports["flash_sale"] = await scenario(
+                "flash-sale", "flash-sale", users=50, stock=5, concurrency=50
+            )
+            bench.reports["double_dip"] = await scenario(
+                "double-dip", "double-dip", attempts=10, stock=100
+            )
+            await bench.bursts()
+
+        asyncio.run(http_runs())
+        bench.sustained_wrk()
+        asyncio.run(bench.open_loop())
+        bench.drain()
         print()
         print(
             f"flashclaim bench on {platform.node()}: {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, every server on the same machine"
+            f"Python {platform.python_version()}, every server and the load on the same machine"
         )
-        print(table(ceiling, reports, memory))
+        print(render(bench.table()))
         results = {
             "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-            "pgbench_ceiling_claims_per_s": ceiling,
-            "memory_peak_mb": memory,
-            "scenarios": {k: r.as_dict() for k, r in reports.items()},
+            "figures": bench.figures,
+            "memory_peak_mb": bench.peaks,
+            "scenarios": {k: v.as_dict() for k, v in bench.reports.items()},
         }
-        for r in results["scenarios"].values():
-            r.pop("timeline", None)
+        for scenario_result in results["scenarios"].values():
+            scenario_result.pop("timeline", None)
         (OUT / "results.json").write_text(json.dumps(results, indent=2))
         print(f"\nreport: {OUT / 'results.json'}, charts: {OUT}/*.png")
-        return 0 if all(r.ok for k, r in reports.items() if k != "max") else 1
+        return 0 if all(rep.ok for rep in bench.reports.values()) else 1
     finally:
-        terminate(procs, 30)
+        if bench is not None:
+            terminate([p for p in (bench.gateway, bench.consumer) if p is not None], 30)
         stack.stop()
 
 

@@ -8,7 +8,9 @@ queue took (the DLQ or its binding is missing) is a failure, not a success. Then
 topology is declared again (which restores the DLQ) and the copy sent once more; if that
 fails too, the original is rejected and the broker dead-letters it itself (``x-death``
 reason ``rejected``), holding it under its at-least-once dead-letter strategy until the
-DLQ takes it. Commands the broker dead-letters on its own (``x-death`` reason
+DLQ takes it. One claim of a message that carries several is dead-lettered alone, as a
+message of its own; if the DLQ cannot take it, the whole message goes back to its queue.
+Commands the broker dead-letters on its own (``x-death`` reason
 ``delivery_limit``) carry only ``x-death``. The headers and the copy are built by
 flashclaim/core/deadletters.py, which also reads them back for the operators.
 """
@@ -50,26 +52,56 @@ class DeadLetterPublisher:
         """Move ``message`` to the DLQ; ``attempts`` are its failed attempts so far."""
         headers = failure_headers(message, reason, error, self._service, attempts)
         copy = copy_of(message.message_id, message.body, headers, properties_of(message))
+        if await self._published(copy, message.message_id):
+            await message.ack()
+            self._logged(message.message_id, reason, error)
+        else:
+            await message.reject(requeue=False)
+
+    async def send_claim(
+        self,
+        message: AbstractIncomingMessage,
+        claim_id: str | None,
+        body: bytes,
+        reason: str,
+        error: BaseException,
+        attempts: int | None = None,
+    ) -> bool:
+        """Dead-letter one claim of a message that carries several, alone (``claim_id``
+        and its version 1 ``body``), with the carrying message's headers and properties;
+        the message itself is not settled here. ``False`` if the DLQ could not take it:
+        the caller returns the whole message to its queue (its other claims are answered
+        from the inbox when it comes back)."""
+        headers = failure_headers(message, reason, error, self._service, attempts)
+        copy = copy_of(claim_id, body, headers, properties_of(message))
+        if not await self._published(copy, claim_id):
+            return False
+        self._logged(claim_id, reason, error)
+        return True
+
+    async def _published(self, copy: aio_pika.Message, message_id: str | None) -> bool:
+        """Publish ``copy`` to the DLQ, repairing the topology once if it is not taken."""
         try:
             await self._publish(copy)
         except Exception as exc:
-            if not await self._repaired(message, exc):
-                await message.reject(requeue=False)
-                return
+            if not await self._repaired(message_id, exc):
+                return False
             try:
                 await self._publish(copy)
             except Exception as again:
                 log.error(
-                    "dead-letter publish failed twice; rejecting to the broker's dead-lettering",
-                    extra={"message_id": message.message_id, "error": repr(again)},
+                    "dead-letter publish failed twice",
+                    extra={"message_id": message_id, "error": repr(again)},
                 )
-                await message.reject(requeue=False)
-                return
-        await message.ack()
+                return False
+        return True
+
+    @staticmethod
+    def _logged(message_id: str | None, reason: str, error: BaseException) -> None:
         log.warning(
             "command dead-lettered",
             extra={
-                "message_id": message.message_id,
+                "message_id": message_id,
                 "reason": reason,
                 "error_type": type(error).__name__,
                 "error": str(error)[:500],
@@ -80,10 +112,10 @@ class DeadLetterPublisher:
         # Raises on a nack, a timeout, and (on_return_raises) on a return: unroutable.
         await self._exchange.publish(copy, CLAIM_ROUTING_KEY, mandatory=True, timeout=10)
 
-    async def _repaired(self, message: AbstractIncomingMessage, exc: BaseException) -> bool:
+    async def _repaired(self, message_id: str | None, exc: BaseException) -> bool:
         log.error(
             "dead-letter publish failed; declaring the topology again",
-            extra={"message_id": message.message_id, "error": repr(exc)},
+            extra={"message_id": message_id, "error": repr(exc)},
         )
         if self._repair is None:
             return False

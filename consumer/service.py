@@ -84,6 +84,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             ),
             worker_id=settings.instance_id,
             max_attempts=settings.max_attempts,
+            batch_claims=settings.batch_size,
         )
         log.info(
             "consumer started",

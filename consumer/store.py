@@ -121,9 +121,14 @@ async def apply_batch(
                 "message_ids": [c.request_id for c in granted],
             },
         )
-        taken = Counter(c.coupon_name for c in granted)
+    taken = Counter(c.coupon_name for c in granted)
+    if taken:
         await conn.execute(q["deduct_stock"], {"names": list(taken), "taken": list(taken.values())})
-    fresh_results = [ClaimResult.of(c, o) for c, o in zip(todo, outcomes, strict=True)]
+    # What each coupon has left once this commits, told to the gateways with the results.
+    left = {name: remaining - taken[name] for name, remaining in stock.items()}
+    fresh_results = [
+        ClaimResult.of(c, o, left.get(c.coupon_name)) for c, o in zip(todo, outcomes, strict=True)
+    ]
     await conn.execute(
         q["record_results"],
         {

@@ -15,7 +15,12 @@ Acknowledgement protocol (the one place messages are settled):
    the others; a single command that fails has the failure counted in its inbox row
    (``retry_count``: the project's own count, whatever the broker's version counts) and
    is retried through the broker (nack with requeue) until ``max_attempts`` failures,
-   then it is FAILED in the inbox and dead-lettered with the error.
+   then it is FAILED in the inbox and dead-lettered with the error;
+5. a message that carries several claims (a gateway coalesced them) is settled once, for
+   all of them: acked when each claim is applied or dead-lettered alone; nacked with
+   requeue if any claim is to be tried again, in which case the claims that did apply are
+   answered from the inbox when the message comes back. A message is never acked before
+   every claim it carries has its effect committed or its dead letter confirmed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 
 import orjson
@@ -36,15 +42,30 @@ from consumer.store import BatchOutcome, Delivery, apply_batch
 from flashclaim.core.db import queries
 from flashclaim.core.deadletters import delivery_count
 from flashclaim.core.errors import PoisonMessage
-from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand
+from flashclaim.core.messages import CLAIM_EVENT, ClaimResult, PoisonClaim, decode_claims
 from flashclaim.core.results import ResultStore
 from flashclaim.core.retry import contention_retry, is_outage, outage_retry, transient_retry
 
 log = logging.getLogger(__name__)
 
-Pair = tuple[AbstractIncomingMessage, Delivery]
+# A delivered message and the claims it carries (one, or several coalesced).
+Received = tuple[AbstractIncomingMessage, list[Delivery]]
 # How long a stopping worker waits for the reports and acks of committed batches.
 REPORT_GRACE_SECONDS = 3.0
+
+
+def _total(outcomes: Sequence[BatchOutcome]) -> BatchOutcome | None:
+    if not outcomes:
+        return None
+    results: dict[uuid.UUID, ClaimResult] = {}
+    for o in outcomes:
+        results.update(o.results)
+    return BatchOutcome(
+        results,
+        applied=sum(o.applied for o in outcomes),
+        replayed=sum(o.replayed for o in outcomes),
+        granted=sum(o.granted for o in outcomes),
+    )
 
 
 class Stopping(Exception):
@@ -60,6 +81,7 @@ class ClaimWorker:
         dead_letters: DeadLetterPublisher,
         worker_id: str,
         max_attempts: int = 3,
+        batch_claims: int = 200,
     ) -> None:
         self._receiver = receiver
         self._pool = pool
@@ -67,12 +89,13 @@ class ClaimWorker:
         self._dead_letters = dead_letters
         self._worker_id = worker_id
         self._max_attempts = max_attempts
+        self._batch_claims = batch_claims
         self._stop = asyncio.Event()
         self._holding = False
         # Committed batches waiting to be reported and acknowledged (bounded: if Redis
         # stalls, the consumer slows down instead of piling up).
-        self._committed: asyncio.Queue[tuple[Sequence[Pair], BatchOutcome] | None] = asyncio.Queue(
-            maxsize=8
+        self._committed: asyncio.Queue[tuple[Sequence[Received], BatchOutcome] | None] = (
+            asyncio.Queue(maxsize=8)
         )
 
     async def run(self, stop: asyncio.Event, grace: float) -> None:
@@ -116,31 +139,35 @@ class ClaimWorker:
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
         started = time.perf_counter()
-        pairs: list[Pair] = []
-        poison = 0
+        received: list[Received] = []
+        claims = poison = 0
         for message in messages:
             try:
-                command = ClaimCommand.decode(message.message_id, message.body, message.reply_to)
+                decoded = decode_claims(message.message_id, message.body, message.reply_to)
             except PoisonMessage as exc:
                 poison += 1
                 await self._settle(self._dead_letters.send(message, "poison", exc))
                 continue
-            pairs.append(
-                (
-                    message,
-                    Delivery(
-                        command=command,
-                        sender=message.app_id or "unknown",
-                        exchange=message.exchange or "",
-                        routing_key=message.routing_key or "",
-                    ),
-                )
+            claims += len(decoded.commands) + len(decoded.poison)
+            if not await self._dead_letter_poison(message, decoded.poison):
+                continue
+            poison += len(decoded.poison)
+            if not decoded.commands:  # every claim it carried is in the DLQ now
+                await self._settle(message.ack())
+                continue
+            origin = (
+                message.app_id or "unknown",
+                message.exchange or "",
+                message.routing_key or "",
             )
-        outcome = await self._apply_and_settle(pairs) if pairs else None
+            received.append((message, [Delivery(c, *origin) for c in decoded.commands]))
+        outcomes = [await self._apply_and_settle(chunk) for chunk in self._chunks(received)]
+        outcome = _total([o for o in outcomes if o is not None])
         log.info(
             "batch done",
             extra={
                 "size": len(messages),
+                "claims": claims,
                 "poison": poison,
                 "applied": outcome.applied if outcome else 0,
                 "replayed": outcome.replayed if outcome else 0,
@@ -149,34 +176,98 @@ class ClaimWorker:
             },
         )
 
-    async def _apply_and_settle(self, pairs: Sequence[Pair]) -> BatchOutcome | None:
+    def _chunks(self, received: list[Received]) -> list[list[Received]]:
+        """Consecutive messages with at most ``batch_claims`` claims together (a message
+        with more is a chunk of its own): one transaction each."""
+        chunks: list[list[Received]] = []
+        claims = self._batch_claims
+        for item in received:
+            if claims + len(item[1]) > self._batch_claims:
+                chunks.append([])
+                claims = 0
+            chunks[-1].append(item)
+            claims += len(item[1])
+        return chunks
+
+    async def _dead_letter_poison(
+        self, message: AbstractIncomingMessage, poison: Sequence[PoisonClaim]
+    ) -> bool:
+        """Dead-letter each poison claim of ``message`` alone; ``False`` (and the message
+        requeued) if the DLQ did not take one of them."""
+        for claim in poison:
+            sent = await self._dead_letters.send_claim(
+                message, claim.message_id, claim.body, "poison", claim.error
+            )
+            if not sent:
+                await self._settle(message.nack(requeue=True))
+                return False
+        return True
+
+    async def _apply_and_settle(self, received: Sequence[Received]) -> BatchOutcome | None:
+        deliveries = [d for _, ds in received for d in ds]
         try:
-            outcome = await self._apply([d for _, d in pairs])
+            outcome = await self._apply(deliveries)
         except Stopping:
             raise
         except Exception as exc:
-            if len(pairs) > 1:
-                # One bad command must not sink the batch: apply them one by one.
+            if len(received) > 1:
+                # One bad command must not sink the batch: apply message by message.
                 log.warning("batch failed, splitting", extra={"error": repr(exc)})
-                for pair in pairs:
-                    await self._apply_and_settle([pair])
+                for one in received:
+                    await self._apply_and_settle([one])
                 return None
-            await self._failed_attempt(pairs[0], exc)
+            await self._claim_by_claim(received[0], exc)
             return None
         # Reporting and acknowledging happen in another task, in commit order, while
         # this one already applies the next batch: the database never waits for Redis.
-        await self._committed.put((pairs, outcome))
+        await self._committed.put((received, outcome))
         return outcome
+
+    async def _claim_by_claim(self, received: Received, exc: BaseException) -> None:
+        """One message failed: apply its claims one at a time, count the failures, and
+        settle the message once for all of them (protocol, step 5)."""
+        message, deliveries = received
+        if len(deliveries) == 1:
+            await self._failed_attempt(message, deliveries[0], exc)
+            return
+        log.warning("message failed, claim by claim", extra={"error": repr(exc)})
+        applied: list[Delivery] = []
+        results: dict[uuid.UUID, ClaimResult] = {}
+        again = False
+        for delivery in deliveries:
+            try:
+                outcome = await self._apply([delivery])
+            except Stopping:
+                raise
+            except Exception as claim_exc:
+                attempts, final = await self._attempts(message, delivery, claim_exc)
+                if not final:
+                    again = True
+                    continue
+                request_id = str(delivery.command.request_id)
+                if not await self._dead_letters.send_claim(
+                    message, request_id, delivery.command.body(), "failed", claim_exc, attempts
+                ):
+                    again = True
+                continue
+            applied.append(delivery)
+            results.update(outcome.results)
+        if again:
+            log.warning("message requeued", extra={"message_id": message.message_id})
+            await self._settle(message.nack(requeue=True))
+            return
+        total = BatchOutcome(results, applied=len(applied), replayed=0, granted=0)
+        await self._committed.put(([(message, applied)], total))
 
     async def _report_in_order(self) -> None:
         while (item := await self._committed.get()) is not None:
-            pairs, outcome = item
-            await self._report(pairs, outcome)
+            received, outcome = item
+            await self._report(received, outcome)
             # Deliveries reach this consumer in order and each earlier one is settled or
             # queued here before this one, so one cumulative ack covers the batch. (A
             # message from a channel that has since closed cannot be acked: it is
             # redelivered, and the inbox answers it.)
-            await self._settle(pairs[-1][0].ack(multiple=True))
+            await self._settle(received[-1][0].ack(multiple=True))
 
     async def _apply(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
         try:
@@ -208,16 +299,11 @@ class ClaimWorker:
             log.error("database unavailable; holding messages", extra={"error": repr(exc)})
             await self._receiver.stop()
 
-    async def _failed_attempt(self, pair: Pair, exc: BaseException) -> None:
+    async def _failed_attempt(
+        self, message: AbstractIncomingMessage, delivery: Delivery, exc: BaseException
+    ) -> None:
         """Count the attempt in the inbox; retry through the broker, or fail for good."""
-        message, delivery = pair
-        counted = await self._record_failure(delivery, exc)
-        if counted is None:
-            # The inbox could not count it: fall back on the broker's own counter.
-            attempts = delivery_count(message) + 1
-            final = attempts >= self._max_attempts
-        else:
-            attempts, final = counted
+        attempts, final = await self._attempts(message, delivery, exc)
         if final:
             await self._settle(self._dead_letters.send(message, "failed", exc, attempts))
         else:
@@ -226,6 +312,17 @@ class ClaimWorker:
                 extra={"message_id": message.message_id, "attempt": attempts, "error": repr(exc)},
             )
             await self._settle(message.nack(requeue=True))
+
+    async def _attempts(
+        self, message: AbstractIncomingMessage, delivery: Delivery, exc: BaseException
+    ) -> tuple[int, bool]:
+        """``(failed attempts so far, final?)`` for a claim that failed just now."""
+        counted = await self._record_failure(delivery, exc)
+        if counted is not None:
+            return counted
+        # The inbox could not count it: fall back on the broker's own counter.
+        attempts = delivery_count(message) + 1
+        return attempts, attempts >= self._max_attempts
 
     async def _record_failure(
         self, delivery: Delivery, exc: BaseException
@@ -261,14 +358,15 @@ class ClaimWorker:
         retry_count, status = row
         return int(retry_count), status == "FAILED"
 
-    async def _report(self, pairs: Sequence[Pair], outcome: BatchOutcome) -> None:
+    async def _report(self, received: Sequence[Received], outcome: BatchOutcome) -> None:
         """Push results to Redis; a Redis fault loses nothing (the inbox has them)."""
         try:
             async for attempt in transient_retry(1.0):
                 with attempt:
                     await self._results.publish(
                         (outcome.results[d.command.request_id], d.command.reply_to)
-                        for _, d in pairs
+                        for _, deliveries in received
+                        for d in deliveries
                     )
         except Exception as exc:
             log.warning("results not published to redis", extra={"error": repr(exc)})

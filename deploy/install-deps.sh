@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages flashclaim's local stack needs, if any is missing.
+# Installs the Debian packages flashclaim's local stack needs, if any is missing;
+# with --bench, also what `make bench` drives the load with (wrk).
 # Idempotent: does nothing when everything is there.
 set -euo pipefail
 
@@ -10,6 +11,9 @@ command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitm
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if [ "${1:-}" = "--bench" ]; then
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

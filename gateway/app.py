@@ -13,7 +13,9 @@ from flashclaim.core.db import create_pool
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
+from gateway.admission import Admission
 from gateway.claims import Claims
+from gateway.coalescer import Coalescer
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
 from gateway.idempotency import RequestIds, random_secret
@@ -112,13 +114,22 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         s.breaker_failure_threshold,
         s.breaker_recovery_seconds,
     )
+    admission = (
+        Admission(app[REPOSITORY].remaining, min(s.claim_hold_seconds, s.claim_wait_seconds))
+        if s.claim_hold_seconds > 0
+        else None
+    )
+    finals = FinalAnswers(
+        app[REPOSITORY].holders, on_sold_out=admission.sold_out if admission else None
+    )
     app[CLAIMS] = Claims(
-        publisher,
+        Coalescer(publisher.publish, s.publish_linger_ms / 1000, s.publish_max_claims),
         replies,
         results,
         s.claim_wait_seconds,
         s.max_in_flight_claims,
-        FinalAnswers(app[REPOSITORY].holders),
+        finals,
+        admission,
     )
     yield
     await replies.stop()

@@ -1,9 +1,16 @@
-"""Submitting a claim: publish the command, then wait for its result (or answer 202)."""
+"""Submitting a claim: publish the command, then wait for its result (or answer 202).
+
+On its way a claim may be answered at once (a final answer this process knows), held
+back while the claims already in flight could take all the stock (gateway/admission.py),
+and published together with the other claims of its coupon that arrived with it
+(gateway/coalescer.py). The whole wait, held time included, is ``wait_seconds``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -13,9 +20,10 @@ from typing import Any
 from flashclaim.core.errors import Overloaded
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 from flashclaim.core.results import ResultStore
+from gateway.admission import Admission
+from gateway.coalescer import Coalescer
 from gateway.finals import FinalAnswers
 from gateway.idempotency import IdempotencyKeyReused
-from gateway.publisher import ClaimPublisher
 from gateway.replies import ReplyListener
 
 log = logging.getLogger(__name__)
@@ -26,14 +34,16 @@ ACCEPTED_MEMORY = 200_000
 class Claims:
     def __init__(
         self,
-        publisher: ClaimPublisher,
+        publisher: Coalescer,
         replies: ReplyListener,
         results: ResultStore,
         wait_seconds: float,
         max_in_flight: int,
         finals: FinalAnswers | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._publisher = publisher
+        self._admission = admission
         self._replies = replies
         self._results = results
         self._wait = wait_seconds
@@ -71,32 +81,54 @@ class Claims:
             # the same key with another coupon is refused (422) even while the first
             # claim is still on its way.
             fingerprinted = await self._fingerprint(command)
-        outcome = self._finals.answer(command) if self._finals is not None else None
-        # A retried request may have been granted the first time: only "sold out" (which
-        # a holder never gets) is safe to answer for it without asking the inbox, and
-        # only once its key is known to stand for this very claim.
-        if outcome is not None and (
-            not replayable or (outcome is Outcome.OUT_OF_STOCK and fingerprinted)
-        ):
-            # Final whatever happens next (see gateway/finals.py): no round trip. It is
-            # kept briefly (never over a real result) so GET /api/claims/{id} finds it.
-            fast = ClaimResult.of(command, outcome)
-            self._in_background(self._results.store_fast(fast))
+        fast = self._fast_answer(command, replayable, fingerprinted)
+        if fast is not None:
             return fast
-        with self._replies.expect(command.request_id) as reply:
-            # The consumer answers on this process's own channel.
-            await self._publisher.publish(replace(command, reply_to=self._replies.channel))
-            try:
-                result: ClaimResult | None = await asyncio.wait_for(reply, self._wait)
-            except TimeoutError:
-                # The reply may have been missed (Redis reconnecting): look it up once.
-                result = await self.lookup(command.request_id)
+        started = time.monotonic()
+        if self._admission is not None and not await self._admission.enter(command.coupon_name):
+            # Held until the coupon was known sold out: the final answers have it now.
+            fast = self._fast_answer(command, replayable, fingerprinted)
+            if fast is not None:
+                return fast
+            self._admission.count(command.coupon_name)
+        result: ClaimResult | None = None
+        try:
+            with self._replies.expect(command.request_id) as reply:
+                # The consumer answers on this process's own channel.
+                await self._publisher.publish(replace(command, reply_to=self._replies.channel))
+                wait = max(self._wait - (time.monotonic() - started), 0.0)
+                try:
+                    result = await asyncio.wait_for(reply, wait)
+                except TimeoutError:
+                    # The reply may have been missed (Redis reconnecting): look it up once.
+                    result = await self.lookup(command.request_id)
+        finally:
+            if self._admission is not None:
+                self._admission.leave(command.coupon_name, result)
         if result is None:
             await self._mark_pending(command.request_id)
             return None
         if self._finals is not None:
             self._finals.learn(result)
         return _same_claim(result, command) if replayable else result
+
+    def _fast_answer(
+        self, command: ClaimCommand, replayable: bool, fingerprinted: bool
+    ) -> ClaimResult | None:
+        """A final answer known in this process, if it may be given without a round trip."""
+        outcome = self._finals.answer(command) if self._finals is not None else None
+        # A retried request may have been granted the first time: only "sold out" (which
+        # a holder never gets) is safe to answer for it without asking the inbox, and
+        # only once its key is known to stand for this very claim.
+        if outcome is None or (
+            replayable and not (outcome is Outcome.OUT_OF_STOCK and fingerprinted)
+        ):
+            return None
+        # Final whatever happens next (see gateway/finals.py): no round trip. It is kept
+        # briefly (never over a real result) so GET /api/claims/{id} finds it.
+        fast = ClaimResult.of(command, outcome)
+        self._in_background(self._results.store_fast(fast))
+        return fast
 
     async def _fingerprint(self, command: ClaimCommand) -> bool:
         """Record which claim this request id stands for; ``False`` if Redis is away

@@ -7,8 +7,10 @@ removed:
 - a coupon that ran out stays sold out, and then its holders are a closed set: a claim
   is ``409`` for a holder and ``400`` for anyone else.
 
-The gateway learns them from the results it receives; a coupon's holders are read from
-the database once, when it is seen sold out. Nothing is answered from here that the
+The gateway learns them from the results it receives; a coupon is seen sold out when a
+result says so (``400 out_of_stock``, or a grant whose batch left no stock: results are
+reported only after their batch committed), and its holders are then read from the
+database once. Nothing is answered from here that the
 consumer would not answer the same way.
 """
 
@@ -35,8 +37,11 @@ class FinalAnswers:
         self,
         load_holders: Callable[[str], Awaitable[list[str]]],
         max_entries: int = MAX_ENTRIES,
+        on_sold_out: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_sold_out(coupon)`` is called once the coupon's answers are all known."""
         self._load_holders = load_holders
+        self._on_sold_out = on_sold_out
         self._max = max_entries
         self._size = 0  # user ids held, over both maps
         self._holders: OrderedDict[str, set[str]] = OrderedDict()
@@ -59,20 +64,19 @@ class FinalAnswers:
 
     def learn(self, result: ClaimResult) -> None:
         coupon, user = result.coupon_name, result.user_id
+        if coupon in self._sold_out:
+            return
         if result.outcome is Outcome.CLAIMED:
-            if coupon in self._sold_out:
-                return
             holders = self._holders.setdefault(coupon, set())
             self._holders.move_to_end(coupon)
             if user not in holders:
                 holders.add(user)
                 self._size += 1
                 self._shrink()
-        elif (
-            result.outcome is Outcome.OUT_OF_STOCK
-            and coupon not in self._sold_out
-            and coupon not in self._loading
-        ):
+        sold_out = result.outcome is Outcome.OUT_OF_STOCK or (
+            result.outcome is Outcome.CLAIMED and result.remaining == 0
+        )
+        if sold_out and coupon not in self._loading:
             self._loading.add(coupon)
             task = asyncio.create_task(self._close(coupon))
             self._tasks.add(task)
@@ -93,6 +97,8 @@ class FinalAnswers:
         self._sold_out[coupon] = holders
         self._size += len(holders)
         self._shrink()
+        if self._on_sold_out is not None and coupon in self._sold_out:
+            self._on_sold_out(coupon)
 
     def _shrink(self) -> None:
         """Forget whole coupons, oldest first, until within the bound."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Sequence
 
 import aio_pika
 import aiormq
@@ -13,7 +14,7 @@ from circuitbreaker import CircuitBreaker
 
 from flashclaim.core import broker
 from flashclaim.core.errors import DependencyUnavailable
-from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand
+from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, encode_claims
 
 
 class ClaimPublisher:
@@ -43,8 +44,9 @@ class ClaimPublisher:
             name="broker",
         )
 
-    async def publish(self, command: ClaimCommand) -> None:
-        """Raise :class:`DependencyUnavailable` unless the broker confirmed the claim."""
+    async def publish(self, commands: Sequence[ClaimCommand]) -> None:
+        """Publish ``commands`` (claims of one coupon, with one reply channel) as one
+        message; raise :class:`DependencyUnavailable` unless the broker confirmed it."""
         # Refuse at once (503) rather than wait for a confirm that cannot come.
         if not broker.is_up(self._connection):
             raise DependencyUnavailable("broker", "not connected")
@@ -53,13 +55,14 @@ class ClaimPublisher:
         if self._breaker.opened:
             wait = math.ceil(max(self._breaker.open_remaining, 1))
             raise DependencyUnavailable("broker", "circuit open", retry_after=wait)
-        await self._breaker.call_async(self._publish, command)
+        await self._breaker.call_async(self._publish, commands)
 
-    async def _publish(self, command: ClaimCommand) -> None:
+    async def _publish(self, commands: Sequence[ClaimCommand]) -> None:
+        message_id, body = encode_claims(commands)
         message = aio_pika.Message(
-            command.body(),
-            message_id=str(command.request_id),
-            reply_to=command.reply_to,
+            body,
+            message_id=message_id,
+            reply_to=commands[0].reply_to,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             app_id="flashclaim-gateway",
@@ -70,7 +73,7 @@ class ClaimPublisher:
             confirmation = await self._exchange.publish(
                 # Hashed by the exchange: one coupon, one partition.
                 message,
-                command.coupon_name,
+                commands[0].coupon_name,
                 mandatory=True,
                 timeout=self._timeout,
             )

@@ -36,6 +36,11 @@ class Repository:
     async def holders(self, name: str) -> list[str]:
         return list((await self.get_coupon(name))["claimed_by"])
 
+    async def remaining(self, name: str) -> int | None:
+        """The coupon's stock now (``None``: no such coupon)."""
+        row = await self._fetchone(queries()["coupon_remaining"], {"name": name})
+        return None if row is None else int(row["remaining_amount"])
+
     async def _read_coupon(self, name: str) -> dict[str, Any] | None:
         return await self._fetchone(queries()["get_coupon"], {"name": name})
 

@@ -1,11 +1,17 @@
-"""The claim command that travels on RabbitMQ, and the result that comes back.
+"""The claim commands that travel on RabbitMQ, and the results that come back.
 
-Body of a command (JSON, ``content_type: application/json``)::
+A command message (JSON, ``content_type: application/json``) carries one claim::
 
     {"v": 1, "user_id": "user_12345", "coupon_name": "PROMO_SUPER"}
 
-Its AMQP ``message_id`` is the request id (a UUID); ``reply_to`` names the Redis channel
-of the gateway waiting for the answer.
+with the request id (a UUID) as its AMQP ``message_id``, or several claims of one coupon
+that a gateway coalesced (one publish and one confirm for all of them)::
+
+    {"v": 2, "claims": [{"request_id": "…", "user_id": "…", "coupon_name": "…"}, …]}
+
+with a message id of its own. Either way ``reply_to`` names the Redis channel of the
+gateway waiting for the answers. Each claim is applied, answered and dead-lettered on its
+own: a claim that can never apply is dead-lettered alone, as a version 1 message.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import enum
 import unicodedata
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -21,6 +28,7 @@ import orjson
 from flashclaim.core.errors import InvalidInput, PoisonMessage
 
 VERSION = 1
+MANY_VERSION = 2
 CLAIM_EVENT = "coupon.claim.requested"
 # The rules for coupon names and user ids, decided once here. A coupon name becomes an
 # AMQP routing key (at most 255 bytes), a URL path segment and a Location header, so:
@@ -66,25 +74,103 @@ class ClaimCommand:
 
     @classmethod
     def decode(cls, message_id: str | None, body: bytes, reply_to: str | None) -> ClaimCommand:
-        """Parse a delivered command; raise :class:`PoisonMessage` if it can never apply."""
+        """Parse a delivered version 1 command; raise :class:`PoisonMessage` if it can
+        never apply."""
+        data = _json_object(body)
+        if data.get("v") != VERSION:
+            raise PoisonMessage(f"unknown message version {data.get('v')!r}")
+        return cls.of_fields(message_id, data, reply_to)
+
+    @classmethod
+    def of_fields(
+        cls, message_id: str | None, data: dict[str, Any], reply_to: str | None
+    ) -> ClaimCommand:
+        """A command from its request id and the fields of its JSON (``user_id``,
+        ``coupon_name``); :class:`PoisonMessage` if they are not valid."""
         try:
             request_id = uuid.UUID(message_id or "")
         except ValueError:
             raise PoisonMessage(f"message_id {message_id!r} is not a UUID") from None
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise PoisonMessage(f"body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise PoisonMessage("body is not a JSON object")
-        if data.get("v") != VERSION:
-            raise PoisonMessage(f"unknown message version {data.get('v')!r}")
         try:
             user_id = check_name(data.get("user_id"), "user_id")
             coupon_name = check_name(data.get("coupon_name"), "coupon_name")
         except InvalidInput as exc:
             raise PoisonMessage(str(exc)) from None
         return cls(request_id, user_id, coupon_name, reply_to or None)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonMessage(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PoisonMessage("body is not a JSON object")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class PoisonClaim:
+    """A claim inside a version 2 message that can never apply: what its dead letter
+    carries (its own message id, as given, and a version 1 body) and why."""
+
+    message_id: str | None
+    body: bytes
+    error: PoisonMessage
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedMessage:
+    commands: list[ClaimCommand]
+    poison: list[PoisonClaim]
+
+
+def encode_claims(commands: Sequence[ClaimCommand]) -> tuple[str, bytes]:
+    """``(message_id, body)`` of the message carrying ``commands`` (one coupon's): the
+    version 1 form for a single claim, version 2 for several."""
+    if len(commands) == 1:
+        return str(commands[0].request_id), commands[0].body()
+    body = orjson.dumps(
+        {
+            "v": MANY_VERSION,
+            "claims": [
+                {
+                    "request_id": str(c.request_id),
+                    "user_id": c.user_id,
+                    "coupon_name": c.coupon_name,
+                }
+                for c in commands
+            ],
+        }
+    )
+    return str(uuid.uuid4()), body
+
+
+def decode_claims(message_id: str | None, body: bytes, reply_to: str | None) -> DecodedMessage:
+    """The claims of a delivered message, and those of its claims that are poison.
+
+    Raise :class:`PoisonMessage` if the message as a whole can never apply (then it is
+    dead-lettered whole)."""
+    data = _json_object(body)
+    if data.get("v") == VERSION:
+        return DecodedMessage([ClaimCommand.of_fields(message_id, data, reply_to)], [])
+    if data.get("v") != MANY_VERSION:
+        raise PoisonMessage(f"unknown message version {data.get('v')!r}")
+    claims = data.get("claims")
+    if not isinstance(claims, list) or not claims:
+        raise PoisonMessage("'claims' is not a non-empty list")
+    decoded = DecodedMessage([], [])
+    for claim in claims:
+        if not isinstance(claim, dict):
+            claim = {"claim": claim}
+        own_id = claim.get("request_id")
+        own_id = own_id if isinstance(own_id, str) else None
+        try:
+            decoded.commands.append(ClaimCommand.of_fields(own_id, claim, reply_to))
+        except PoisonMessage as exc:
+            own = {"v": VERSION, **{k: v for k, v in claim.items() if k != "request_id"}}
+            decoded.poison.append(PoisonClaim(own_id, orjson.dumps(own), exc))
+    return decoded
 
 
 class Outcome(enum.Enum):
@@ -120,10 +206,17 @@ class ClaimResult:
     outcome: Outcome
     user_id: str
     coupon_name: str
+    # The coupon's stock left once the batch that decided this claim committed, when the
+    # consumer knows it: only ever an upper bound of the stock now (stock only goes
+    # down). Gateways use it to hold back claims that cannot win (gateway/admission.py).
+    # Not part of the answer, and not compared.
+    remaining: int | None = field(default=None, compare=False)
 
     @classmethod
-    def of(cls, command: ClaimCommand, outcome: Outcome) -> ClaimResult:
-        return cls(command.request_id, outcome, command.user_id, command.coupon_name)
+    def of(
+        cls, command: ClaimCommand, outcome: Outcome, remaining: int | None = None
+    ) -> ClaimResult:
+        return cls(command.request_id, outcome, command.user_id, command.coupon_name, remaining)
 
     @classmethod
     def of_answer(cls, request_id: uuid.UUID, status: int, body: dict[str, Any]) -> ClaimResult:
@@ -152,9 +245,14 @@ class ClaimResult:
         return {"error": self.outcome.message, "code": self.outcome.code, **common}
 
     def dumps(self) -> bytes:
-        return orjson.dumps(
-            {"request_id": str(self.request_id), "status": self.status, "body": self.body}
-        )
+        data: dict[str, Any] = {
+            "request_id": str(self.request_id),
+            "status": self.status,
+            "body": self.body,
+        }
+        if self.remaining is not None:
+            data["remaining"] = self.remaining
+        return orjson.dumps(data)
 
     @classmethod
     def loads(cls, raw: bytes | str) -> ClaimResult:
@@ -162,7 +260,11 @@ class ClaimResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClaimResult:
-        return cls.of_answer(uuid.UUID(data["request_id"]), int(data["status"]), data["body"])
+        result = cls.of_answer(uuid.UUID(data["request_id"]), int(data["status"]), data["body"])
+        remaining = data.get("remaining")
+        if isinstance(remaining, int) and remaining >= 0:
+            result = replace(result, remaining=remaining)
+        return result
 
     @classmethod
     def loads_many(cls, raw: bytes | str) -> list[ClaimResult]:

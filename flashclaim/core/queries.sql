@@ -14,6 +14,10 @@ SELECT c.name, c.amount, c.remaining_amount,
 FROM coupons c
 WHERE c.name = %(name)s;
 
+-- name: coupon_remaining
+-- An upper bound of the stock from the moment it is read (stock only goes down).
+SELECT remaining_amount FROM coupons WHERE name = %(name)s;
+
 -- name: inbox_insert
 -- Message ids are inserted in sorted order so that two consumers holding overlapping
 -- batches take the unique-index locks in the same order and cannot deadlock.

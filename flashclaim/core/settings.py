@@ -95,6 +95,14 @@ class Settings(BaseModel):
     # at HTTP speed after a sell-out, so they are kept briefly (bounds Redis memory).
     fast_answer_ttl_seconds: Positive = 600
     max_body_bytes: Positive = 65_536
+    # Claims of one coupon arriving together go in one message (gateway/coalescer.py):
+    # a claim waits at most PUBLISH_LINGER_MS for others, and a message carries at most
+    # PUBLISH_MAX_CLAIMS. 0 ms groups only what arrives in the same event-loop turn.
+    publish_linger_ms: NonNegativeNumber = 1.0
+    publish_max_claims: Annotated[int, Field(gt=0, le=10_000)] = 100
+    # How long a claim is held back, at most, while the claims in flight could take all
+    # of its coupon's stock (gateway/admission.py); 0 turns holding off.
+    claim_hold_seconds: Seconds = 1.0
     # How long the gateway waits for the broker to confirm a claim before answering 503.
     publish_timeout_seconds: PositiveSeconds = 5.0
     db_pool_min_size: Positive = 1
@@ -109,6 +117,8 @@ class Settings(BaseModel):
     consumer_count: Positive = 1
     consumer_index: NonNegative = 0
     standby_delay_seconds: Seconds = 2.0
+    # Messages a consumer takes at once, and (about) the claims it applies in one
+    # transaction: a message carrying more is applied in a transaction of its own.
     batch_size: Positive = 200
     batch_linger_ms: NonNegativeNumber = 1.0
     # Failed attempts (counted by the broker's x-delivery-count) after which a command

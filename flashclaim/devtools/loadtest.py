@@ -6,7 +6,9 @@
   them on one hot coupon. Requests are sent on schedule whether or not earlier ones have
   answered, and latency counts from the scheduled time, so a stall shows up in the
   percentiles instead of silently lowering the load (no coordinated omission);
-- ``mixed``: like ``sustained``, with a share of the requests reading the coupons.
+- ``mixed``: like ``sustained``, with a share of the requests reading the coupons;
+- ``http-floor``: N ``GET /healthz``, C at a time: what the same burst costs over bare
+  HTTP, the floor a burst of claims is compared with.
 
 Afterwards every 202 is followed to its final answer, and the checks run: every request
 answered finally, no 5xx, each coupon's ``claimed_by`` equals the users told they won,
@@ -22,7 +24,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +72,12 @@ class Run:
             self.finals.append((user, coupon, status))
 
     async def read(self, coupon: str, scheduled: float) -> None:
+        await self.get(f"/api/coupons/{coupon}", scheduled)
+
+    async def get(self, path: str, scheduled: float) -> None:
+        """``GET path``, timed from ``scheduled``; only its status is kept."""
         try:
-            async with self.http.get(f"{self.base}/api/coupons/{coupon}") as r:
+            async with self.http.get(f"{self.base}{path}") as r:
                 status = r.status
                 await r.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -197,6 +203,15 @@ async def _prepare(
         await run.create_coupon(coupon, p["stock"])
         jobs = [(f"user_{tag}_{i}", coupon) for i in range(p["users"])]
         return [coupon], lambda: _closed_loop(run, jobs, p["concurrency"])
+    if name == "http-floor":
+        gate = asyncio.Semaphore(p["concurrency"])
+
+        async def probe() -> None:
+            async with gate:
+                run.recorder.sent += 1
+                await run.get("/healthz", time.monotonic())
+
+        return [], lambda: _gather(probe() for _ in range(p["requests"]))
     if name == "double-dip":
         coupon = f"DIP_{tag}"
         await run.create_coupon(coupon, p["stock"])
@@ -226,9 +241,15 @@ async def _prepare(
     raise ValueError(f"unknown scenario {name!r}")
 
 
+async def _gather(work: Iterable[Awaitable[None]]) -> None:
+    await asyncio.gather(*work)
+
+
 def _expect(report: Report, name: str, p: dict[str, Any], run: Run) -> None:
     finals = Counter(s for _, _, s in run.finals)
-    if name == "flash-sale":
+    if name == "http-floor":
+        report.checks = {"every request 200": run.recorder.statuses[200] == p["requests"]}
+    elif name == "flash-sale":
         winners = min(p["users"], p["stock"])
         report.checks[f"exactly {winners} winners"] = finals[200] == winners
         report.checks["everyone else told sold out"] = finals[400] == p["users"] - winners

@@ -104,7 +104,8 @@ async def test_gateway_sigterm_drains_in_flight_requests(
 ) -> None:
     create_coupon_row(settings.database_url, coupon_name, 20)
     # No consumer: each claim waits its full second in the gateway, then answers 202.
-    gateway = await services.start_gateway(claim_wait_seconds=1.5)
+    # One message per claim, so that the queue's depth counts the claims.
+    gateway = await services.start_gateway(claim_wait_seconds=1.5, publish_max_claims=1)
     in_flight = [
         asyncio.create_task(
             http.post(

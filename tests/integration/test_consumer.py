@@ -14,7 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer import service
-from flashclaim.core.messages import ClaimCommand, ClaimResult
+from flashclaim.core.deadletters import DeadLetterQueue, Selection
+from flashclaim.core.messages import ClaimCommand, ClaimResult, encode_claims
 from flashclaim.core.results import ResultStore
 from flashclaim.core.settings import Settings
 from tests.conftest import create_coupon_row
@@ -146,7 +147,8 @@ async def test_same_message_delivered_many_times_has_one_effect_and_identical_an
     ("body", "error"),
     [
         (b"{not json", "not JSON"),
-        (b'{"v": 2, "user_id": "u", "coupon_name": "c"}', "unknown message version"),
+        (b'{"v": 3, "user_id": "u", "coupon_name": "c"}', "unknown message version"),
+        (b'{"v": 2, "claims": []}', "'claims' is not a non-empty list"),
         (b'{"v": 1, "user_id": "", "coupon_name": "c"}', "user_id"),
         (b'{"v": 1, "user_id": "u", "coupon_name": "' + "é".encode() * 128 + b'"}', "bytes"),
     ],
@@ -411,3 +413,131 @@ async def test_a_lost_race_runs_the_batch_again_without_spending_an_attempt(
                 f"DROP TRIGGER IF EXISTS {trigger} ON claims; DROP FUNCTION IF EXISTS {trigger}();"
                 f"DROP SEQUENCE IF EXISTS {trigger};"
             )
+
+
+async def publish_many(
+    channel: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    commands: list[ClaimCommand],
+    body: bytes | None = None,
+) -> str:
+    """One message carrying ``commands`` as a gateway coalesces them; its message id."""
+    message_id, encoded = encode_claims(commands)
+    exchange = await channel.get_exchange(settings.topology().commands_exchange)
+    await exchange.publish(
+        aio_pika.Message(
+            body if body is not None else encoded,
+            message_id=message_id,
+            reply_to=REPLIES,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        commands[0].coupon_name,
+    )
+    return message_id
+
+
+async def test_a_poison_claim_inside_a_message_is_dead_lettered_alone(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+    coupon_name: str,
+) -> None:
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    good = [ClaimCommand(uuid.uuid4(), f"user{i}", coupon_name, REPLIES) for i in range(3)]
+    poison_id = str(uuid.uuid4())
+    claims = [
+        {"request_id": str(c.request_id), "user_id": c.user_id, "coupon_name": coupon_name}
+        for c in good
+    ]
+    claims.insert(1, {"request_id": poison_id, "user_id": "", "coupon_name": coupon_name})
+    async with subscribed(redis) as pubsub:
+        await publish_many(broker, settings, good, orjson.dumps({"v": 2, "claims": claims}))
+        consumers(1)
+        replies = await collect_replies(pubsub, 3)
+    assert sorted((r.request_id, r.status) for r in replies) == sorted(
+        (c.request_id, 200) for c in good
+    )
+    dead = await next_dead_letter(broker, settings)
+    assert dead.message_id == poison_id
+    assert orjson.loads(dead.body) == {"v": 1, "user_id": "", "coupon_name": coupon_name}
+    assert dead.headers["x-flashclaim-reason"] == "poison"
+    assert "user_id" in str(dead.headers["x-flashclaim-error"])
+    await dead.ack()
+    dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
+    assert await dlq.get(fail=False) is None  # the good claims are not in the DLQ
+    commands_left = 0
+    for name in settings.topology().claims_queues:
+        queue = await broker.declare_queue(name, passive=True)
+        commands_left += queue.declaration_result.message_count or 0
+    assert commands_left == 0  # the carrying message was acknowledged
+
+
+async def test_a_failing_claim_inside_a_message_fails_alone_and_its_replay_applies_once(
+    settings: Settings,
+    broker: aio_pika.abc.AbstractChannel,
+    redis: aioredis.Redis,
+    consumers: Callable[[int], None],
+    coupon_name: str,
+    exploding_user: str,
+) -> None:
+    """The others apply at the first delivery; the message comes back for the failing
+    claim until its attempts are spent (the applied ones answered from the inbox, not
+    applied again); then that claim alone is dead-lettered, as a message of its own, and
+    once the database accepts it a replay applies it exactly once."""
+    create_coupon_row(settings.database_url, coupon_name, 10)
+    good = [ClaimCommand(uuid.uuid4(), f"user{i}", coupon_name, REPLIES) for i in range(4)]
+    bad = ClaimCommand(uuid.uuid4(), exploding_user, coupon_name, REPLIES)
+    async with subscribed(redis) as pubsub:
+        await publish_many(broker, settings, [good[0], bad, *good[1:]])
+        consumers(1)
+        replies = await collect_replies(pubsub, 4)
+        assert sorted(r.status for r in replies) == [200] * 4
+        dead = await next_dead_letter(broker, settings)
+    assert dead.message_id == str(bad.request_id)
+    assert ClaimCommand.decode(dead.message_id, dead.body, None).user_id == exploding_user
+    assert dead.headers["x-flashclaim-reason"] == "failed"
+    assert dead.headers["x-flashclaim-attempts"] == settings.max_attempts
+    await dead.nack(requeue=True)  # left for the replay
+    with psycopg.connect(settings.database_url) as conn:
+        assert conn.execute(
+            "SELECT status, retry_count FROM inbox WHERE message_id = %s", (bad.request_id,)
+        ).fetchone() == ("FAILED", settings.max_attempts)
+        assert conn.execute(
+            "SELECT count(*), min(remaining_amount) FROM claims JOIN coupons c"
+            " ON c.name = coupon_name WHERE coupon_name = %s",
+            (coupon_name,),
+        ).fetchone() == (4, 6)
+    # The cause is fixed (the database accepts this user again), then the replay.
+    trigger = f"explode_{exploding_user.replace('-', '_')}"
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(f"DROP TRIGGER {trigger} ON claims")
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    try:
+        async with subscribed(redis) as pubsub:
+            replayed = await DeadLetterQueue(connection, settings.topology()).replay(
+                Selection.of(message_ids=[str(bad.request_id)])
+            )
+            assert [letter.message_id for letter in replayed] == [str(bad.request_id)]
+            (reply,) = await collect_replies(pubsub, 1)
+        # A second replay of the same claim (an operator's mistake) changes nothing.
+        await publish(broker, settings, bad)
+    finally:
+        await connection.close()
+    assert (reply.request_id, reply.status) == (bad.request_id, 200)
+    with psycopg.connect(settings.database_url) as conn:
+        for _ in range(50):
+            status = conn.execute(
+                "SELECT status FROM inbox WHERE message_id = %s", (bad.request_id,)
+            ).fetchone()
+            if status == ("PROCESSED",):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the second copy has been handled
+        assert conn.execute(
+            "SELECT count(*) FROM claims WHERE coupon_name = %s AND user_id = %s",
+            (coupon_name, exploding_user),
+        ).fetchone() == (1,)
+        assert conn.execute(
+            "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
+        ).fetchone() == (5,)

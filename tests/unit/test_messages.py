@@ -6,7 +6,13 @@ import orjson
 import pytest
 
 from flashclaim.core.errors import PoisonMessage
-from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.messages import (
+    ClaimCommand,
+    ClaimResult,
+    Outcome,
+    decode_claims,
+    encode_claims,
+)
 
 
 def test_command_round_trips() -> None:
@@ -61,3 +67,57 @@ def test_a_result_keeps_its_outcome_through_redis_and_the_inbox(outcome: Outcome
 def test_an_answer_that_is_no_outcome_is_refused() -> None:
     with pytest.raises(ValueError, match="not a claim answer"):
         ClaimResult.of_answer(uuid.uuid4(), 200, {"code": "out_of_stock"})
+
+
+def test_several_claims_travel_in_one_message_and_decode_one_by_one() -> None:
+    commands = [ClaimCommand(uuid.uuid4(), f"user_{i}", "PROMO", "replies:gw") for i in range(3)]
+    message_id, body = encode_claims(commands)
+    assert orjson.loads(body)["v"] == 2
+    decoded = decode_claims(message_id, body, "replies:gw")
+    assert decoded.commands == commands and decoded.poison == []
+
+
+def test_one_claim_travels_as_version_1_with_its_request_id() -> None:
+    command = ClaimCommand(uuid.uuid4(), "u", "PROMO")
+    message_id, body = encode_claims([command])
+    assert (message_id, body) == (str(command.request_id), command.body())
+    assert decode_claims(message_id, body, None).commands == [command]
+
+
+def test_a_poison_claim_among_several_is_set_apart_with_its_own_dead_letter() -> None:
+    good = ClaimCommand(uuid.uuid4(), "u", "PROMO")
+    bad_id = str(uuid.uuid4())
+    body = orjson.dumps(
+        {
+            "v": 2,
+            "claims": [
+                {"request_id": str(good.request_id), "user_id": "u", "coupon_name": "PROMO"},
+                {"request_id": bad_id, "user_id": "", "coupon_name": "PROMO"},
+                {"request_id": "nope", "user_id": "v", "coupon_name": "PROMO"},
+                7,
+            ],
+        }
+    )
+    decoded = decode_claims(str(uuid.uuid4()), body, None)
+    assert decoded.commands == [good]
+    assert [p.message_id for p in decoded.poison] == [bad_id, "nope", None]
+    assert orjson.loads(decoded.poison[0].body) == {"v": 1, "user_id": "", "coupon_name": "PROMO"}
+    assert "user_id" in str(decoded.poison[0].error)
+    assert "not a UUID" in str(decoded.poison[1].error)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"v": 2}', b'{"v": 2, "claims": []}', b'{"v": 2, "claims": {"a": 1}}', b'{"v": 9}'],
+)
+def test_a_message_of_claims_that_is_wrong_as_a_whole_is_poison(body: bytes) -> None:
+    with pytest.raises(PoisonMessage):
+        decode_claims(str(uuid.uuid4()), body, None)
+
+
+def test_the_stock_left_travels_with_a_result_but_is_not_part_of_the_answer() -> None:
+    command = ClaimCommand(uuid.uuid4(), "u", "c")
+    told = ClaimResult.of(command, Outcome.CLAIMED, remaining=0)
+    back = ClaimResult.loads(told.dumps())
+    assert back.remaining == 0 and back == ClaimResult.of(command, Outcome.CLAIMED)
+    assert "remaining" not in told.body

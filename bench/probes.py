@@ -1,0 +1,142 @@
+"""What `make bench` reads off the machine: CPU time and peak memory of each process,
+wrk's and pgbench's figures."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far."""
+    total = 0
+    for pid in pids:
+        fields = _stat(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def group(pgid: int) -> list[int]:
+    """Every live process of a process group (a server and the helpers it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[2]) == pgid:
+                found.append(int(entry.name))
+    return found
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(t) for t in (task / "children").read_text().split()]
+    return found
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds per named process set between ``start`` and ``stop``; the sets are
+    found again at each reading (workers replaced, server helpers started)."""
+
+    processes: Mapping[str, Callable[[], list[int]]]
+
+    def start(self) -> None:
+        self._before = self._read()
+
+    def stop(self) -> dict[str, float]:
+        after = self._read()
+        return {name: after[name] - self._before.get(name, 0.0) for name in after}
+
+    def _read(self) -> dict[str, float]:
+        return {name: cpu_seconds(pids()) for name, pids in self.processes.items()}
+
+
+def wrk(
+    url: str, script: Path, args: list[str], seconds: int, connections: int
+) -> dict[str, float]:
+    """Run wrk (2 threads); return requests/s and the count of non-2xx answers."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+            "--",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    if rate is None or total is None:
+        raise RuntimeError(f"wrk printed no rate:\n{out}")
+    return {
+        "rate": float(rate.group(1)),
+        "requests": float(total.group(1)),
+        "non_2xx": float(bad.group(1)) if bad else 0.0,
+        "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
+    }
+
+
+def pgbench(
+    bindir: Path, port: int, script: Path, seconds: int, clients: int, database: str
+) -> float:
+    """Transactions per second of ``script`` with ``clients`` connections."""
+    result = subprocess.run(
+        [
+            str(bindir / "pgbench"),
+            "-n",
+            f"-c{clients}",
+            f"-j{min(clients, 2)}",
+            f"-T{seconds}",
+            "-f",
+            str(script),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "flashclaim",
+            database,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = re.search(r"tps = ([\d.]+)", result.stdout)
+    if not match:
+        raise RuntimeError(f"pgbench printed no tps:\n{result.stdout}\n{result.stderr}")
+    return float(match.group(1))

@@ -1,0 +1,182 @@
+"""Holding back claims that cannot win, so the losers of a sell-out never ride the pipeline.
+
+A coupon with ``remaining`` in stock can grant at most that many of the claims now on
+their way. This gateway process counts its claims in flight per coupon and publishes a
+new one only while fewer than ``remaining`` are; the others are held, for at most
+``hold`` seconds, and then:
+
+- released, one for each claim in flight that came back without taking stock;
+- or answered from the final answers (gateway/finals.py) once the coupon is known sold
+  out, which the gateway learns only from the database (a committed result saying the
+  stock is gone, then the holders read from the database);
+- or, if neither happens within ``hold``, published anyway.
+
+``remaining`` comes from PostgreSQL: read once when a coupon is first claimed here, then
+from each result, which carries the stock left once its batch committed. Stock only goes
+down, so each figure is an upper bound of the stock now, and the smallest one seen is
+kept. An estimate that is too high publishes more than needed, never fewer; nothing here
+decides an answer (that is still the consumer's, or the final answers'), so a wrong
+figure costs speed, never correctness. Other gateway processes count their own claims:
+together they publish at most their number times the stock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from flashclaim.core.messages import ClaimResult, Outcome
+
+log = logging.getLogger(__name__)
+
+# Coupons tracked at most; idle ones (nothing in flight or held) are forgotten first.
+MAX_COUPONS = 10_000
+# How long the first claim of a coupon waits for its stock to be read, and how often an
+# unknown stock (no such coupon, database away) is read again.
+LOAD_TIMEOUT_SECONDS = 0.5
+RELOAD_SECONDS = 1.0
+
+
+@dataclass
+class _Coupon:
+    remaining: int | None = None
+    in_flight: int = 0
+    sold_out: bool = False
+    held: collections.deque[asyncio.Future[bool]] = field(default_factory=collections.deque)
+    loading: asyncio.Task[None] | None = None
+    loaded_at: float = float("-inf")
+
+
+class Admission:
+    def __init__(
+        self,
+        load_remaining: Callable[[str], Awaitable[int | None]],
+        hold_seconds: float,
+        max_coupons: int = MAX_COUPONS,
+    ) -> None:
+        self._load = load_remaining
+        self._hold = hold_seconds
+        self._max = max_coupons
+        self._coupons: collections.OrderedDict[str, _Coupon] = collections.OrderedDict()
+        self.held_total = 0  # claims ever held (for tests and metrics)
+
+    def in_flight(self, coupon: str) -> int:
+        state = self._coupons.get(coupon)
+        return state.in_flight if state is not None else 0
+
+    async def enter(self, coupon: str) -> bool:
+        """``True`` once a claim for ``coupon`` may be published (it is then counted in
+        flight until :meth:`leave`); ``False`` if the coupon became known sold out
+        meanwhile (not counted: answer it from the final answers, or :meth:`count` it
+        and publish it)."""
+        state = self._state(coupon)
+        if state.sold_out:
+            return False
+        if state.remaining is None:
+            await self._refresh(state, coupon)
+        if state.remaining is None or (state.in_flight < state.remaining and not state.held):
+            state.in_flight += 1
+            return True
+        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        state.held.append(turn)
+        self.held_total += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(turn), self._hold)
+        except TimeoutError:
+            if turn.done():  # released or answered just as the hold ran out
+                return turn.result()
+            state.held.remove(turn)
+            turn.cancel()
+            state.in_flight += 1
+            return True
+        except asyncio.CancelledError:
+            # The request went away while held: it takes no place in flight.
+            if turn.done() and turn.result():  # released just before: pass the place on
+                state.in_flight = max(0, state.in_flight - 1)
+                self._release(state)
+            elif not turn.done():
+                state.held.remove(turn)
+                turn.cancel()
+            raise
+
+    def count(self, coupon: str) -> None:
+        """Count in flight a claim that is published without :meth:`enter`'s consent."""
+        self._state(coupon).in_flight += 1
+
+    def leave(self, coupon: str, result: ClaimResult | None) -> None:
+        """A claim counted in flight is no longer: answered (``result``) or answered 202."""
+        state = self._coupons.get(coupon)
+        if state is None:
+            return
+        state.in_flight = max(0, state.in_flight - 1)
+        if result is not None:
+            if result.outcome is Outcome.OUT_OF_STOCK:
+                state.remaining = 0
+            elif result.remaining is not None:
+                state.remaining = min(result.remaining, state.remaining or result.remaining)
+        self._release(state)
+
+    def sold_out(self, coupon: str) -> None:
+        """The final answers now know ``coupon`` is sold out: every held claim is
+        answered from them."""
+        state = self._state(coupon)
+        state.sold_out = True
+        while state.held:
+            turn = state.held.popleft()
+            if not turn.done():
+                turn.set_result(False)
+
+    def _release(self, state: _Coupon) -> None:
+        while state.held and (state.remaining is None or state.in_flight < state.remaining):
+            turn = state.held.popleft()
+            if not turn.done():
+                state.in_flight += 1
+                turn.set_result(True)
+
+    async def _refresh(self, state: _Coupon, coupon: str) -> None:
+        """Read the coupon's stock (once at a time, at most every RELOAD_SECONDS while
+        unknown); the first claim waits for it, briefly."""
+        if state.loading is None:
+            if time.monotonic() - state.loaded_at < RELOAD_SECONDS:
+                return
+            state.loaded_at = time.monotonic()
+            state.loading = asyncio.create_task(self._read(state, coupon))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(state.loading), LOAD_TIMEOUT_SECONDS)
+
+    async def _read(self, state: _Coupon, coupon: str) -> None:
+        try:
+            remaining = await self._load(coupon)
+        except Exception as exc:
+            log.warning("coupon stock not read", extra={"coupon": coupon, "error": repr(exc)})
+            return
+        finally:
+            state.loading = None
+        if remaining is not None:
+            known = state.remaining
+            state.remaining = remaining if known is None else min(known, remaining)
+            self._release(state)
+
+    def _state(self, coupon: str) -> _Coupon:
+        state = self._coupons.get(coupon)
+        if state is None:
+            state = self._coupons[coupon] = _Coupon()
+            self._forget_idle()
+        else:
+            self._coupons.move_to_end(coupon)
+        return state
+
+    def _forget_idle(self) -> None:
+        if len(self._coupons) <= self._max:
+            return
+        for name in list(self._coupons)[:-1]:  # not the one just added
+            state = self._coupons[name]
+            if not state.in_flight and not state.held and state.loading is None:
+                del self._coupons[name]
+                if len(self._coupons) <= self._max:
+                    return
