@@ -41,6 +41,12 @@ def group(pgid: int) -> list[int]:
     return found
 
 
+def family(pid: int) -> list[int]:
+    """A process and its children (PostgreSQL's backends each lead a session of their
+    own, so its process group is just the postmaster)."""
+    return [pid, *children(pid)]
+
+
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -57,10 +63,17 @@ def peak_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def own_cpu_seconds() -> float:
+    """This process's CPU time, plus that of its children that have ended (wrk)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 @dataclass
 class CpuMeter:
     """CPU seconds per named process set between ``start`` and ``stop``; the sets are
-    found again at each reading (workers replaced, server helpers started)."""
+    found again at each reading (workers replaced, server helpers started). The load
+    generator is this process and the children it waited for."""
 
     processes: Mapping[str, Callable[[], list[int]]]
 
@@ -72,7 +85,9 @@ class CpuMeter:
         return {name: after[name] - self._before.get(name, 0.0) for name in after}
 
     def _read(self) -> dict[str, float]:
-        return {name: cpu_seconds(pids()) for name, pids in self.processes.items()}
+        readings = {name: cpu_seconds(pids()) for name, pids in self.processes.items()}
+        readings["load generator"] = own_cpu_seconds()
+        return readings
 
 
 def wrk(

@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
-from consumer.worker import ClaimWorker
+from consumer.worker import ClaimWorker, WorkerPolicy
 from flashclaim.core import broker
 from flashclaim.core.db import create_pool
 from flashclaim.core.policies import apply_configured
@@ -82,9 +82,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 f"consumer {settings.instance_id}",
                 repair=lambda: topology.declare(channel),
             ),
-            worker_id=settings.instance_id,
-            max_attempts=settings.max_attempts,
-            batch_claims=settings.batch_size,
+            WorkerPolicy(settings.instance_id, settings.max_attempts, settings.batch_size),
         )
         log.info(
             "consumer started",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import orjson
 from psycopg import AsyncConnection
@@ -42,6 +43,11 @@ class BatchOutcome:
     granted: int
 
 
+def _json(rows: Iterable[dict[str, Any]]) -> str:
+    """One query parameter for many rows (read in SQL with jsonb_to_recordset)."""
+    return orjson.dumps(list(rows)).decode()
+
+
 async def apply_batch(
     conn: AsyncConnection[TupleRow], deliveries: Sequence[Delivery], worker_id: str
 ) -> BatchOutcome:
@@ -59,17 +65,17 @@ async def apply_batch(
     cur = await conn.execute(
         q["inbox_insert"],
         {
-            "message_ids": ids,
-            "senders": [unique[i].sender for i in ids],
-            "payloads": [
-                orjson.dumps(
-                    {
+            "rows": _json(
+                {
+                    "message_id": str(i),
+                    "sender": unique[i].sender,
+                    "payload": {
                         "user_id": unique[i].command.user_id,
                         "coupon_name": unique[i].command.coupon_name,
-                    }
-                ).decode()
+                    },
+                }
                 for i in ids
-            ],
+            ),
             "event_type": CLAIM_EVENT,
             "exchange": deliveries[0].exchange,
             "routing_key": deliveries[0].routing_key,
@@ -102,41 +108,47 @@ async def apply_batch(
         return BatchOutcome(results, applied=0, replayed=len(results), granted=0)
 
     names = sorted({c.coupon_name for c in todo})
-    cur = await conn.execute(q["lock_coupons"], {"names": names})
-    stock = {name: remaining for name, remaining in await cur.fetchall()}
-    cur = await conn.execute(
-        q["existing_holders"],
-        {"coupon_names": [c.coupon_name for c in todo], "user_ids": [c.user_id for c in todo]},
-    )
-    holders = [(coupon, user) for coupon, user in await cur.fetchall()]
+    # Two reads in one round trip (pipeline mode), then the writes in another.
+    async with conn.pipeline():
+        locked = await conn.execute(q["lock_coupons"], {"names": names})
+        held = await conn.execute(
+            q["existing_holders"],
+            {"rows": _json({"coupon_name": c.coupon_name, "user_id": c.user_id} for c in todo)},
+        )
+        stock = {name: remaining for name, remaining in await locked.fetchall()}
+        holders = [(coupon, user) for coupon, user in await held.fetchall()]
 
     outcomes = decide(stock, holders, todo)
     granted = [c for c, o in zip(todo, outcomes, strict=True) if o is Outcome.CLAIMED]
-    if granted:
-        await conn.execute(
-            q["insert_claims"],
-            {
-                "coupon_names": [c.coupon_name for c in granted],
-                "user_ids": [c.user_id for c in granted],
-                "message_ids": [c.request_id for c in granted],
-            },
-        )
     taken = Counter(c.coupon_name for c in granted)
-    if taken:
-        await conn.execute(q["deduct_stock"], {"names": list(taken), "taken": list(taken.values())})
     # What each coupon has left once this commits, told to the gateways with the results.
     left = {name: remaining - taken[name] for name, remaining in stock.items()}
     fresh_results = [
         ClaimResult.of(c, o, left.get(c.coupon_name)) for c, o in zip(todo, outcomes, strict=True)
     ]
-    await conn.execute(
-        q["record_results"],
-        {
-            "message_ids": [r.request_id for r in fresh_results],
-            "statuses": [r.status for r in fresh_results],
-            "bodies": [orjson.dumps(r.body).decode() for r in fresh_results],
-        },
-    )
+    async with conn.pipeline():
+        if granted:
+            rows = (
+                {
+                    "coupon_name": c.coupon_name,
+                    "user_id": c.user_id,
+                    "message_id": str(c.request_id),
+                }
+                for c in granted
+            )
+            await conn.execute(q["insert_claims"], {"rows": _json(rows)})
+            await conn.execute(
+                q["deduct_stock"], {"names": list(taken), "taken": list(taken.values())}
+            )
+        await conn.execute(
+            q["record_results"],
+            {
+                "rows": _json(
+                    {"message_id": str(r.request_id), "status": r.status, "body": r.body}
+                    for r in fresh_results
+                )
+            },
+        )
     results.update((r.request_id, r) for r in fresh_results)
     return BatchOutcome(
         results, applied=len(todo), replayed=len(ids) - len(todo), granted=len(granted)

@@ -30,6 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
@@ -52,6 +53,16 @@ log = logging.getLogger(__name__)
 Received = tuple[AbstractIncomingMessage, list[Delivery]]
 # How long a stopping worker waits for the reports and acks of committed batches.
 REPORT_GRACE_SECONDS = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPolicy:
+    """How a worker names itself in the inbox (``locked_by``), how many failed attempts
+    a command gets, and about how many claims one transaction applies."""
+
+    worker_id: str
+    max_attempts: int = 3
+    batch_claims: int = 200
 
 
 def _total(outcomes: Sequence[BatchOutcome]) -> BatchOutcome | None:
@@ -79,17 +90,13 @@ class ClaimWorker:
         pool: AsyncConnectionPool,
         results: ResultStore,
         dead_letters: DeadLetterPublisher,
-        worker_id: str,
-        max_attempts: int = 3,
-        batch_claims: int = 200,
+        policy: WorkerPolicy,
     ) -> None:
         self._receiver = receiver
         self._pool = pool
         self._results = results
         self._dead_letters = dead_letters
-        self._worker_id = worker_id
-        self._max_attempts = max_attempts
-        self._batch_claims = batch_claims
+        self._policy = policy
         self._stop = asyncio.Event()
         self._holding = False
         # Committed batches waiting to be reported and acknowledged (bounded: if Redis
@@ -180,9 +187,9 @@ class ClaimWorker:
         """Consecutive messages with at most ``batch_claims`` claims together (a message
         with more is a chunk of its own): one transaction each."""
         chunks: list[list[Received]] = []
-        claims = self._batch_claims
+        claims = self._policy.batch_claims
         for item in received:
-            if claims + len(item[1]) > self._batch_claims:
+            if claims + len(item[1]) > self._policy.batch_claims:
                 chunks.append([])
                 claims = 0
             chunks[-1].append(item)
@@ -279,7 +286,7 @@ class ClaimWorker:
                                 self._pool.connection(timeout=5.0) as conn,
                                 conn.transaction(),
                             ):
-                                return await apply_batch(conn, deliveries, self._worker_id)
+                                return await apply_batch(conn, deliveries, self._policy.worker_id)
         except Exception as exc:
             if self._stop.is_set() and is_outage(exc):
                 raise Stopping from exc
@@ -322,7 +329,7 @@ class ClaimWorker:
             return counted
         # The inbox could not count it: fall back on the broker's own counter.
         attempts = delivery_count(message) + 1
-        return attempts, attempts >= self._max_attempts
+        return attempts, attempts >= self._policy.max_attempts
 
     async def _record_failure(
         self, delivery: Delivery, exc: BaseException
@@ -342,7 +349,7 @@ class ClaimWorker:
                                 "payload": orjson.dumps(
                                     {"user_id": command.user_id, "coupon_name": command.coupon_name}
                                 ).decode(),
-                                "max_attempts": self._max_attempts,
+                                "max_attempts": self._policy.max_attempts,
                                 "event_type": CLAIM_EVENT,
                                 "exchange": delivery.exchange,
                                 "routing_key": delivery.routing_key,
@@ -354,7 +361,7 @@ class ClaimWorker:
             log.warning("failure not recorded in the inbox", extra={"error": repr(record_exc)})
             return None
         if row is None:  # PROCESSED meanwhile (by another delivery): nothing to retry
-            return self._max_attempts, False
+            return self._policy.max_attempts, False
         retry_count, status = row
         return int(retry_count), status == "FAILED"
 

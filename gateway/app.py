@@ -132,6 +132,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         admission,
     )
     yield
+    await app[CLAIMS].drain()
     await replies.stop()
     await channel.close()
 

@@ -13,15 +13,13 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Coroutine
-from dataclasses import replace
-from typing import Any
 
 from flashclaim.core.errors import Overloaded
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 from flashclaim.core.results import ResultStore
 from gateway.admission import Admission
 from gateway.coalescer import Coalescer
+from gateway.fastwriter import FastAnswerWriter
 from gateway.finals import FinalAnswers
 from gateway.idempotency import IdempotencyKeyReused
 from gateway.replies import ReplyListener
@@ -55,7 +53,7 @@ class Claims:
         # "pending" (not 404) even while Redis, which normally keeps that mark, is away.
         self._accepted: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._finals = finals
-        self._background: set[asyncio.Task[None]] = set()
+        self._fast_answers = FastAnswerWriter(results.store_fast)
 
     async def submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
         """The claim's final result, or ``None`` if it is still pending after the wait.
@@ -92,17 +90,25 @@ class Claims:
                 return fast
             self._admission.count(command.coupon_name)
         result: ClaimResult | None = None
+        reply = self._replies.expect(command.request_id)
         try:
-            with self._replies.expect(command.request_id) as reply:
-                # The consumer answers on this process's own channel.
-                await self._publisher.publish(replace(command, reply_to=self._replies.channel))
-                wait = max(self._wait - (time.monotonic() - started), 0.0)
-                try:
-                    result = await asyncio.wait_for(reply, wait)
-                except TimeoutError:
-                    # The reply may have been missed (Redis reconnecting): look it up once.
-                    result = await self.lookup(command.request_id)
+            # The consumer answers on this process's own channel.
+            await self._publisher.publish(
+                ClaimCommand(
+                    command.request_id,
+                    command.user_id,
+                    command.coupon_name,
+                    self._replies.channel,
+                )
+            )
+            wait = max(self._wait - (time.monotonic() - started), 0.0)
+            try:
+                result = await asyncio.wait_for(reply, wait)
+            except TimeoutError:
+                # The reply may have been missed (Redis reconnecting): look it up once.
+                result = await self.lookup(command.request_id)
         finally:
+            self._replies.forget(command.request_id, reply)
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, result)
         if result is None:
@@ -127,7 +133,7 @@ class Claims:
         # Final whatever happens next (see gateway/finals.py): no round trip. It is kept
         # briefly (never over a real result) so GET /api/claims/{id} finds it.
         fast = ClaimResult.of(command, outcome)
-        self._in_background(self._results.store_fast(fast))
+        self._fast_answers.add(fast)
         return fast
 
     async def _fingerprint(self, command: ClaimCommand) -> bool:
@@ -144,16 +150,9 @@ class Claims:
             raise IdempotencyKeyReused("Idempotency-Key was already used for a different claim")
         return True
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except Exception as exc:
-                log.warning("background result store failed", extra={"error": repr(exc)})
-
-        task = asyncio.create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def drain(self) -> None:
+        """Finish the background writes (at shutdown)."""
+        await self._fast_answers.drain()
 
     async def lookup(self, request_id: uuid.UUID) -> ClaimResult | None:
         """The result held in Redis, or ``None`` (also when Redis cannot be reached)."""

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 
@@ -47,19 +46,21 @@ class ReplyListener:
             for fut in waiters:
                 fut.cancel()
 
-    @contextlib.contextmanager
-    def expect(self, request_id: uuid.UUID) -> Iterator[asyncio.Future[ClaimResult]]:
-        """Register interest *before* publishing, so that a fast reply is never missed."""
+    def expect(self, request_id: uuid.UUID) -> asyncio.Future[ClaimResult]:
+        """Register interest *before* publishing, so that a fast reply is never missed;
+        :meth:`forget` it once answered or given up (the future, then, is left alone)."""
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(request_id, []).append(fut)
-        try:
-            yield fut
-        finally:
-            waiters = self._waiters.get(request_id, [])
-            if fut in waiters:
-                waiters.remove(fut)
-            if not waiters:
-                self._waiters.pop(request_id, None)
+        return fut
+
+    def forget(self, request_id: uuid.UUID, fut: asyncio.Future[ClaimResult]) -> None:
+        waiters = self._waiters.get(request_id)
+        if waiters is None:
+            return
+        if fut in waiters:
+            waiters.remove(fut)
+        if not waiters:
+            del self._waiters[request_id]
 
     def _resolve(self, result: ClaimResult) -> None:
         for fut in self._waiters.pop(result.request_id, []):

@@ -13,12 +13,33 @@ Keys (``<ns>`` is the namespace setting):
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from flashclaim.core.messages import ClaimResult
+
+# KEYS: the result keys. ARGV: the TTL, n, the n values (one a key), then pairs of
+# (channel, message).
+_STORE_AND_PUBLISH = """
+local ttl, n = ARGV[1], tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[2 + i], 'EX', ttl)
+end
+for i = 3 + n, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return n
+"""
+
+# KEYS: the keys. ARGV: the TTL, then one value a key, each set only if the key is new.
+_STORE_NEW = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[1 + i], 'EX', ARGV[1], 'NX')
+end
+return #KEYS
+"""
 
 
 def redis_client(url: str, max_connections: int = 64) -> aioredis.Redis:
@@ -67,29 +88,37 @@ class ResultStore:
     async def publish(self, results: Iterable[tuple[ClaimResult, str | None]]) -> None:
         """Store each result, and push each gateway its results in one message.
 
-        One round trip for the whole batch: a SET per result, and a PUBLISH per waiting
-        gateway carrying a JSON list of that gateway's results.
+        One command for the whole batch (a server-side script: a SET per result, then a
+        PUBLISH per waiting gateway carrying a JSON list of that gateway's results), so
+        a batch costs one round trip and one reply to parse, whatever its size.
         """
-        pipe = self.redis.pipeline(transaction=False)
+        keys: list[str] = []
+        values: list[bytes] = []
         by_channel: dict[str, list[bytes]] = {}
         for result, reply_to in results:
             raw = result.dumps()
-            pipe.set(self.result_key(result.request_id), raw, ex=self.ttl_seconds)
+            keys.append(self.result_key(result.request_id))
+            values.append(raw)
             if reply_to:
                 by_channel.setdefault(reply_to, []).append(raw)
-        if not pipe.command_stack:
+        if not keys:
             return
-        for channel, raws in by_channel.items():
-            pipe.publish(channel, b"[" + b",".join(raws) + b"]")
-        await pipe.execute()
+        messages = [m for c, raws in by_channel.items() for m in (c, b"[" + b",".join(raws) + b"]")]
+        await self.redis.eval(
+            _STORE_AND_PUBLISH, len(keys), *keys, self.ttl_seconds, len(values), *values, *messages
+        )
 
-    async def store_fast(self, result: ClaimResult) -> None:
-        """Keep an answer given without a round trip, unless the id has one already."""
-        await self.redis.set(
-            self.fast_key(result.request_id),
-            result.dumps(),
-            ex=(self.fast_ttl_seconds or self.ttl_seconds),
-            nx=True,
+    async def store_fast(self, results: Sequence[ClaimResult]) -> None:
+        """Keep answers given without a round trip (one command for all), each unless its
+        id has one already."""
+        if not results:
+            return
+        await self.redis.eval(
+            _STORE_NEW,
+            len(results),
+            *(self.fast_key(r.request_id) for r in results),
+            self.fast_ttl_seconds or self.ttl_seconds,
+            *(r.dumps() for r in results),
         )
 
     async def get(self, request_id: uuid.UUID) -> ClaimResult | None:

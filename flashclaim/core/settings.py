@@ -98,7 +98,7 @@ class Settings(BaseModel):
     # Claims of one coupon arriving together go in one message (gateway/coalescer.py):
     # a claim waits at most PUBLISH_LINGER_MS for others, and a message carries at most
     # PUBLISH_MAX_CLAIMS. 0 ms groups only what arrives in the same event-loop turn.
-    publish_linger_ms: NonNegativeNumber = 1.0
+    publish_linger_ms: NonNegativeNumber = 3.0
     publish_max_claims: Annotated[int, Field(gt=0, le=10_000)] = 100
     # How long a claim is held back, at most, while the claims in flight could take all
     # of its coupon's stock (gateway/admission.py); 0 turns holding off.
@@ -120,7 +120,7 @@ class Settings(BaseModel):
     # Messages a consumer takes at once, and (about) the claims it applies in one
     # transaction: a message carrying more is applied in a transaction of its own.
     batch_size: Positive = 200
-    batch_linger_ms: NonNegativeNumber = 1.0
+    batch_linger_ms: NonNegativeNumber = 2.0
     # Failed attempts (counted by the broker's x-delivery-count) after which a command
     # is marked FAILED in the inbox and dead-lettered with its error.
     max_attempts: Positive = 3

@@ -138,7 +138,7 @@ async def until_sold_out_in_gateway(
     http: aiohttp.ClientSession, services: Services, coupon: str, timeout: float = 10
 ) -> None:
     """Until the gateway answers claims on the sold-out ``coupon`` by itself: a probe's
-    answer is then kept under its fast-answer key (gateway/finals.py reads the holders of
+    answer is then kept under its fast-answer key, moments after it is given (gateway/finals.py reads the holders of
     a sold-out coupon once, in the background)."""
     redis = aioredis.from_url(services.settings.redis_url)
     try:
@@ -150,9 +150,12 @@ async def until_sold_out_in_gateway(
                 ) as r:
                     body = await r.json()
                 assert body.get("code") == "out_of_stock", body
-                if await redis.exists(f"{services.settings.namespace}:fast:{body['request_id']}"):
-                    return
-                await asyncio.sleep(0.05)
+                # Kept a few milliseconds after the answer (gateway/fastwriter.py).
+                key = f"{services.settings.namespace}:fast:{body['request_id']}"
+                for _ in range(10):
+                    if await redis.exists(key):
+                        return
+                    await asyncio.sleep(0.02)
     finally:
         await redis.aclose()
 

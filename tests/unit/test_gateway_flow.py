@@ -18,6 +18,7 @@ from flashclaim.core.messages import (
 )
 from gateway.admission import Admission
 from gateway.coalescer import Coalescer
+from gateway.fastwriter import FastAnswerWriter
 
 
 def claim(coupon: str = "C", user: str | None = None) -> ClaimCommand:
@@ -190,3 +191,32 @@ async def test_idle_coupons_are_forgotten_beyond_the_bound() -> None:
         assert await admission.enter(f"C{i}") is True
         admission.leave(f"C{i}", None)
     assert len(admission._coupons) <= 3
+
+
+async def test_answers_given_by_the_gateway_are_written_many_to_a_command() -> None:
+    writes: list[list[ClaimResult]] = []
+
+    async def store(batch: Sequence[ClaimResult]) -> None:
+        writes.append(list(batch))
+
+    writer = FastAnswerWriter(store, linger=0.01, max_batch=4)
+    answers = [ClaimResult.of(claim(), Outcome.OUT_OF_STOCK) for _ in range(6)]
+    for answer in answers:
+        writer.add(answer)
+    await asyncio.sleep(0)
+    assert [len(w) for w in writes] == [4]  # a full batch goes at once
+    await asyncio.sleep(0.05)
+    assert [len(w) for w in writes] == [4, 2]  # the rest after the linger
+    assert [a for w in writes for a in w] == answers
+
+
+async def test_a_failed_write_of_given_answers_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def store(batch: Sequence[ClaimResult]) -> None:
+        raise ConnectionError("redis away")
+
+    writer = FastAnswerWriter(store, linger=0.001)
+    writer.add(ClaimResult.of(claim(), Outcome.OUT_OF_STOCK))
+    await writer.drain()
+    assert "not kept in redis" in caplog.text
