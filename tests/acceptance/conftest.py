@@ -138,8 +138,8 @@ async def until_sold_out_in_gateway(
     http: aiohttp.ClientSession, services: Services, coupon: str, timeout: float = 10
 ) -> None:
     """Until the gateway answers claims on the sold-out ``coupon`` by itself: a probe's
-    answer is then kept under its fast-answer key, moments after it is given (gateway/finals.py reads the holders of
-    a sold-out coupon once, in the background)."""
+    answer is then kept under its fast-answer key, moments after it is given
+    (gateway/finals.py reads the holders of a sold-out coupon once, in the background)."""
     redis = aioredis.from_url(services.settings.redis_url)
     try:
         async with asyncio.timeout(timeout):
