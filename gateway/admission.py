@@ -8,7 +8,7 @@ new one only while fewer than ``remaining`` are; the others are held, for at mos
 - released, one for each claim in flight that came back without taking stock;
 - or answered from the final answers (gateway/finals.py) once the coupon is known sold
   out, which the gateway learns only from the database (a committed result saying the
-  stock is gone, then the holders read from the database);
+  stock is gone, or the stock read as 0; then the holders read from the database);
 - or, if neither happens within ``hold``, published anyway.
 
 ``remaining`` comes from PostgreSQL: read once when a coupon is first claimed here, then
@@ -64,6 +64,10 @@ class Admission:
         self._max = max_coupons
         self._coupons: collections.OrderedDict[str, _Coupon] = collections.OrderedDict()
         self.held_total = 0  # claims ever held (for tests and metrics)
+        # Called with a coupon read from the database with no stock left: no result may
+        # ever come back to say so (another process's claims took it all), so the final
+        # answers are told directly (they then call sold_out).
+        self.on_exhausted: Callable[[str], None] | None = None
 
     def in_flight(self, coupon: str) -> int:
         state = self._coupons.get(coupon)
@@ -161,6 +165,8 @@ class Admission:
             known = state.remaining
             state.remaining = remaining if known is None else min(known, remaining)
             self._release(state)
+            if remaining == 0 and self.on_exhausted is not None:
+                self.on_exhausted(coupon)
 
     def _state(self, coupon: str) -> _Coupon:
         state = self._coupons.get(coupon)

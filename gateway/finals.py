@@ -76,11 +76,18 @@ class FinalAnswers:
         sold_out = result.outcome is Outcome.OUT_OF_STOCK or (
             result.outcome is Outcome.CLAIMED and result.remaining == 0
         )
-        if sold_out and coupon not in self._loading:
-            self._loading.add(coupon)
-            task = asyncio.create_task(self._close(coupon))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if sold_out:
+            self.sold_out(coupon)
+
+    def sold_out(self, coupon: str) -> None:
+        """The database said ``coupon`` has no stock left (a committed result, or its stock
+        read as 0): read its holders, once, and answer its claims from then on."""
+        if coupon in self._sold_out or coupon in self._loading:
+            return
+        self._loading.add(coupon)
+        task = asyncio.create_task(self._close(coupon))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _close(self, coupon: str) -> None:
         try:
