@@ -125,7 +125,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
     if admission is not None:
         admission.on_exhausted = finals.sold_out
     app[CLAIMS] = Claims(
-        Coalescer(publisher.publish, s.publish_in_flight, s.publish_max_claims),
+        Coalescer(publisher.publish, s.publish_linger_ms / 1000, s.publish_max_claims),
         replies,
         results,
         s.claim_wait_seconds,

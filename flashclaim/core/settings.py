@@ -96,9 +96,9 @@ class Settings(BaseModel):
     fast_answer_ttl_seconds: Positive = 600
     max_body_bytes: Positive = 65_536
     # Claims of one coupon arriving together go in one message (gateway/coalescer.py):
-    # while PUBLISH_IN_FLIGHT messages of a coupon await their confirm, the claims that
-    # arrive wait and go together in the next one (at most PUBLISH_MAX_CLAIMS).
-    publish_in_flight: Annotated[int, Field(gt=0, le=1_000)] = 1
+    # a claim waits at most PUBLISH_LINGER_MS for others, and a message carries at most
+    # PUBLISH_MAX_CLAIMS. 0 ms groups only what arrives in the same event-loop turn.
+    publish_linger_ms: NonNegativeNumber = 3.0
     publish_max_claims: Annotated[int, Field(gt=0, le=10_000)] = 100
     # How long a claim is held back, at most, while the claims in flight could take all
     # of its coupon's stock (gateway/admission.py); 0 turns holding off.

@@ -30,13 +30,11 @@ class Broker:
 
     def __init__(self) -> None:
         self.messages: list[list[ClaimCommand]] = []
-        self.calls = 0  # publishes started (confirmed or not)
         self.fail = False
         self.gate = asyncio.Event()
         self.gate.set()
 
     async def publish(self, commands: Sequence[ClaimCommand]) -> None:
-        self.calls += 1
         await self.gate.wait()
         if self.fail:
             raise DependencyUnavailable("broker", "down")
@@ -45,7 +43,7 @@ class Broker:
 
 async def test_claims_of_one_coupon_arriving_together_share_one_message() -> None:
     broker = Broker()
-    coalescer = Coalescer(broker.publish, in_flight=1, max_claims=100)
+    coalescer = Coalescer(broker.publish, linger=0.005, max_claims=100)
     hot = [claim("HOT") for _ in range(30)]
     other = [claim("OTHER") for _ in range(3)]
     await asyncio.gather(*(coalescer.publish(c) for c in [*hot, *other]))
@@ -54,59 +52,28 @@ async def test_claims_of_one_coupon_arriving_together_share_one_message() -> Non
         assert len({c.coupon_name for c in message}) == 1  # one routing key per message
 
 
-async def test_claims_arriving_while_a_message_awaits_its_confirm_go_in_the_next() -> None:
-    """Natural batching: no timer, the batch is what came during the confirm."""
-    broker = Broker()
-    broker.gate.clear()  # the broker takes its time to confirm
-    coalescer = Coalescer(broker.publish, in_flight=1, max_claims=100)
-    first = asyncio.create_task(coalescer.publish(claim()))
-    await asyncio.sleep(0.01)
-    later = [asyncio.create_task(coalescer.publish(claim())) for _ in range(7)]
-    await asyncio.sleep(0.01)
-    assert broker.messages == [] and not any(t.done() for t in later)
-    broker.gate.set()
-    await asyncio.gather(first, *later)
-    assert [len(m) for m in broker.messages] == [1, 7]
-
-
-async def test_a_quiet_coupons_claim_goes_at_once() -> None:
-    broker = Broker()
-    coalescer = Coalescer(broker.publish, in_flight=1, max_claims=100)
-    await asyncio.wait_for(coalescer.publish(claim()), 0.5)
-    await asyncio.wait_for(coalescer.publish(claim()), 0.5)
-    assert [len(m) for m in broker.messages] == [1, 1]
-
-
 async def test_a_full_message_goes_at_once_and_the_rest_follow() -> None:
     broker = Broker()
-    broker.gate.clear()
-    coalescer = Coalescer(broker.publish, in_flight=1, max_claims=10)
-    blocker = asyncio.create_task(coalescer.publish(claim()))
-    await asyncio.sleep(0.01)
-    full = [asyncio.create_task(coalescer.publish(claim())) for _ in range(10)]
-    await asyncio.sleep(0.01)
-    assert broker.calls == 2  # the full one went while the first awaits its confirm
-    broker.gate.set()
-    await asyncio.wait_for(asyncio.gather(blocker, *full), 1.0)
-    assert sorted(len(m) for m in broker.messages) == [1, 10]  # did not wait for a turn
+    coalescer = Coalescer(broker.publish, linger=60.0, max_claims=10)
+    full = [claim() for _ in range(10)]
+    await asyncio.wait_for(asyncio.gather(*(coalescer.publish(c) for c in full)), 1.0)
+    assert [len(m) for m in broker.messages] == [10]  # did not wait out the linger
 
 
 async def test_every_claim_of_a_message_learns_its_publish_failed() -> None:
     broker = Broker()
     broker.fail = True
-    coalescer = Coalescer(broker.publish, in_flight=1, max_claims=100)
+    coalescer = Coalescer(broker.publish, linger=0.0, max_claims=100)
     outcomes = await asyncio.gather(
         *(coalescer.publish(claim()) for _ in range(5)), return_exceptions=True
     )
     assert all(isinstance(o, DependencyUnavailable) for o in outcomes)
-    broker.fail = False  # and the coupon is not left waiting on a failed message
-    await asyncio.wait_for(coalescer.publish(claim()), 0.5)
 
 
 async def test_a_request_that_goes_away_does_not_cancel_the_others_publish() -> None:
     broker = Broker()
     broker.gate.clear()
-    coalescer = Coalescer(broker.publish, in_flight=1, max_claims=100)
+    coalescer = Coalescer(broker.publish, linger=0.0, max_claims=100)
     commands = [claim() for _ in range(3)]
     tasks = [asyncio.create_task(coalescer.publish(c)) for c in commands]
     await asyncio.sleep(0.01)
@@ -118,7 +85,7 @@ async def test_a_request_that_goes_away_does_not_cancel_the_others_publish() -> 
 
 async def test_coalesced_claims_round_trip_through_the_message_format() -> None:
     broker = Broker()
-    coalescer = Coalescer(broker.publish, in_flight=1, max_claims=100)
+    coalescer = Coalescer(broker.publish, linger=0.001, max_claims=100)
     commands = [claim("C") for _ in range(4)]
     await asyncio.gather(*(coalescer.publish(c) for c in commands))
     message_id, body = encode_claims(broker.messages[0])
