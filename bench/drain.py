@@ -58,14 +58,14 @@ def wait_applied(settings: Settings, coupon: str, claims: int, timeout: float) -
     """Wait until every claim is applied; the claims per second between the first and
     the last batch's transaction."""
     deadline = time.monotonic() + timeout
+    progress = (
+        "SELECT count(*), extract(epoch FROM max(claimed_at) - min(claimed_at))"
+        " FROM claims WHERE coupon_name = %s"
+    )
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         while True:
-            row = conn.execute(
-                "SELECT count(*), extract(epoch FROM max(claimed_at) - min(claimed_at))"
-                " FROM claims WHERE coupon_name = %s",
-                (coupon,),
-            ).fetchone()
-            assert row is not None
+            cur = conn.execute(progress, (coupon,))
+            row = cur.fetchone() or (0, None)
             if row[0] >= claims:
                 break
             if time.monotonic() > deadline:

@@ -30,7 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
@@ -83,27 +83,23 @@ class Stopping(Exception):
     """Shutdown was requested while waiting for a server to come back."""
 
 
+@dataclass(eq=False)
 class ClaimWorker:
-    def __init__(
-        self,
-        receiver: BatchReceiver,
-        pool: AsyncConnectionPool,
-        results: ResultStore,
-        dead_letters: DeadLetterPublisher,
-        policy: WorkerPolicy,
-    ) -> None:
-        self._receiver = receiver
-        self._pool = pool
-        self._results = results
-        self._dead_letters = dead_letters
-        self._policy = policy
-        self._stop = asyncio.Event()
-        self._holding = False
-        # Committed batches waiting to be reported and acknowledged (bounded: if Redis
-        # stalls, the consumer slows down instead of piling up).
-        self._committed: asyncio.Queue[tuple[Sequence[Received], BatchOutcome] | None] = (
-            asyncio.Queue(maxsize=8)
-        )
+    """Takes batches from ``receiver``, applies them through ``pool``, reports to
+    ``results`` and moves what cannot apply to ``dead_letters``, under ``policy``."""
+
+    receiver: BatchReceiver
+    pool: AsyncConnectionPool
+    results: ResultStore
+    dead_letters: DeadLetterPublisher
+    policy: WorkerPolicy
+    _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _holding: bool = field(default=False, init=False)
+    # Committed batches waiting to be reported and acknowledged (bounded: if Redis
+    # stalls, the consumer slows down instead of piling up).
+    _committed: asyncio.Queue[tuple[Sequence[Received], BatchOutcome] | None] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=8), init=False
+    )
 
     async def run(self, stop: asyncio.Event, grace: float) -> None:
         """Process batches until ``stop`` is set, then drain what was delivered.
@@ -114,21 +110,21 @@ class ClaimWorker:
         """
         self._stop = stop
         reporter = asyncio.create_task(self._report_in_order(), name="reporter")
-        await self._receiver.start()
+        await self.receiver.start()
         try:
             while not stop.is_set():
-                batch = await self._receiver.next_batch(wait=0.2)
+                batch = await self.receiver.next_batch(wait=0.2)
                 if batch:
                     await self.handle(batch)
             deadline = time.monotonic() + grace
             # With the broker away, cancelling the subscription cannot be confirmed:
             # the deliveries it would stop are not coming anyway.
             try:
-                await asyncio.wait_for(self._receiver.stop(), max(grace, 0.1))
+                await asyncio.wait_for(self.receiver.stop(), max(grace, 0.1))
             except Exception as exc:
                 log.warning("subscription not cancelled", extra={"error": repr(exc)})
-            while self._receiver.buffered and time.monotonic() < deadline:
-                await self.handle(await self._receiver.next_batch(wait=0))
+            while self.receiver.buffered and time.monotonic() < deadline:
+                await self.handle(await self.receiver.next_batch(wait=0))
         except Stopping:
             log.info("stopped while the database was unavailable; messages go back")
         finally:
@@ -153,7 +149,7 @@ class ClaimWorker:
                 decoded = decode_claims(message.message_id, message.body, message.reply_to)
             except PoisonMessage as exc:
                 poison += 1
-                await self._settle(self._dead_letters.send(message, "poison", exc))
+                await self._settle(self.dead_letters.send(message, "poison", exc))
                 continue
             claims += len(decoded.commands) + len(decoded.poison)
             if not await self._dead_letter_poison(message, decoded.poison):
@@ -187,9 +183,9 @@ class ClaimWorker:
         """Consecutive messages with at most ``batch_claims`` claims together (a message
         with more is a chunk of its own): one transaction each."""
         chunks: list[list[Received]] = []
-        claims = self._policy.batch_claims
+        claims = self.policy.batch_claims
         for item in received:
-            if claims + len(item[1]) > self._policy.batch_claims:
+            if claims + len(item[1]) > self.policy.batch_claims:
                 chunks.append([])
                 claims = 0
             chunks[-1].append(item)
@@ -202,7 +198,7 @@ class ClaimWorker:
         """Dead-letter each poison claim of ``message`` alone; ``False`` (and the message
         requeued) if the DLQ did not take one of them."""
         for claim in poison:
-            sent = await self._dead_letters.send_claim(
+            sent = await self.dead_letters.send_claim(
                 message, claim.message_id, claim.body, "poison", claim.error
             )
             if not sent:
@@ -252,7 +248,7 @@ class ClaimWorker:
                     again = True
                     continue
                 request_id = str(delivery.command.request_id)
-                if not await self._dead_letters.send_claim(
+                if not await self.dead_letters.send_claim(
                     message, request_id, delivery.command.body(), "failed", claim_exc, attempts
                 ):
                     again = True
@@ -283,10 +279,10 @@ class ClaimWorker:
                     async for attempt in contention_retry():
                         with attempt:
                             async with (
-                                self._pool.connection(timeout=5.0) as conn,
+                                self.pool.connection(timeout=5.0) as conn,
                                 conn.transaction(),
                             ):
-                                return await apply_batch(conn, deliveries, self._policy.worker_id)
+                                return await apply_batch(conn, deliveries, self.policy.worker_id)
         except Exception as exc:
             if self._stop.is_set() and is_outage(exc):
                 raise Stopping from exc
@@ -295,7 +291,7 @@ class ClaimWorker:
             if self._holding:
                 self._holding = False
                 log.info("database is back; resuming")
-                await self._receiver.start()
+                await self.receiver.start()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _hold(self, state: RetryCallState) -> None:
@@ -304,7 +300,7 @@ class ClaimWorker:
             self._holding = True
             exc = state.outcome.exception() if state.outcome else None
             log.error("database unavailable; holding messages", extra={"error": repr(exc)})
-            await self._receiver.stop()
+            await self.receiver.stop()
 
     async def _failed_attempt(
         self, message: AbstractIncomingMessage, delivery: Delivery, exc: BaseException
@@ -312,7 +308,7 @@ class ClaimWorker:
         """Count the attempt in the inbox; retry through the broker, or fail for good."""
         attempts, final = await self._attempts(message, delivery, exc)
         if final:
-            await self._settle(self._dead_letters.send(message, "failed", exc, attempts))
+            await self._settle(self.dead_letters.send(message, "failed", exc, attempts))
         else:
             log.warning(
                 "command failed; requeued",
@@ -329,7 +325,7 @@ class ClaimWorker:
             return counted
         # The inbox could not count it: fall back on the broker's own counter.
         attempts = delivery_count(message) + 1
-        return attempts, attempts >= self._policy.max_attempts
+        return attempts, attempts >= self.policy.max_attempts
 
     async def _record_failure(
         self, delivery: Delivery, exc: BaseException
@@ -340,7 +336,7 @@ class ClaimWorker:
         try:
             async for attempt in transient_retry(2.0):
                 with attempt:
-                    async with self._pool.connection(timeout=2.0) as conn:
+                    async with self.pool.connection(timeout=2.0) as conn:
                         cur = await conn.execute(
                             queries()["inbox_record_failure"],
                             {
@@ -349,7 +345,7 @@ class ClaimWorker:
                                 "payload": orjson.dumps(
                                     {"user_id": command.user_id, "coupon_name": command.coupon_name}
                                 ).decode(),
-                                "max_attempts": self._policy.max_attempts,
+                                "max_attempts": self.policy.max_attempts,
                                 "event_type": CLAIM_EVENT,
                                 "exchange": delivery.exchange,
                                 "routing_key": delivery.routing_key,
@@ -361,7 +357,7 @@ class ClaimWorker:
             log.warning("failure not recorded in the inbox", extra={"error": repr(record_exc)})
             return None
         if row is None:  # PROCESSED meanwhile (by another delivery): nothing to retry
-            return self._policy.max_attempts, False
+            return self.policy.max_attempts, False
         retry_count, status = row
         return int(retry_count), status == "FAILED"
 
@@ -370,7 +366,7 @@ class ClaimWorker:
         try:
             async for attempt in transient_retry(1.0):
                 with attempt:
-                    await self._results.publish(
+                    await self.results.publish(
                         (outcome.results[d.command.request_id], d.command.reply_to)
                         for _, deliveries in received
                         for d in deliveries

@@ -342,14 +342,11 @@ class RabbitMQ(Server):
         self.ports = ports
         self.home = root / "rabbitmq"
         self.server_bin = _bin("/usr/lib/rabbitmq/bin/rabbitmq-server", "rabbitmq-server")
+        self.management_url = f"http://127.0.0.1:{ports.management}/"
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.management}/"
 
     def env(self) -> dict[str, str]:
         h = self.home
