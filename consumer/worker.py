@@ -235,7 +235,7 @@ class ClaimWorker:
             return
         log.warning("message failed, claim by claim", extra={"error": repr(exc)})
         applied: list[Delivery] = []
-        results: dict[uuid.UUID, ClaimResult] = {}
+        outcomes: list[BatchOutcome] = []
         again = False
         for delivery in deliveries:
             try:
@@ -254,12 +254,12 @@ class ClaimWorker:
                     again = True
                 continue
             applied.append(delivery)
-            results.update(outcome.results)
+            outcomes.append(outcome)
         if again:
             log.warning("message requeued", extra={"message_id": message.message_id})
             await self._settle(message.nack(requeue=True))
             return
-        total = BatchOutcome(results, applied=len(applied), replayed=0, granted=0)
+        total = _total(outcomes) or BatchOutcome({}, applied=0, replayed=0, granted=0)
         await self._committed.put(([(message, applied)], total))
 
     async def _report_in_order(self) -> None:

@@ -66,7 +66,7 @@ class Admission:
         self.held_total = 0  # claims ever held (for tests and metrics)
         # Called with a coupon read from the database with no stock left: no result may
         # ever come back to say so (another process's claims took it all), so the final
-        # answers are told directly (they then call sold_out).
+        # answers are told directly (FinalAnswers.close; they then call sold_out).
         self.on_exhausted: Callable[[str], None] | None = None
 
     def in_flight(self, coupon: str) -> int:

@@ -77,19 +77,19 @@ class FinalAnswers:
             result.outcome is Outcome.CLAIMED and result.remaining == 0
         )
         if sold_out:
-            self.sold_out(coupon)
+            self.close(coupon)
 
-    def sold_out(self, coupon: str) -> None:
+    def close(self, coupon: str) -> None:
         """The database said ``coupon`` has no stock left (a committed result, or its stock
         read as 0): read its holders, once, and answer its claims from then on."""
         if coupon in self._sold_out or coupon in self._loading:
             return
         self._loading.add(coupon)
-        task = asyncio.create_task(self._close(coupon))
+        task = asyncio.create_task(self._load_holders_and_close(coupon))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _close(self, coupon: str) -> None:
+    async def _load_holders_and_close(self, coupon: str) -> None:
         try:
             holders = frozenset(await self._load_holders(coupon))
         except Exception as exc:  # the next out-of-stock result tries again

@@ -67,16 +67,7 @@ async def publish(
     command: ClaimCommand,
     body: bytes | None = None,
 ) -> None:
-    exchange = await channel.get_exchange(settings.topology().commands_exchange)
-    await exchange.publish(
-        aio_pika.Message(
-            body if body is not None else command.body(),
-            message_id=str(command.request_id),
-            reply_to=command.reply_to,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        ),
-        command.coupon_name,
-    )
+    await publish_many(channel, settings, [command], body)
 
 
 async def collect_replies(
@@ -421,14 +412,15 @@ async def publish_many(
     commands: list[ClaimCommand],
     body: bytes | None = None,
 ) -> str:
-    """One message carrying ``commands`` as a gateway coalesces them; its message id."""
+    """One message carrying ``commands`` as a gateway sends them (one claim: version 1,
+    with its request id as message id); its message id."""
     message_id, encoded = encode_claims(commands)
     exchange = await channel.get_exchange(settings.topology().commands_exchange)
     await exchange.publish(
         aio_pika.Message(
             body if body is not None else encoded,
             message_id=message_id,
-            reply_to=REPLIES,
+            reply_to=commands[0].reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         ),
         commands[0].coupon_name,
