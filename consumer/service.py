@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
 
 from aio_pika.abc import AbstractRobustConnection
 from psycopg_pool import AsyncConnectionPool
@@ -19,10 +18,9 @@ from flashclaim.core.db import create_pool
 from flashclaim.core.policies import apply_configured
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
-from flashclaim.core.signals import stop_event_on_signals
+from flashclaim.core.signals import stop_event_on_signals, unless_stopped
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -117,21 +115,6 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
 async def _opened(pool: AsyncConnectionPool) -> bool:
     await pool.open(wait=True, timeout=30)
     return True
-
-
-async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """``work``'s result, or ``None`` (``work`` cancelled) if ``stop`` is set first."""
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopped}, return_when="FIRST_COMPLETED")
-    stopped.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    log.info("stopped before start-up finished")
-    return None
 
 
 async def _bounded(closing: Awaitable[object], what: str, seconds: float = 5.0) -> None:

@@ -22,6 +22,7 @@ from psycopg.rows import TupleRow
 
 from consumer.decide import decide
 from flashclaim.core.db import queries
+from flashclaim.core.events import Coupon, batch_events
 from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, ClaimResult, Outcome
 
 
@@ -115,7 +116,10 @@ async def apply_batch(
             q["existing_holders"],
             {"rows": _json({"coupon_name": c.coupon_name, "user_id": c.user_id} for c in todo)},
         )
-        stock = {name: remaining for name, remaining in await locked.fetchall()}
+        coupons = {
+            name: Coupon(amount, remaining) for name, amount, remaining in await locked.fetchall()
+        }
+        stock = {name: coupon.remaining for name, coupon in coupons.items()}
         holders = [(coupon, user) for coupon, user in await held.fetchall()]
 
     outcomes = decide(stock, holders, todo)
@@ -128,6 +132,8 @@ async def apply_batch(
     ]
     async with conn.pipeline():
         if granted:
+            # What others hear of it, in the same transaction (the outbox).
+            await conn.execute(q["outbox_insert"], {"rows": _json(batch_events(coupons, granted))})
             rows = (
                 {
                     "coupon_name": c.coupon_name,

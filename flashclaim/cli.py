@@ -57,6 +57,13 @@ def _consumer(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay(settings: Settings, args: argparse.Namespace) -> int:
+    from relay import service
+
+    _run_async(service.run(settings))
+    return 0
+
+
 def _schema(settings: Settings, args: argparse.Namespace) -> int:
     import psycopg
 
@@ -113,7 +120,10 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         report = run_audit(
-            settings.database_url, pending_older_than=args.pending_older_than, coupons=args.coupon
+            settings.database_url,
+            pending_older_than=args.pending_older_than,
+            coupons=args.coupon,
+            outbox_retention=settings.outbox_retention_seconds,
         )
     except psycopg.OperationalError as exc:
         print(f"flashclaim audit: cannot reach the database: {exc}", file=sys.stderr)
@@ -189,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "admin", _admin, "serve the operators' dead-letter API (needs FLASHCLAIM_ADMIN_TOKEN)"
     )
     _command(sub, "consumer", _consumer, "apply claim commands from RabbitMQ to PostgreSQL")
+    _command(sub, "relay", _relay, "publish the outbox's events to RabbitMQ (any number of them)")
 
     schema = sub.add_parser("schema", help="database schema").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -263,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flashclaim.ops import dlq_cli
 
     dlq_cli.add_parser(sub, argparse.ArgumentParser(add_help=False))
+    from flashclaim.ops import outbox_cli
+
+    outbox_cli.add_parser(sub)
 
     p = _command(sub, "audit", _audit, "check the database's invariants; exit 1 on a violation")
     p.add_argument(

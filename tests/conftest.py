@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from flashclaim.core.db import migrate
@@ -72,6 +73,39 @@ def make_settings(stack: Stack, namespace: str) -> Settings:
 @pytest.fixture
 def settings(stack: Stack, namespace: str) -> Settings:
     return make_settings(stack, namespace)
+
+
+@pytest.fixture
+def new_database(stack: Stack, settings: Settings) -> Iterator[Callable[[], str]]:
+    """Makes empty databases on the suite's server (owned by the services' role), all
+    dropped afterwards."""
+    if stack.postgres is None:
+        pytest.skip("creates databases: needs the suite's own PostgreSQL")
+    admin = make_conninfo(settings.database_url, user="postgres", dbname="postgres")
+    owner = conninfo_to_dict(settings.database_url)["user"]
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"m_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+        made.append(name)
+        return make_conninfo(settings.database_url, dbname=name)
+
+    yield make
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def own_settings(settings: Settings, new_database: Callable[[], str]) -> Settings:
+    """``settings`` with a migrated database of their own. The outbox is the database's,
+    not a namespace's: a relay publishes every pending row it finds, so a test that runs
+    one must not share its database with the others' rows."""
+    url = new_database()
+    migrate(url)
+    return settings.replace(database_url=url)
 
 
 @pytest.fixture

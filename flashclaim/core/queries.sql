@@ -2,10 +2,19 @@
 -- Parameters always go through the driver.
 
 -- name: create_coupon
-INSERT INTO coupons (name, amount, remaining_amount)
-VALUES (%(name)s, %(amount)s, %(amount)s)
-ON CONFLICT (name) DO NOTHING
-RETURNING name, amount, remaining_amount;
+-- The coupon and its coupon.created event, in one statement (one transaction).
+WITH created AS (
+    INSERT INTO coupons (name, amount, remaining_amount)
+    VALUES (%(name)s, %(amount)s, %(amount)s)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING name, amount, remaining_amount
+), announced AS (
+    INSERT INTO outbox (aggregate, event_type, payload)
+    SELECT name, 'coupon.created',
+           jsonb_build_object('amount', amount, 'remaining_amount', remaining_amount)
+    FROM created
+)
+SELECT name, amount, remaining_amount FROM created;
 
 -- name: get_coupon
 SELECT c.name, c.amount, c.remaining_amount,
@@ -45,7 +54,7 @@ FOR UPDATE;
 -- name: lock_coupons
 -- Pessimistic lock on every coupon the batch touches, in name order (no deadlocks).
 -- Stock check, claim inserts and stock deduction all happen under this lock.
-SELECT name, remaining_amount
+SELECT name, amount, remaining_amount
 FROM coupons
 WHERE name = ANY(%(names)s::text[])
 ORDER BY name
@@ -78,6 +87,15 @@ SET status = 'PROCESSED', result_status = r.status, result_body = r.body,
     error = NULL, locked_at = NULL, locked_by = NULL, updated_at = now()
 FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (message_id uuid, status int, body jsonb)
 WHERE i.message_id = r.message_id;
+
+-- name: outbox_insert
+-- %(rows)s: a JSON array of {aggregate, event_type, payload}, in the order they happened
+-- (seq is drawn in that order). Written in the batch's transaction, after its coupons
+-- were locked: a coupon's events are in commit order.
+INSERT INTO outbox (aggregate, event_type, payload)
+SELECT e.doc ->> 'aggregate', e.doc ->> 'event_type', e.doc -> 'payload'
+FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e (doc, ord)
+ORDER BY e.ord;
 
 -- name: inbox_result
 SELECT status, result_status, result_body
@@ -161,3 +179,113 @@ SELECT (SELECT count(*) FROM coupons
        (SELECT count(*) FROM inbox WHERE status = 'FAILED'
           AND (%(coupons)s::text[] IS NULL
                OR payload ->> 'coupon_name' = ANY(%(coupons)s::text[]))) AS failed;
+
+-- name: outbox_take
+-- The relay's batch: the oldest pending rows that are due, locked until its transaction
+-- ends (other relays skip them). A row is returned only if every pending row of its
+-- coupon before it is in the batch too: an earlier one held by another relay, or waiting
+-- out a backoff, holds back the rest of its coupon (a coupon's events go out in seq
+-- order, which is its commit order). Held-back rows stay locked and untouched.
+WITH taken AS MATERIALIZED (
+    SELECT id, seq, aggregate, event_type, payload, created_at
+    FROM outbox
+    WHERE status = 'PENDING' AND next_attempt_at <= now()
+    ORDER BY seq
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), span AS (
+    SELECT aggregate, max(seq) AS last FROM taken GROUP BY aggregate
+), gap AS (
+    -- Per coupon, the first pending row up to the batch's last that the batch lacks.
+    SELECT s.aggregate, min(o.seq) AS seq
+    FROM span s
+    JOIN outbox o ON o.aggregate = s.aggregate AND o.status = 'PENDING' AND o.seq <= s.last
+    WHERE o.seq NOT IN (SELECT seq FROM taken)
+    GROUP BY s.aggregate
+)
+SELECT t.id, t.seq, t.aggregate, t.event_type, t.payload, t.created_at
+FROM taken t
+LEFT JOIN gap g ON g.aggregate = t.aggregate
+WHERE g.seq IS NULL OR t.seq < g.seq
+ORDER BY t.seq;
+
+-- name: outbox_mark_sent
+UPDATE outbox
+SET status = 'SENT', sent_at = now(), sent_by = %(relay)s, last_error = NULL
+WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: outbox_mark_refused
+-- Publishes the broker refused (nacked): counted, retried after a backoff that doubles
+-- from %(backoff)s up to %(backoff_max)s seconds, FAILED at the %(max_attempts)s-th.
+UPDATE outbox
+SET attempts = attempts + 1,
+    last_error = %(error)s,
+    status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'FAILED' ELSE 'PENDING' END,
+    next_attempt_at = now() + make_interval(
+        secs => least(%(backoff_max)s::float8, %(backoff)s::float8 * 2 ^ attempts))
+WHERE id = ANY(%(ids)s::uuid[])
+RETURNING id, status, attempts;
+
+-- name: outbox_prune
+-- SENT rows past the retention period, a bounded number at a time.
+DELETE FROM outbox
+WHERE id IN (SELECT id FROM outbox
+             WHERE status = 'SENT'
+               AND sent_at < now() - make_interval(secs => %(retention)s::float8)
+             LIMIT %(limit)s);
+
+-- name: outbox_stats
+SELECT (SELECT count(*) FROM outbox WHERE status = 'PENDING') AS pending,
+       (SELECT count(*) FROM outbox WHERE status = 'FAILED') AS failed,
+       (SELECT extract(epoch FROM now() - min(created_at))::float8
+        FROM outbox WHERE status = 'PENDING') AS oldest_pending_seconds,
+       (SELECT max(sent_at) FROM outbox WHERE status = 'SENT') AS last_sent_at;
+
+-- name: outbox_failed
+SELECT id, seq, aggregate, event_type, attempts, last_error, created_at
+FROM outbox
+WHERE status = 'FAILED'
+ORDER BY seq
+LIMIT %(limit)s;
+
+-- name: outbox_retry
+-- FAILED rows (all, or those of %(ids)s) made due again, their count started over; the
+-- relays are woken.
+WITH retried AS (
+    UPDATE outbox
+    SET status = 'PENDING', attempts = 0, next_attempt_at = now()
+    WHERE status = 'FAILED' AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
+    RETURNING id
+)
+SELECT id, pg_notify('flashclaim_outbox', '') IS NULL AS notified FROM retried;
+
+-- name: audit_claims_without_event
+-- Every claim made within the outbox's retention period has exactly one coupon.claimed
+-- event (older SENT events may have been pruned).
+SELECT cl.message_id, cl.coupon_name, count(o.id) AS events
+FROM claims cl
+LEFT JOIN outbox o ON o.event_type = 'coupon.claimed'
+                  AND o.aggregate = cl.coupon_name
+                  AND o.payload ->> 'request_id' = cl.message_id::text
+WHERE cl.claimed_at > now() - make_interval(secs => %(retention)s::float8)
+  AND (%(coupons)s::text[] IS NULL OR cl.coupon_name = ANY(%(coupons)s::text[]))
+GROUP BY cl.message_id, cl.coupon_name
+HAVING count(o.id) <> 1
+LIMIT 100;
+
+-- name: audit_coupons_without_events
+-- Every coupon created within the retention period has one coupon.created event, and
+-- one coupon.sold_out if (and only if) it is sold out.
+SELECT c.name,
+       count(*) FILTER (WHERE o.event_type = 'coupon.created') AS created,
+       count(*) FILTER (WHERE o.event_type = 'coupon.sold_out') AS sold_out,
+       c.remaining_amount
+FROM coupons c
+LEFT JOIN outbox o ON o.aggregate = c.name AND o.event_type <> 'coupon.claimed'
+WHERE c.created_at > now() - make_interval(secs => %(retention)s::float8)
+  AND (%(coupons)s::text[] IS NULL OR c.name = ANY(%(coupons)s::text[]))
+GROUP BY c.name, c.remaining_amount
+HAVING count(*) FILTER (WHERE o.event_type = 'coupon.created') <> 1
+    OR count(*) FILTER (WHERE o.event_type = 'coupon.sold_out')
+       <> (CASE WHEN c.remaining_amount = 0 THEN 1 ELSE 0 END)
+LIMIT 100;

@@ -136,6 +136,18 @@ class Settings(BaseModel):
     # it stays open (answering 503 at once) before a publish is tried again.
     breaker_failure_threshold: Positive = 5
     breaker_recovery_seconds: PositiveSeconds = 2.0
+    # The outbox relay (relay/): events it publishes in one transaction; how often it
+    # looks for work without a notification (a backstop: it wakes on LISTEN/NOTIFY);
+    # broker refusals after which a row is FAILED, and the backoff between them (doubling
+    # from OUTBOX_RETRY_SECONDS up to OUTBOX_RETRY_MAX_SECONDS); how long SENT rows are
+    # kept, and how often they are pruned.
+    outbox_batch_size: Annotated[int, Field(gt=0, le=10_000)] = 500
+    outbox_poll_seconds: PositiveSeconds = 2.0
+    outbox_max_attempts: Positive = 10
+    outbox_retry_seconds: PositiveSeconds = 1.0
+    outbox_retry_max_seconds: PositiveSeconds = 300.0
+    outbox_retention_seconds: PositiveSeconds = 86_400.0
+    outbox_prune_seconds: PositiveSeconds = 60.0
     # Seconds a stopping consumer or gateway gets to finish what it has in hand.
     shutdown_grace_seconds: Seconds = 10.0
     log_level: LogLevel = "INFO"
@@ -147,6 +159,10 @@ class Settings(BaseModel):
             raise ValueError(f"{PREFIX}CONSUMER_INDEX must be from 0 to CONSUMER_COUNT - 1")
         if self.delivery_limit < self.max_attempts:
             raise ValueError(f"{PREFIX}DELIVERY_LIMIT must be at least {PREFIX}MAX_ATTEMPTS")
+        if self.outbox_retry_seconds > self.outbox_retry_max_seconds:
+            raise ValueError(
+                f"{PREFIX}OUTBOX_RETRY_SECONDS exceeds {PREFIX}OUTBOX_RETRY_MAX_SECONDS"
+            )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError(f"{PREFIX}DB_POOL_MIN_SIZE exceeds {PREFIX}DB_POOL_MAX_SIZE")
         token = self.admin_token.get_secret_value()

@@ -16,6 +16,10 @@ queue with the same arguments is a no-op), so start order does not matter.
 
 A coupon always hashes to the same partition, so its claims queue up in one place and
 reach the consumer in arrival order, ready to be applied in batches under one row lock.
+
+    relay --event, routing key = event type-->  <ns>.events  (topic, durable)
+                                                    |  bound by each subscriber's own queue
+                                                    v  (e.g. "coupon.#", "coupon.sold_out")
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ class Topology:
     @property
     def dead_letter_exchange(self) -> str:
         return f"{self.namespace}.claims.dlx"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.namespace}.events"
+
+    async def declare_events(self, channel: AbstractChannel) -> AbstractExchange:
+        """The exchange the outbox relay publishes events to (subscribers bind to it)."""
+        return await channel.declare_exchange(
+            self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
 
     def claims_queue(self, partition: int) -> str:
         return f"{self.namespace}.claims.{partition}"

@@ -618,6 +618,8 @@ def _print_summary(stack: Stack, settings: Settings, conf: Path) -> None:
         lines.append(f"  RabbitMQ UI      {stack.rabbitmq.management_url}  (guest / guest)")
     lines += [
         f"  Redis            {settings.redis_url}",
+        f"  events           exchange {settings.topology().events_exchange} (topic; bind a"
+        " queue to coupon.#)",
         f"  server logs      {stack.root}/*.log",
         f"  services         {Path(sys.executable).parent / 'supervisorctl'} -c {conf} status",
         "                   (a service that crashes is restarted)",

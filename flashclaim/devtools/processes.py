@@ -16,7 +16,7 @@ from types import FrameType
 
 from flashclaim.core.settings import PREFIX
 
-ROLES = ("gateway", "consumer", "admin")
+ROLES = ("gateway", "consumer", "relay", "admin")
 
 
 def service_command(role: str) -> list[str]:

@@ -32,7 +32,7 @@ START_RETRIES = 5
 
 def programs(consumers: int, env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     """Program name -> extra environment, for every service of the stack."""
-    progs: dict[str, dict[str, str]] = {"gateway": {}}
+    progs: dict[str, dict[str, str]] = {"gateway": {}, "relay": environ(instance_id="relay-0")}
     for i in range(consumers):
         # The consumers share the partitions (each one the stand-by of the others').
         progs[f"consumer-{i}"] = environ(
@@ -66,7 +66,7 @@ def config(root: Path, consumers: int, env: Mapping[str, str], grace: float) -> 
         "[supervisorctl]",
         f"serverurl=unix://{state / 'supervisor.sock'}",
     ]
-    role = {"gateway": "gateway", "admin": "admin"}
+    role = {"gateway": "gateway", "admin": "admin", "relay": "relay"}
     for name, extra in programs(consumers, env).items():
         command = " ".join(service_command(role.get(name, "consumer")))
         lines += [

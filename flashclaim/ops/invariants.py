@@ -18,6 +18,14 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("audit_claims_without_success", "a claim whose command was not recorded as granted"),
     ("audit_success_without_claim", "a command recorded as granted without its claim"),
     ("audit_stale_pending", "a command left PENDING longer than the threshold"),
+    (
+        "audit_claims_without_event",
+        "a claim without exactly one coupon.claimed event (within the outbox retention)",
+    ),
+    (
+        "audit_coupons_without_events",
+        "a coupon without one coupon.created, or sold out without one coupon.sold_out",
+    ),
 )
 
 
@@ -44,13 +52,21 @@ class AuditReport:
 
 
 def run_audit(
-    conninfo: str, pending_older_than: float = 60.0, coupons: Sequence[str] | None = None
+    conninfo: str,
+    pending_older_than: float = 60.0,
+    coupons: Sequence[str] | None = None,
+    outbox_retention: float = 86_400.0,
 ) -> AuditReport:
     """Run every check in one repeatable-read snapshot, so they see one state; over the
     whole database, or only what concerns ``coupons`` (one sale's coupons)."""
     q = queries()
     report = AuditReport()
-    params = {"older_than": pending_older_than, "coupons": list(coupons) if coupons else None}
+    params = {
+        "older_than": pending_older_than,
+        "coupons": list(coupons) if coupons else None,
+        # Events of changes older than this may have been pruned once sent.
+        "retention": outbox_retention,
+    }
     with psycopg.connect(conninfo, row_factory=dict_row) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         with conn.transaction():

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from flashclaim.core.db import migrate, pending_migrations, schema_sql
 from flashclaim.core.settings import Settings
@@ -21,29 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "schema.sql"
 MIGRATIONS_DIR = ROOT / "flashclaim" / "core" / "migrations"
 MIGRATIONS = sorted(p.stem for p in MIGRATIONS_DIR.glob("*.sql"))
-
-
-@pytest.fixture
-def new_database(stack: Stack, settings: Settings) -> Iterator[Callable[[], str]]:
-    """Makes empty databases on the suite's server (owned by the services' role), all
-    dropped afterwards."""
-    if stack.postgres is None:
-        pytest.skip("creates databases: needs the suite's own PostgreSQL")
-    admin = make_conninfo(settings.database_url, user="postgres", dbname="postgres")
-    owner = conninfo_to_dict(settings.database_url)["user"]
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"m_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
-        made.append(name)
-        return make_conninfo(settings.database_url, dbname=name)
-
-    yield make
-    with psycopg.connect(admin, autocommit=True) as conn:
-        for name in made:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def test_schema_sql_is_what_the_migrations_add_up_to(

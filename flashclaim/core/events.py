@@ -1,0 +1,110 @@
+"""The events flashclaim announces to other systems, with no I/O.
+
+Each change others must hear about is an outbox row written in the transaction of the
+change (the consumer's batch, the coupon's creation); the relay publishes it to the
+topic exchange ``<namespace>.events`` with the event type as its routing key. A
+published event (JSON, version 1)::
+
+    {"event_id": "…", "type": "coupon.claimed", "version": 1,
+     "occurred_at": "2026-12-01T09:30:00.123456+00:00", "coupon_name": "PROMO_SUPER",
+     "sequence": 1042, "user_id": "user_12345", "request_id": "…", "remaining_amount": 99}
+
+- ``coupon.created``: ``amount``, ``remaining_amount`` (= amount);
+- ``coupon.claimed``: ``user_id``, ``request_id`` (the claim's), ``remaining_amount``
+  (the stock this grant left);
+- ``coupon.sold_out``: ``amount``, ``remaining_amount`` (0). Written once, by the
+  transaction whose grants take the stock to 0 (stock never goes up again).
+
+``sequence`` increases in commit order within a coupon: a coupon's rows are written under
+its row lock, so one transaction's rows come after the previous one's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from flashclaim.core.messages import ClaimCommand
+
+VERSION = 1
+CREATED = "coupon.created"
+CLAIMED = "coupon.claimed"
+SOLD_OUT = "coupon.sold_out"
+TYPES = (CREATED, CLAIMED, SOLD_OUT)
+# The PostgreSQL channel the outbox trigger notifies (migration 0003).
+NOTIFY_CHANNEL = "flashclaim_outbox"
+
+
+@dataclass(frozen=True, slots=True)
+class Coupon:
+    """What the batch read of a coupon under its lock."""
+
+    amount: int
+    remaining: int
+
+
+def batch_events(
+    coupons: Mapping[str, Coupon], granted: Sequence[ClaimCommand]
+) -> list[dict[str, Any]]:
+    """The outbox rows of one batch whose ``granted`` claims (in decision order) were
+    decided against ``coupons``: one ``coupon.claimed`` per grant, with the stock it
+    left, then one ``coupon.sold_out`` for each coupon the batch took to 0."""
+    taken: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    for claim in granted:
+        taken[claim.coupon_name] += 1
+        rows.append(
+            {
+                "aggregate": claim.coupon_name,
+                "event_type": CLAIMED,
+                "payload": {
+                    "user_id": claim.user_id,
+                    "request_id": str(claim.request_id),
+                    "remaining_amount": coupons[claim.coupon_name].remaining
+                    - taken[claim.coupon_name],
+                },
+            }
+        )
+    for name, count in taken.items():
+        coupon = coupons[name]
+        if coupon.remaining - count == 0:
+            rows.append(
+                {
+                    "aggregate": name,
+                    "event_type": SOLD_OUT,
+                    "payload": {"amount": coupon.amount, "remaining_amount": 0},
+                }
+            )
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An outbox row as the relay reads it."""
+
+    id: uuid.UUID
+    seq: int
+    aggregate: str
+    type: str
+    payload: Mapping[str, Any]
+    created_at: dt.datetime
+
+    def body(self) -> bytes:
+        """The published JSON document."""
+        return orjson.dumps(
+            {
+                "event_id": str(self.id),
+                "type": self.type,
+                "version": VERSION,
+                "occurred_at": self.created_at.isoformat(),
+                "coupon_name": self.aggregate,
+                "sequence": self.seq,
+                **self.payload,
+            }
+        )

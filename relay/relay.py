@@ -1,0 +1,179 @@
+"""One relay step: publish a batch of outbox rows, then mark them sent.
+
+Protocol (one step, one PostgreSQL transaction):
+
+1. take the oldest due PENDING rows ``FOR UPDATE SKIP LOCKED``: no other relay can take
+   them before this transaction ends, so two relays never publish one row at the same
+   time. A row is taken only with every pending row of its coupon before it, so a
+   coupon's events are published in commit order (``outbox_take`` in queries.sql);
+2. publish them in that order on one channel (persistent, publisher confirms, the row id
+   as ``message_id``) and wait for every confirm;
+3. in the same transaction, mark the confirmed rows SENT and count each refused one
+   (nack) as an attempt, with a backoff before the next, FAILED at the bound; commit.
+
+A relay that dies between 2 and 3 never commits: its rows stay PENDING and the next
+step publishes them again under the same event ids (at-least-once; subscribers
+de-duplicate by ``event_id``). A broker that is away, or confirms that do not come
+within the publish timeout, roll the step back without counting an attempt: the rows
+wait for the broker. The commit is not waited for on disk (``synchronous_commit`` off
+on the relay's connections): a SENT mark lost to a crash only repeats an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from psycopg_pool import AsyncConnectionPool
+
+from flashclaim.core import broker
+from flashclaim.core.db import queries
+from flashclaim.core.events import Event
+
+log = logging.getLogger(__name__)
+APP_ID = "flashclaim-relay"
+
+
+class BrokerAway(Exception):
+    """The broker cannot take the batch now (not connected, connection lost, no confirm
+    in time): nothing is the rows' fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    relay_id: str
+    batch_size: int = 500
+    max_attempts: int = 10
+    retry_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    publish_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    taken: int
+    sent: int = 0
+    refused: int = 0
+    failed: int = 0  # rows that turned FAILED in this step
+
+
+class EventPublisher:
+    """Publishes a batch of events in order and tells which the broker confirmed."""
+
+    def __init__(
+        self, connection: AbstractRobustConnection, channel: AbstractRobustChannel, exchange: str
+    ) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._exchange = exchange
+
+    async def publish(self, events: Sequence[Event], timeout: float) -> list[bool]:
+        """Whether each event was confirmed (``False``: the broker refused it); raise
+        :class:`BrokerAway` when the broker could not answer for all of them."""
+        if not broker.is_up(self._connection):
+            raise BrokerAway("not connected")
+        try:
+            # aio-pika's publish waits for each frame to be written before the next
+            # (one event-loop turn per message); the channel underneath queues them all
+            # at once, in call order (its lock is FIFO), and the confirms come back
+            # together.
+            channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+            async with asyncio.timeout(timeout):
+                confirms = await asyncio.gather(
+                    *(
+                        channel.basic_publish(
+                            e.body(),
+                            exchange=self._exchange,
+                            routing_key=e.type,
+                            properties=aiormq.spec.Basic.Properties(
+                                content_type="application/json",
+                                delivery_mode=2,
+                                message_id=str(e.id),
+                                message_type=e.type,
+                                app_id=APP_ID,
+                                timestamp=e.created_at,
+                            ),
+                            wait=False,
+                        )
+                        for e in events
+                    ),
+                    return_exceptions=True,
+                )
+            # A nack (aiormq raises it as DeliveryError) refuses that event alone;
+            # anything else failed the batch.
+            for outcome in confirms:
+                if isinstance(outcome, BaseException) and not isinstance(
+                    outcome, aiormq.exceptions.DeliveryError
+                ):
+                    raise outcome
+        except (
+            AMQPError,
+            aiormq.exceptions.AMQPError,
+            ChannelInvalidStateError,
+            ConnectionError,
+            TimeoutError,
+            RuntimeError,
+        ) as exc:
+            raise BrokerAway(type(exc).__name__) from exc
+        return [not isinstance(c, aiormq.exceptions.DeliveryError) for c in confirms]
+
+
+@dataclass
+class OutboxRelay:
+    pool: AsyncConnectionPool
+    publisher: EventPublisher
+    policy: RelayPolicy
+
+    async def step(self) -> Step:
+        """Publish one batch; what it took and what became of it."""
+        q = queries()
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(q["outbox_take"], {"limit": self.policy.batch_size})
+            events = [Event(*row) for row in await cur.fetchall()]
+            if not events:
+                return Step(0)
+            confirmed = await self.publisher.publish(events, self.policy.publish_timeout)
+            sent = [e.id for e, ok in zip(events, confirmed, strict=True) if ok]
+            refused = [e.id for e, ok in zip(events, confirmed, strict=True) if not ok]
+            async with conn.pipeline():
+                if sent:
+                    await conn.execute(
+                        q["outbox_mark_sent"], {"ids": sent, "relay": self.policy.relay_id}
+                    )
+                if refused:
+                    cur = await conn.execute(
+                        q["outbox_mark_refused"],
+                        {
+                            "ids": refused,
+                            "error": "refused by the broker (basic.nack)",
+                            "max_attempts": self.policy.max_attempts,
+                            "backoff": self.policy.retry_seconds,
+                            "backoff_max": self.policy.retry_max_seconds,
+                        },
+                    )
+            failed = 0
+            if refused:
+                failed = sum(1 for _, status, _ in await cur.fetchall() if status == "FAILED")
+                log.warning(
+                    "events refused by the broker",
+                    extra={"refused": len(refused), "failed": failed},
+                )
+        return Step(len(events), len(sent), len(refused), failed)
+
+    async def prune(self, retention_seconds: float, chunk: int = 10_000) -> int:
+        """Delete SENT rows older than the retention period; how many."""
+        total = 0
+        while True:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    queries()["outbox_prune"], {"retention": retention_seconds, "limit": chunk}
+                )
+                total += cur.rowcount
+            if cur.rowcount < chunk:
+                return total

@@ -1,0 +1,198 @@
+"""The relay process: wake on the outbox's notifications, publish, prune, stop cleanly.
+
+Any number of relays may run: they share the pending rows through row locks
+(relay/relay.py). A relay works while it finds rows, then waits for a notification
+(the outbox trigger's NOTIFY, sent at commit) or ``OUTBOX_POLL_SECONDS``, whichever
+comes first: the poll only covers what sends no notification (a row whose backoff ran
+out, one held back while another relay held an earlier row of its coupon, a
+notification missed while reconnecting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import psycopg
+from aio_pika.abc import AbstractRobustConnection
+from psycopg_pool import AsyncConnectionPool
+
+from flashclaim.core import broker
+from flashclaim.core.events import NOTIFY_CHANNEL
+from flashclaim.core.retry import is_outage
+from flashclaim.core.settings import Settings
+from flashclaim.core.signals import stop_event_on_signals, unless_stopped
+from relay.relay import BrokerAway, EventPublisher, OutboxRelay, RelayPolicy
+
+log = logging.getLogger(__name__)
+# How often a working relay logs what it sent.
+PROGRESS_SECONDS = 10.0
+
+
+class Wakeup:
+    """LISTEN on the outbox channel, on a connection of its own (reconnected as needed)."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def wait(self, timeout: float) -> None:
+        """Until a notification or ``timeout``; at once after a (re)connection, since
+        notifications sent before it are lost."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, application_name="flashclaim-relay-listen"
+                )
+                await self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                return
+            async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                pass
+        except (psycopg.Error, OSError):
+            await self.close()
+            await asyncio.sleep(min(timeout, 1.0))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+
+async def _until(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _configure(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    # A SENT mark lost to a crash only repeats an event (relay/relay.py).
+    await conn.execute("SET synchronous_commit TO off")
+    await conn.commit()
+
+
+async def _opened(pool: AsyncConnectionPool) -> bool:
+    await pool.open(wait=True, timeout=30)
+    return True
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Relay outbox rows to ``<namespace>.events`` until ``stop`` (SIGTERM, SIGINT).
+
+    Stopping lets the step in hand finish (its confirms are waited for, at most the
+    publish timeout), then closes the connections; a step cut short is rolled back
+    and its rows go out again.
+    """
+    stop = stop or stop_event_on_signals()
+    pool = AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=2,
+        open=False,
+        name=f"flashclaim-relay-{settings.instance_id}",
+        kwargs={"application_name": f"flashclaim-relay-{settings.instance_id}"},
+        configure=_configure,
+        check=AsyncConnectionPool.check_connection,
+    )
+    wakeup = Wakeup(settings.database_url)
+    connection: AbstractRobustConnection | None = None
+    try:
+        if not await unless_stopped(_opened(pool), stop):
+            return
+        connection = await unless_stopped(
+            broker.connect(settings.amqp_url, f"relay {settings.instance_id}"), stop
+        )
+        if connection is None:
+            return
+        channel = await connection.channel(publisher_confirms=True)
+        topology = settings.topology()
+        await topology.declare_events(channel)
+        relay = OutboxRelay(
+            pool,
+            EventPublisher(connection, channel, topology.events_exchange),
+            RelayPolicy(
+                settings.instance_id,
+                settings.outbox_batch_size,
+                settings.outbox_max_attempts,
+                settings.outbox_retry_seconds,
+                settings.outbox_retry_max_seconds,
+                settings.publish_timeout_seconds,
+            ),
+        )
+        log.info(
+            "relay started",
+            extra={"exchange": topology.events_exchange, "batch_size": settings.outbox_batch_size},
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(_relay(relay, wakeup, settings, stop), name="relay")
+            tasks.create_task(_prune(relay, settings, stop), name="prune")
+    finally:
+        await wakeup.close()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5.0)
+        with contextlib.suppress(Exception):
+            await pool.close(timeout=2.0)
+        log.info("relay stopped")
+
+
+async def _relay(
+    relay: OutboxRelay, wakeup: Wakeup, settings: Settings, stop: asyncio.Event
+) -> None:
+    pause = 0.1  # after a fault; doubles up to 2 s while it lasts
+    sent = refused = 0
+    reported = time.monotonic()
+    while not stop.is_set():
+        try:
+            step = await relay.step()
+        except BrokerAway as exc:
+            log.warning("broker away; events wait", extra={"reason": str(exc)})
+            await _until(stop, pause)
+            pause = min(pause * 2, 2.0)
+            continue
+        except (psycopg.Error, OSError) as exc:
+            if is_outage(exc):
+                log.warning("database unreachable; events wait", extra={"error": repr(exc)})
+            else:
+                log.exception("relay step failed")
+            await _until(stop, pause)
+            pause = min(pause * 2, 2.0)
+            continue
+        except Exception:
+            log.exception("relay step failed")
+            await _until(stop, pause)
+            pause = min(pause * 2, 2.0)
+            continue
+        pause = 0.1
+        sent += step.sent
+        refused += step.refused
+        if sent + refused and time.monotonic() - reported >= PROGRESS_SECONDS:
+            log.info("events relayed", extra={"sent": sent, "refused": refused})
+            sent = refused = 0
+            reported = time.monotonic()
+        if step.taken < settings.outbox_batch_size:
+            waiting = asyncio.ensure_future(wakeup.wait(settings.outbox_poll_seconds))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiting, stopping}, return_when="FIRST_COMPLETED")
+            stopping.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiting
+    if sent + refused:
+        log.info("events relayed", extra={"sent": sent, "refused": refused})
+
+
+async def _prune(relay: OutboxRelay, settings: Settings, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await _until(stop, settings.outbox_prune_seconds)
+        if stop.is_set():
+            return
+        try:
+            pruned = await relay.prune(settings.outbox_retention_seconds)
+        except (psycopg.Error, OSError) as exc:
+            log.warning("outbox not pruned", extra={"error": repr(exc)})
+            continue
+        if pruned:
+            log.info("sent events pruned", extra={"rows": pruned})
