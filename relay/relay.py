@@ -57,10 +57,11 @@ class RelayPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    taken: int
+    taken: int  # rows locked, held back ones included
     sent: int = 0
     refused: int = 0
     failed: int = 0  # rows that turned FAILED in this step
+    held: int = 0  # held back behind an earlier row of their coupon (another relay's)
 
 
 class EventPublisher:
@@ -135,9 +136,11 @@ class OutboxRelay:
         q = queries()
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(q["outbox_take"], {"limit": self.policy.batch_size})
-            events = [Event(*row) for row in await cur.fetchall()]
+            rows = await cur.fetchall()
+            events = [Event(*row[:-1]) for row in rows if row[-1]]
+            held = len(rows) - len(events)
             if not events:
-                return Step(0)
+                return Step(len(rows), held=held)
             confirmed = await self.publisher.publish(events, self.policy.publish_timeout)
             sent = [e.id for e, ok in zip(events, confirmed, strict=True) if ok]
             refused = [e.id for e, ok in zip(events, confirmed, strict=True) if not ok]
@@ -164,7 +167,7 @@ class OutboxRelay:
                     "events refused by the broker",
                     extra={"refused": len(refused), "failed": failed},
                 )
-        return Step(len(events), len(sent), len(refused), failed)
+        return Step(len(rows), len(sent), len(refused), failed, held)
 
     async def prune(self, retention_seconds: float, chunk: int = 10_000) -> int:
         """Delete SENT rows older than the retention period; how many."""

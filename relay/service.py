@@ -4,8 +4,8 @@ Any number of relays may run: they share the pending rows through row locks
 (relay/relay.py). A relay works while it finds rows, then waits for a notification
 (the outbox trigger's NOTIFY, sent at commit) or ``OUTBOX_POLL_SECONDS``, whichever
 comes first: the poll only covers what sends no notification (a row whose backoff ran
-out, one held back while another relay held an earlier row of its coupon, a
-notification missed while reconnecting).
+out, a notification missed while reconnecting). A relay whose rows were all held back
+behind another relay's tries again moments later.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from relay.relay import BrokerAway, EventPublisher, OutboxRelay, RelayPolicy
 log = logging.getLogger(__name__)
 # How often a working relay logs what it sent.
 PROGRESS_SECONDS = 10.0
+# How long a relay whose rows were all held back by another's waits before trying again.
+HELD_PAUSE_SECONDS = 0.02
 
 
 class Wakeup:
@@ -171,7 +173,11 @@ async def _relay(
             log.info("events relayed", extra={"sent": sent, "refused": refused})
             sent = refused = 0
             reported = time.monotonic()
-        if step.taken < settings.outbox_batch_size:
+        if step.held and not step.sent:
+            # Behind another relay's rows: they are free again once it commits, which
+            # sends no notification.
+            await _until(stop, HELD_PAUSE_SECONDS)
+        elif step.taken < settings.outbox_batch_size:
             waiting = asyncio.ensure_future(wakeup.wait(settings.outbox_poll_seconds))
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiting, stopping}, return_when="FIRST_COMPLETED")

@@ -182,10 +182,10 @@ SELECT (SELECT count(*) FROM coupons
 
 -- name: outbox_take
 -- The relay's batch: the oldest pending rows that are due, locked until its transaction
--- ends (other relays skip them). A row is returned only if every pending row of its
--- coupon before it is in the batch too: an earlier one held by another relay, or waiting
--- out a backoff, holds back the rest of its coupon (a coupon's events go out in seq
--- order, which is its commit order). Held-back rows stay locked and untouched.
+-- ends (other relays skip them). A row is ready only if every pending row of its coupon
+-- before it is in the batch too: an earlier one held by another relay, or waiting out a
+-- backoff, holds back the rest of its coupon (a coupon's events go out in seq order,
+-- which is its commit order). Rows not ready stay locked and untouched.
 WITH taken AS MATERIALIZED (
     SELECT id, seq, aggregate, event_type, payload, created_at
     FROM outbox
@@ -203,10 +203,10 @@ WITH taken AS MATERIALIZED (
     WHERE o.seq NOT IN (SELECT seq FROM taken)
     GROUP BY s.aggregate
 )
-SELECT t.id, t.seq, t.aggregate, t.event_type, t.payload, t.created_at
+SELECT t.id, t.seq, t.aggregate, t.event_type, t.payload, t.created_at,
+       g.seq IS NULL OR t.seq < g.seq AS ready
 FROM taken t
 LEFT JOIN gap g ON g.aggregate = t.aggregate
-WHERE g.seq IS NULL OR t.seq < g.seq
 ORDER BY t.seq;
 
 -- name: outbox_mark_sent

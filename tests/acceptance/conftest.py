@@ -7,6 +7,7 @@ import itertools
 import signal
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from flashclaim.devtools.devstack import Stack
 from tests.conftest import make_settings
 
 LOGS = Path(__file__).resolve().parents[2] / ".stack" / "test" / "services"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def free_port() -> int:
@@ -89,6 +91,34 @@ class Services:
 
     def start_consumer(self, **overrides: Any) -> subprocess.Popen[bytes]:
         return self._spawn("consumer", **overrides)
+
+    def start_relay(self, **overrides: Any) -> subprocess.Popen[bytes]:
+        return self._spawn("relay", **overrides)
+
+    def start_subscriber(self, queue: str) -> subprocess.Popen[bytes]:
+        """The example subscriber (examples/subscriber.py), its tables in the database
+        of these services, its queue ``queue``."""
+        log = LOGS / f"{self.settings.namespace}-subscriber.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(EXAMPLES / "subscriber.py"),
+                    "--amqp-url",
+                    self.settings.amqp_url,
+                    "--database-url",
+                    self.settings.database_url,
+                    "--namespace",
+                    self.settings.namespace,
+                    "--queue",
+                    queue,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
 
     async def wait_healthy(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
         async with aiohttp.ClientSession() as http:
@@ -158,6 +188,23 @@ async def until_sold_out_in_gateway(
                     await asyncio.sleep(0.02)
     finally:
         await redis.aclose()
+
+
+@pytest.fixture
+def own_servers(stack: Stack) -> Stack:
+    if len(stack.owned) < 3:
+        pytest.skip("fault tests restart servers: they need the suite's own servers")
+    return stack
+
+
+@pytest.fixture
+def restore(own_servers: Stack) -> Iterator[Stack]:
+    """Whatever a test stopped is running again afterwards, for the tests that follow."""
+    yield own_servers
+    for server in own_servers.owned:
+        if server.proc is None or server.proc.poll() is not None:
+            server.stop()
+            server.start()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aio_pika
 import aiohttp
@@ -26,23 +26,6 @@ from tests.acceptance.load import Load, verify
 
 # Short waits so that outages produce 202s, which the clients then follow.
 GATEWAY = {"claim_wait_seconds": 2, "breaker_recovery_seconds": 1}
-
-
-@pytest.fixture
-def own_servers(stack: Stack) -> Stack:
-    if len(stack.owned) < 3:
-        pytest.skip("fault tests restart servers: they need the suite's own servers")
-    return stack
-
-
-@pytest.fixture
-def restore(own_servers: Stack) -> Iterator[Stack]:
-    """Whatever a test stopped is running again afterwards, for the tests that follow."""
-    yield own_servers
-    for server in own_servers.owned:
-        if server.proc is None or server.proc.poll() is not None:
-            server.stop()
-            server.start()
 
 
 async def redelivered(settings: Settings, timeout: float = 10) -> int:

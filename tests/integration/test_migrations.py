@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from flashclaim.core.db import migrate, pending_migrations, schema_sql
-from flashclaim.core.settings import Settings
 from flashclaim.devtools import schemafile
 from flashclaim.devtools.devstack import Stack
 
