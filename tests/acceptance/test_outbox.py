@@ -217,10 +217,12 @@ async def test_a_relay_killed_after_publishing_republishes_and_the_subscriber_ap
     first = await recorder.until(expected)
     with psycopg.connect(own_settings.database_url, autocommit=True) as conn:
         async with asyncio.timeout(10):
-            while not conn.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'flashclaim-relay-%%'"
-                " AND wait_event = 'PgSleep'"
-            ).fetchone():
+            while True:  # polled: nothing to wait on
+                if conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                    " AND application_name LIKE 'flashclaim-relay-%%'"
+                ).fetchone():
+                    break
                 await asyncio.sleep(0.05)
         relay.send_signal(signal.SIGKILL)
         await asyncio.to_thread(relay.wait, 10)
