@@ -73,3 +73,30 @@ def wait_applied(settings: Settings, coupon: str, claims: int, timeout: float) -
             time.sleep(0.2)
     seconds = float(row[1] or 0)
     return claims / seconds if seconds > 0 else float("nan")
+
+
+def pending_events(settings: Settings) -> int:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox WHERE status = 'PENDING'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_relayed(settings: Settings, coupon: str, timeout: float) -> tuple[int, float]:
+    """Wait until no event of ``coupon`` is pending; its events and the events per
+    second between the first and the last relay transaction that sent them."""
+    deadline = time.monotonic() + timeout
+    progress = (
+        "SELECT count(*) FILTER (WHERE status = 'PENDING'), count(*),"
+        " extract(epoch FROM max(sent_at) - min(sent_at))"
+        " FROM outbox WHERE aggregate = %s"
+    )
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(progress, (coupon,)).fetchone() or (1, 0, None)
+            if row[0] == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"relay: {row[0]} events still pending after {timeout:.0f} s")
+            time.sleep(0.2)
+    seconds = float(row[2] or 0)
+    return int(row[1]), (row[1] / seconds if seconds > 0 else float("nan"))

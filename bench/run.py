@@ -12,8 +12,12 @@ a gateway with two worker processes, then measures, each figure next to what bou
    ceiling, with the CPU each process spent per claim;
 4. open-loop claims at 1,000 and 2,000 per second (latency from the schedule);
 5. one consumer draining 100,000 claims of one hot coupon queued beforehand, beside the
-   batched ceiling;
-6. the peak memory of every gateway and consumer process.
+   batched ceiling; then one relay publishing their 100,000 events, beside the rate of
+   the sustained run (it must keep up with the consumer);
+6. the peak memory of every gateway, consumer and relay process.
+
+An outbox relay runs throughout, as under ``make run`` (its CPU is in the figures), except
+while the consumer drains its backlog.
 
 Prints a table (measure, figure, bound, target) and writes ``reports/bench/results.json``
 and a chart per load scenario. One run on whatever machine runs it: compare figures only
@@ -83,6 +87,7 @@ class Bench:
         self.settings = settings
         self.log = OUT / "services.log"
         self.consumer: subprocess.Popen[bytes] | None = None
+        self.relay: subprocess.Popen[bytes] | None = None
         self.gateway: subprocess.Popen[bytes] | None = None
         self.figures: dict[str, Any] = {}
         self.reports: dict[str, Report] = {}
@@ -99,6 +104,15 @@ class Bench:
             terminate([self.consumer], 30)
             self.consumer = None
 
+    def start_relay(self) -> None:
+        self.relay = start_service("relay", self.settings.environ(), self.log)
+
+    def stop_relay(self) -> None:
+        if self.relay is not None:
+            self.note_memory()
+            terminate([self.relay], 30)
+            self.relay = None
+
     def workers(self) -> list[int]:
         return probes.children(self.gateway.pid) if self.gateway else []
 
@@ -111,6 +125,7 @@ class Bench:
             {
                 "gateway workers": self.workers,
                 "consumer": lambda: [self.consumer.pid] if self.consumer else [],
+                "relay": lambda: [self.relay.pid] if self.relay else [],
                 "RabbitMQ": lambda: probes.group(mq),
                 "PostgreSQL": lambda: probes.family(pg),
                 "Redis": lambda: probes.group(rd),
@@ -122,10 +137,9 @@ class Bench:
             self.peaks[f"gateway worker {i}"] = max(
                 self.peaks.get(f"gateway worker {i}", 0.0), probes.peak_rss_mb(pid)
             )
-        if self.consumer is not None:
-            self.peaks["consumer"] = max(
-                self.peaks.get("consumer", 0.0), probes.peak_rss_mb(self.consumer.pid)
-            )
+        for name, proc in (("consumer", self.consumer), ("relay", self.relay)):
+            if proc is not None:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), probes.peak_rss_mb(proc.pid))
 
     # -- measures --------------------------------------------------------------------
 
@@ -184,6 +198,13 @@ class Bench:
             ).fetchone()
         granted = int(row[0]) if row else 0
         result["granted"] = granted
+        # The relay's lag: events still pending when the load stopped, and how long it
+        # took to publish them.
+        started = time.monotonic()
+        self.figures["relay_backlog"] = drain.pending_events(self.settings)
+        while drain.pending_events(self.settings) and time.monotonic() - started < 120:
+            time.sleep(0.1)
+        self.figures["relay_catch_up_s"] = time.monotonic() - started
         self.figures["cpu_ms_per_claim"] = {
             name: 1000 * seconds / max(granted, 1) for name, seconds in cpu.items()
         }
@@ -204,12 +225,18 @@ class Bench:
 
     def drain(self, claims: int = 100_000) -> None:
         self.stop_consumer()
+        self.stop_relay()
         coupon = f"DRAIN_{uuid.uuid4().hex[:8]}"
         say(f"drain: queueing {claims:,} claims (messages of 100) with no consumer running")
         asyncio.run(drain.queue_claims(self.settings, coupon, claims, 100))
         say("drain: one consumer applies them")
         self.start_consumer()
         self.figures["drain"] = drain.wait_applied(self.settings, coupon, claims, 300)
+        self.note_memory()
+        say(f"relay: one relay publishes the {claims:,} events of those claims")
+        self.start_relay()
+        events, self.figures["relay_rate"] = drain.wait_relayed(self.settings, coupon, 300)
+        self.figures["relay_events"] = events
         self.note_memory()
 
     # -- the table -------------------------------------------------------------------
@@ -261,6 +288,16 @@ class Bench:
                 f"{f['drain']:,.0f} claims/s",
                 f"batched SQL ceiling (pgbench, 100 claims/tx): {batched:,.0f} claims/s",
                 _target(f["drain"] >= 10_000, ">= 10,000 claims/s"),
+            )
+        )
+        rows.append(
+            (
+                f"one relay publishing {f['relay_events']:,} queued events (outbox to broker)",
+                f"{f['relay_rate']:,.0f} events/s; in the wrk run, "
+                f"{f['relay_backlog']:,} events pending when it stopped, "
+                f"published {f['relay_catch_up_s']:.1f} s later",
+                f"the sustained run's claims: {claims['rate']:,.0f}/s",
+                _target(f["relay_rate"] >= claims["rate"], ">= the sustained claim rate"),
             )
         )
         for key, run in (("cpu_ms_per_claim", "the wrk run"), ("cpu_ms_per_claim_1000", "1,000/s")):
@@ -328,6 +365,7 @@ def main() -> int:
         bench.ceilings()
         bench.log.unlink(missing_ok=True)
         bench.start_consumer()
+        bench.start_relay()
         bench.gateway = start_service("gateway", settings.environ(), bench.log)
         wait_listening()
         time.sleep(1)
@@ -365,7 +403,7 @@ def main() -> int:
         return 0 if all(rep.ok for rep in bench.reports.values()) else 1
     finally:
         if bench is not None:
-            terminate([p for p in (bench.gateway, bench.consumer) if p is not None], 30)
+            terminate([p for p in (bench.gateway, bench.consumer, bench.relay) if p], 30)
         stack.stop()
 
 

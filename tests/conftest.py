@@ -17,7 +17,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from flashclaim.core.db import migrate
+from flashclaim.core.db import migrate, queries
 from flashclaim.core.settings import PREFIX, Settings
 from flashclaim.devtools.devstack import ENV_URLS, Stack
 
@@ -120,11 +120,9 @@ def coupon_name() -> str:
 
 
 def create_coupon_row(database_url: str, name: str, amount: int) -> None:
+    """A coupon, as the gateway creates it (with its coupon.created event)."""
     with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, %s, %s)",
-            (name, amount, amount),
-        )
+        conn.execute(queries()["create_coupon"].encode(), {"name": name, "amount": amount})
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from flashclaim.devtools import supervision
@@ -101,6 +102,19 @@ def test_stack_runs_the_scenarios_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert "RUNNING" in ctl(conf, "status", "consumer-0")
         assert int(ctl(conf, "pid", "consumer-0")) not in (victim, 0)
+        # The stack's relay publishes the events the scenarios' changes wrote.
+        assert "RUNNING" in ctl(conf, "status", "relay")
+        database = f"postgresql://flashclaim@127.0.0.1:{PROFILES['stacktest'].postgres}/flashclaim"
+        for _ in range(300):
+            with psycopg.connect(database) as conn:
+                pending, sent = conn.execute(
+                    "SELECT count(*) FILTER (WHERE status = 'PENDING'),"
+                    " count(*) FILTER (WHERE status = 'SENT') FROM outbox"
+                ).fetchone() or (None, None)
+            if pending == 0 and sent:
+                break
+            time.sleep(0.1)
+        assert (pending, bool(sent)) == (0, True)
         summary = (tmp_path / "stack.log").read_text()
         assert f"http://127.0.0.1:{port}/api/coupons" in summary
         assert "RabbitMQ UI" in summary

@@ -30,6 +30,7 @@ def test_compose_runs_every_service_the_stack_needs() -> None:
         "schema",
         "gateway",
         "consumer",
+        "relay",
     }
 
 

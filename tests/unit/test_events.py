@@ -1,0 +1,58 @@
+"""The events of a batch, and their published form."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import orjson
+
+from flashclaim.core.events import CLAIMED, SOLD_OUT, Coupon, Event, batch_events
+from flashclaim.core.messages import ClaimCommand
+
+
+def claim(user: str, coupon: str) -> ClaimCommand:
+    return ClaimCommand(uuid.uuid4(), user, coupon)
+
+
+def test_each_grant_tells_the_stock_it_left_and_a_coupon_taken_to_zero_sells_out_once() -> None:
+    granted = [claim("a", "X"), claim("b", "Y"), claim("c", "X")]
+    rows = batch_events({"X": Coupon(10, 2), "Y": Coupon(5, 5)}, granted)
+    assert [(r["aggregate"], r["event_type"], r["payload"]["remaining_amount"]) for r in rows] == [
+        ("X", CLAIMED, 1),
+        ("Y", CLAIMED, 4),
+        ("X", CLAIMED, 0),
+        ("X", SOLD_OUT, 0),
+    ]
+    assert rows[0]["payload"] == {
+        "user_id": "a",
+        "request_id": str(granted[0].request_id),
+        "remaining_amount": 1,
+    }
+    assert rows[3]["payload"] == {"amount": 10, "remaining_amount": 0}
+
+
+def test_no_grant_no_event() -> None:
+    assert batch_events({"X": Coupon(1, 0)}, []) == []
+
+
+def test_the_published_event_has_the_common_fields_and_its_own() -> None:
+    event = Event(
+        uuid.uuid4(),
+        42,
+        "X",
+        CLAIMED,
+        {"user_id": "a", "request_id": "r", "remaining_amount": 3},
+        dt.datetime(2026, 12, 1, 9, 30, tzinfo=dt.UTC),
+    )
+    assert orjson.loads(event.body()) == {
+        "event_id": str(event.id),
+        "type": "coupon.claimed",
+        "version": 1,
+        "occurred_at": "2026-12-01T09:30:00+00:00",
+        "coupon_name": "X",
+        "sequence": 42,
+        "user_id": "a",
+        "request_id": "r",
+        "remaining_amount": 3,
+    }
