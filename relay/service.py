@@ -186,6 +186,8 @@ async def _relay(
                 waiting.cancel()
                 with contextlib.suppress(BaseException):
                     await waiting
+            # Woken: let the events of the commits right behind this one join the batch.
+            await _until(stop, settings.outbox_linger_ms / 1000)
     if sent + refused:
         log.info("events relayed", extra={"sent": sent, "refused": refused})
 

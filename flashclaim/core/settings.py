@@ -137,12 +137,16 @@ class Settings(BaseModel):
     breaker_failure_threshold: Positive = 5
     breaker_recovery_seconds: PositiveSeconds = 2.0
     # The outbox relay (relay/): events it publishes in one transaction; how often it
-    # looks for work without a notification (a backstop: it wakes on LISTEN/NOTIFY);
+    # looks for work without a notification (a backstop: it wakes on LISTEN/NOTIFY),
+    # and how long it lingers after one;
     # broker refusals after which a row is FAILED, and the backoff between them (doubling
     # from OUTBOX_RETRY_SECONDS up to OUTBOX_RETRY_MAX_SECONDS); how long SENT rows are
     # kept, and how often they are pruned.
     outbox_batch_size: Annotated[int, Field(gt=0, le=10_000)] = 500
     outbox_poll_seconds: PositiveSeconds = 2.0
+    # How long a relay woken by a notification waits for more events before it takes
+    # them: under load, fewer and larger transactions (an event's delay grows by it).
+    outbox_linger_ms: NonNegativeNumber = 20.0
     outbox_max_attempts: Positive = 10
     outbox_retry_seconds: PositiveSeconds = 1.0
     outbox_retry_max_seconds: PositiveSeconds = 300.0
