@@ -158,6 +158,12 @@ class Bench:
         self.figures["pgbench_batched"] = 100 * probes.pgbench(
             pg.bindir, pg.port, ROOT / "bench" / "pgbench_batch.sql", 10, 2, "flashclaim"
         )
+        # The ceilings leave about half a million rows that are not the product's: gone
+        # before the product's runs, so that none of them pays for vacuuming them.
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            conn.execute("TRUNCATE claims, inbox, outbox")
+            conn.execute("DELETE FROM coupons WHERE name = 'PGBENCH_HOT'")
+            conn.execute("VACUUM ANALYZE coupons, claims, inbox, outbox")
 
     async def bursts(self) -> None:
         for clients in (1000, 10_000):

@@ -152,7 +152,8 @@ async def apply_batch(
                 "rows": _json(
                     {"message_id": str(r.request_id), "status": r.status, "body": r.body}
                     for r in fresh_results
-                )
+                ),
+                "ids": [r.request_id for r in fresh_results],
             },
         )
     results.update((r.request_id, r) for r in fresh_results)

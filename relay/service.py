@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractRobustConnection
 from psycopg_pool import AsyncConnectionPool
 
 from flashclaim.core import broker
+from flashclaim.core.db import configure_session
 from flashclaim.core.events import NOTIFY_CHANNEL
 from flashclaim.core.retry import is_outage
 from flashclaim.core.settings import Settings
@@ -69,6 +70,7 @@ async def _until(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def _configure(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    await configure_session(conn)
     # A SENT mark lost to a crash only repeats an event (relay/relay.py).
     await conn.execute("SET synchronous_commit TO off")
     await conn.commit()

@@ -61,11 +61,16 @@ ORDER BY name
 FOR UPDATE;
 
 -- name: existing_holders
--- %(rows)s: a JSON array of {coupon_name, user_id}.
-SELECT cl.coupon_name, cl.user_id
-FROM claims cl
-JOIN jsonb_to_recordset(%(rows)s::jsonb) AS r (coupon_name text, user_id text)
-  ON cl.coupon_name = r.coupon_name AND cl.user_id = r.user_id;
+-- %(rows)s: a JSON array of {coupon_name, user_id}. One probe of claims_one_per_user per
+-- pair (the LIMIT keeps the planner from turning it into a scan of claims, which it
+-- does when the statistics of a fast-growing table are behind).
+SELECT r.coupon_name, r.user_id
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (coupon_name text, user_id text)
+CROSS JOIN LATERAL (
+    SELECT 1 FROM claims cl
+    WHERE cl.user_id = r.user_id AND cl.coupon_name = r.coupon_name
+    LIMIT 1
+) AS held;
 
 -- name: insert_claims
 -- %(rows)s: a JSON array of {coupon_name, user_id, message_id}, in decision order.
@@ -81,12 +86,14 @@ FROM unnest(%(names)s::text[], %(taken)s::int[]) AS d (name, taken)
 WHERE c.name = d.name;
 
 -- name: record_results
--- %(rows)s: a JSON array of {message_id, status, body}.
+-- %(rows)s: a JSON array of {message_id, status, body}; %(ids)s: the same message ids,
+-- so that the rows are found through the primary key whatever the statistics say (a
+-- join on the JSON alone scans the inbox when they are behind its growth).
 UPDATE inbox i
 SET status = 'PROCESSED', result_status = r.status, result_body = r.body,
     error = NULL, locked_at = NULL, locked_by = NULL, updated_at = now()
 FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (message_id uuid, status int, body jsonb)
-WHERE i.message_id = r.message_id;
+WHERE i.message_id = r.message_id AND i.message_id = ANY(%(ids)s::uuid[]);
 
 -- name: outbox_insert
 -- %(rows)s: a JSON array of {aggregate, event_type, payload}, in the order they happened
@@ -193,15 +200,17 @@ WITH taken AS MATERIALIZED (
     ORDER BY seq
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-), span AS (
+), span AS MATERIALIZED (
     SELECT aggregate, max(seq) AS last FROM taken GROUP BY aggregate
-), gap AS (
-    -- Per coupon, the first pending row up to the batch's last that the batch lacks.
-    SELECT s.aggregate, min(o.seq) AS seq
+), gap AS MATERIALIZED (
+    -- Per coupon, the first pending row up to the batch's last that the batch lacks: a
+    -- walk of outbox_pending_aggregate from the coupon's oldest pending row, about as
+    -- long as the batch (a join would read the whole table at every step).
+    SELECT s.aggregate,
+           (SELECT min(o.seq) FROM outbox o
+            WHERE o.aggregate = s.aggregate AND o.status = 'PENDING' AND o.seq <= s.last
+              AND o.seq NOT IN (SELECT seq FROM taken)) AS seq
     FROM span s
-    JOIN outbox o ON o.aggregate = s.aggregate AND o.status = 'PENDING' AND o.seq <= s.last
-    WHERE o.seq NOT IN (SELECT seq FROM taken)
-    GROUP BY s.aggregate
 )
 SELECT t.id, t.seq, t.aggregate, t.event_type, t.payload, t.created_at,
        g.seq IS NULL OR t.seq < g.seq AS ready

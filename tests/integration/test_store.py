@@ -89,3 +89,20 @@ async def test_unknown_coupon_is_recorded_as_404(pool: AsyncConnectionPool) -> N
     outcome = await apply(pool, [d])
     result = outcome.results[d.command.request_id]
     assert (result.status, result.body["code"]) == (404, "coupon_not_found")
+
+
+async def test_service_connections_plan_each_statement_for_the_tables_as_they_are(
+    settings: Settings,
+) -> None:
+    """A generic plan made while the tables are small would go on scanning them as they
+    grow (flashclaim/core/db.py configure_session)."""
+    from flashclaim.core.db import create_pool
+
+    pool = create_pool(settings.database_url, 1, 1, "test-plan-cache")
+    await pool.open(wait=True)
+    try:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SHOW plan_cache_mode")
+            assert await cur.fetchone() == ("force_custom_plan",)
+    finally:
+        await pool.close()
