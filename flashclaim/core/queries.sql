@@ -298,3 +298,19 @@ HAVING count(*) FILTER (WHERE o.event_type = 'coupon.created') <> 1
     OR count(*) FILTER (WHERE o.event_type = 'coupon.sold_out')
        <> (CASE WHEN c.remaining_amount = 0 THEN 1 ELSE 0 END)
 LIMIT 100;
+
+-- name: story_inbox
+-- `flashclaim claim show`: the command's inbox row.
+SELECT status, retry_count, error, result_status, result_body, sender, payload,
+       created_at, updated_at
+FROM inbox
+WHERE message_id = %(request_id)s;
+
+-- name: story_claim
+SELECT id, coupon_name, user_id, claimed_at FROM claims WHERE message_id = %(request_id)s;
+
+-- name: story_event
+-- The claim's coupon.claimed event (a scan of the outbox: an operator's query).
+SELECT id, seq, status, attempts, last_error, created_at, sent_at, sent_by
+FROM outbox
+WHERE event_type = 'coupon.claimed' AND payload ->> 'request_id' = %(request_id)s::text;

@@ -1,0 +1,161 @@
+"""``flashclaim claim show REQUEST_ID``: everything the system knows about one claim.
+
+Where a claim can be, and where this looks: the inbox (the command as the consumer
+recorded it, its attempts and its answer), the claims table (a grant), Redis (the
+answer kept for ``GET /api/claims/{id}``: the consumer's, or one the gateway gave by
+itself), the dead-letter queue (peeked, nothing removed), and the outbox (its
+``coupon.claimed`` event and whether it was published).
+
+Exit codes: 0 something is known of it; 1 nothing is; 2 a bad id or a server that
+cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from flashclaim.core import broker
+from flashclaim.core.db import queries
+from flashclaim.core.deadletters import DeadLetterQueue
+from flashclaim.core.results import ResultStore, redis_client
+from flashclaim.core.settings import Settings
+
+
+@dataclass
+class ClaimStory:
+    request_id: str
+    verdict: str
+    inbox: dict[str, Any] | None
+    claim: dict[str, Any] | None
+    redis: dict[str, Any] | None
+    dead_letter: dict[str, Any] | None
+    event: dict[str, Any] | None
+
+    @property
+    def known(self) -> bool:
+        return any((self.inbox, self.claim, self.redis, self.dead_letter, self.event))
+
+    def render(self) -> str:
+        lines = [f"claim {self.request_id}: {self.verdict}"]
+        for name in ("inbox", "claim", "redis", "dead_letter", "event"):
+            part = getattr(self, name)
+            shown = "-" if part is None else ", ".join(f"{k}={v}" for k, v in part.items())
+            lines.append(f"  {name.replace('_', ' '):<12} {shown}")
+        return "\n".join(lines)
+
+
+def verdict(
+    inbox: dict[str, Any] | None,
+    redis: dict[str, Any] | None,
+    dead_letter: dict[str, Any] | None,
+) -> str:
+    """One line: what became of the claim, from the most authoritative source."""
+    if inbox is not None and inbox["status"] == "PROCESSED":
+        body = inbox["result_body"] or {}
+        if inbox["result_status"] == 200:
+            return "granted"
+        return f"refused: {inbox['result_status']} {body.get('code', '')}".rstrip()
+    if dead_letter is not None:
+        return f"dead-lettered ({dead_letter['reason']}): {dead_letter['error'] or '-'}"
+    if inbox is not None:
+        attempts = inbox["retry_count"]
+        return f"{inbox['status'].lower()} in the inbox after {attempts} failed attempt(s)"
+    if redis is not None and redis["status"] == 202:
+        return "accepted (answered 202), not applied yet: queued or in a consumer's hands"
+    if redis is not None:
+        where = "answered by the gateway" if redis["source"] == "gateway" else "answered"
+        return f"{where}: {redis['status']} {redis['body'].get('code', 'claimed')}"
+    return "unknown: no trace of this request id (expired, or never accepted)"
+
+
+async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) -> ClaimStory:
+    q = queries()
+    params = {"request_id": request_id}
+    with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
+        inbox = conn.execute(q["story_inbox"].encode(), params).fetchone()
+        claim = conn.execute(q["story_claim"].encode(), params).fetchone()
+        event = conn.execute(q["story_event"].encode(), params).fetchone()
+    client = redis_client(settings.redis_url)
+    try:
+        store = ResultStore(client, settings.namespace, settings.result_ttl_seconds)
+        consumer_raw, fast_raw, pending_raw = await client.mget(
+            store.result_key(request_id),
+            store.fast_key(request_id),
+            store.pending_key(request_id),
+        )
+    finally:
+        await client.aclose()
+    redis = None
+    raw = consumer_raw if consumer_raw is not None else fast_raw
+    if raw is None and pending_raw is not None:
+        redis = {"source": "gateway", "status": 202, "body": {"status": "pending"}}
+    elif raw is not None:
+        from flashclaim.core.messages import ClaimResult
+
+        result = ClaimResult.loads(raw)
+        redis = {
+            "source": "consumer" if consumer_raw is not None else "gateway",
+            "status": result.status,
+            "body": result.body,
+        }
+    connection = await broker.connect(settings.amqp_url, "flashclaim claim show", 10)
+    async with connection:
+        letter = await DeadLetterQueue(connection, settings.topology()).find(str(request_id), scan)
+    dead = (
+        None
+        if letter is None
+        else {"reason": letter.reason, "error": letter.error, "error_type": letter.error_type}
+    )
+    return ClaimStory(
+        str(request_id),
+        verdict(inbox, redis, dead),
+        _plain(inbox),
+        _plain(claim),
+        redis,
+        dead,
+        _plain(event),
+    )
+
+
+def _plain(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        k: v if isinstance(v, int | float | dict | list | None) else str(v) for k, v in row.items()
+    }
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("claim", help="one claim's story: inbox, answer, DLQ, event")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("show", help="everything known about one request id")
+    a.add_argument("request_id")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument(
+        "--scan", type=int, default=10_000, help="DLQ messages read at most (default 10000)"
+    )
+    p.set_defaults(func=run, service="claim")
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        request_id = uuid.UUID(args.request_id)
+    except ValueError:
+        print(f"flashclaim claim show: not a request id: {args.request_id!r}", file=sys.stderr)
+        return 2
+    try:
+        story = asyncio.run(tell(settings, request_id, args.scan))
+    except (psycopg.OperationalError, ConnectionError, OSError) as exc:
+        print(f"flashclaim claim show: cannot reach a server: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(story), indent=2) if args.json else story.render())
+    return 0 if story.known else 1
