@@ -19,7 +19,12 @@ class CanonicalAccessLogger(AbstractAccessLogger):
             "status": response.status,
             "duration_ms": round(time * 1000, 2),
         }
-        for key in ("claim_id", "coupon_name", "outcome", "error"):
+        for key, name in (
+            ("claim_id", "claim_id"),
+            ("coupon_name", "coupon"),
+            ("outcome", "outcome"),
+            ("error", "error"),
+        ):
             if key in request:
-                fields[key] = request[key]
+                fields[name] = request[key]
         self.logger.info("request", extra=fields)

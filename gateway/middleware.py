@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from flashclaim.core import logs
 from flashclaim.core.errors import (
     CouponExists,
     CouponNotFound,
@@ -67,7 +68,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     incoming = request.headers.get("X-Request-Id", "")
     request["request_id"] = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
     try:
-        response = await handler(request)
+        # Every line logged while the request is handled carries its id.
+        with logs.bind(request_id=request["request_id"]):
+            response = await handler(request)
     except FlashclaimError as exc:
         status, code = next(
             (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")

@@ -1,26 +1,84 @@
-"""Structured logging: one JSON object per line, configured only by entry points."""
+"""Structured logging: one JSON object per line, configured only by entry points.
+
+Every line has ``time`` (ISO 8601, UTC), ``level``, ``service``, ``logger`` and ``event``
+(what happened, a short fixed phrase). Where they apply it also has, under these names
+and no others: ``request_id`` (the HTTP request's id, or the claim's), ``trace_id``,
+``span_id``, ``message_id`` (an AMQP message), ``coupon``, ``outcome``, ``duration_ms``,
+and ``error``. Fields that hold for a whole piece of work (an HTTP request) are bound
+once with :func:`bind` and appear on every line logged within it, by any module. No
+personal data beyond ids is logged: user ids are ids, and nothing else of a client is.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
 
 from pythonjsonlogger.orjson import OrjsonFormatter
+
+# Always on a line.
+REQUIRED = ("time", "level", "service", "logger", "event")
+# On a line where they apply (bound for the work in hand, or given as ``extra``).
+CONTEXT = (
+    "request_id",
+    "trace_id",
+    "span_id",
+    "message_id",
+    "coupon",
+    "outcome",
+    "duration_ms",
+    "error",
+)
+
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+_bound: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "flashclaim_log_fields", default=_NOTHING
+)
+
+
+@contextlib.contextmanager
+def bind(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every line logged in this block (this task and what it
+    awaits); ``None`` values are left out."""
+    token = _bound.set({**_bound.get(), **{k: v for k, v in fields.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+class _Formatter(OrjsonFormatter):
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_data, record, message_dict)
+        for key, value in _bound.get().items():
+            log_data.setdefault(key, value)
+
+
+def formatter(service: str) -> logging.Formatter:
+    return _Formatter(
+        "{levelname}{name}{message}",
+        style="{",
+        rename_fields={"levelname": "level", "name": "logger", "message": "event"},
+        static_fields={"service": service},
+        timestamp="time",
+    )
 
 
 def configure(level: str, service: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        OrjsonFormatter(
-            "{asctime}{levelname}{name}{message}",
-            style="{",
-            rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
-            static_fields={"service": service},
-        )
-    )
+    handler.setFormatter(formatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter stays at warnings unless asked for.
     for noisy in ("aio_pika", "aiormq", "psycopg.pool"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Warnings (deprecations, resource warnings) become log lines too, not bare stderr.
+    logging.captureWarnings(True)

@@ -1,0 +1,52 @@
+"""The log line schema, and fields bound for a piece of work."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import orjson
+
+from flashclaim.core import logs
+
+
+def line(logger: logging.Logger, message: str, **extra: object) -> dict[str, object]:
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 1, message, (), None)
+    record.__dict__.update(extra)
+    return dict(orjson.loads(logs.formatter("gateway").format(record)))
+
+
+def test_every_line_has_the_schema_s_fixed_fields() -> None:
+    out = line(logging.getLogger("flashclaim.x"), "consumer started", coupon="PROMO")
+    assert {k: out[k] for k in ("level", "service", "logger", "event", "coupon")} == {
+        "level": "INFO",
+        "service": "gateway",
+        "logger": "flashclaim.x",
+        "event": "consumer started",
+        "coupon": "PROMO",
+    }
+    assert dt.datetime.fromisoformat(str(out["time"])).utcoffset() == dt.timedelta(0)
+    assert "message" not in out and "ts" not in out
+
+
+def test_bound_fields_are_on_every_line_within_and_gone_after() -> None:
+    log = logging.getLogger("flashclaim.y")
+    with logs.bind(request_id="r1", coupon=None):
+        assert line(log, "inside")["request_id"] == "r1"
+        assert "coupon" not in line(log, "inside")  # None is left out
+        assert line(log, "explicit", request_id="r2")["request_id"] == "r2"
+    assert "request_id" not in line(log, "after")
+
+
+async def test_bound_fields_stay_with_their_own_task() -> None:
+    log = logging.getLogger("flashclaim.z")
+    seen: dict[str, object] = {}
+
+    async def work(name: str) -> None:
+        with logs.bind(request_id=name):
+            await asyncio.sleep(0.01)
+            seen[name] = line(log, "work")["request_id"]
+
+    await asyncio.gather(work("a"), work("b"))
+    assert seen == {"a": "a", "b": "b"}
