@@ -99,19 +99,19 @@ class Bench:
         self.consumer = start_service("consumer", self.settings.environ(), self.log)
 
     def stop_consumer(self) -> None:
-        if self.consumer is not None:
-            self.note_memory()
-            terminate([self.consumer], 30)
-            self.consumer = None
+        self.consumer = self._stopped(self.consumer)
 
     def start_relay(self) -> None:
         self.relay = start_service("relay", self.settings.environ(), self.log)
 
     def stop_relay(self) -> None:
-        if self.relay is not None:
+        self.relay = self._stopped(self.relay)
+
+    def _stopped(self, proc: subprocess.Popen[bytes] | None) -> None:
+        """Stop ``proc`` (its peak memory noted first); ``None``, for its attribute."""
+        if proc is not None:
             self.note_memory()
-            terminate([self.relay], 30)
-            self.relay = None
+            terminate([proc], 30)
 
     def workers(self) -> list[int]:
         return probes.children(self.gateway.pid) if self.gateway else []

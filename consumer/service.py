@@ -8,13 +8,12 @@ import logging
 from collections.abc import Awaitable
 
 from aio_pika.abc import AbstractRobustConnection
-from psycopg_pool import AsyncConnectionPool
 
 from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.worker import ClaimWorker, WorkerPolicy
 from flashclaim.core import broker
-from flashclaim.core.db import create_pool
+from flashclaim.core.db import create_pool, opened
 from flashclaim.core.policies import apply_configured
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
@@ -47,7 +46,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     redis = redis_client(settings.redis_url)
     connection: AbstractRobustConnection | None = None
     try:
-        if not await unless_stopped(_opened(pool), stop):
+        if not await unless_stopped(opened(pool), stop):
             return
         connection = await unless_stopped(
             broker.connect(settings.amqp_url, f"consumer {settings.instance_id}"), stop
@@ -110,11 +109,6 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await _bounded(redis.aclose(), "redis")
         await _bounded(pool.close(timeout=2.0), "database pool")
         log.info("consumer stopped")
-
-
-async def _opened(pool: AsyncConnectionPool) -> bool:
-    await pool.open(wait=True, timeout=30)
-    return True
 
 
 async def _bounded(closing: Awaitable[object], what: str, seconds: float = 5.0) -> None:

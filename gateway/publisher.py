@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from circuitbreaker import CircuitBreaker
 
 from flashclaim.core import broker
@@ -77,14 +76,7 @@ class ClaimPublisher:
                 mandatory=True,
                 timeout=self._timeout,
             )
-        except (
-            AMQPError,
-            aiormq.exceptions.AMQPError,
-            ChannelInvalidStateError,
-            ConnectionError,
-            TimeoutError,
-            RuntimeError,
-        ) as exc:
+        except broker.PUBLISH_FAILURES as exc:
             raise DependencyUnavailable("broker", type(exc).__name__) from exc
         if isinstance(confirmation, aiormq.spec.Basic.Nack | aiormq.spec.Basic.Return):
             raise DependencyUnavailable("broker", "claim not accepted by the broker")

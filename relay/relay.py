@@ -29,7 +29,6 @@ from typing import cast
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from psycopg_pool import AsyncConnectionPool
 
 from flashclaim.core import broker
@@ -113,14 +112,7 @@ class EventPublisher:
                     outcome, aiormq.exceptions.DeliveryError
                 ):
                     raise outcome
-        except (
-            AMQPError,
-            aiormq.exceptions.AMQPError,
-            ChannelInvalidStateError,
-            ConnectionError,
-            TimeoutError,
-            RuntimeError,
-        ) as exc:
+        except broker.PUBLISH_FAILURES as exc:
             raise BrokerAway(type(exc).__name__) from exc
         return [not isinstance(c, aiormq.exceptions.DeliveryError) for c in confirms]
 

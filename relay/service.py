@@ -17,10 +17,9 @@ import time
 
 import psycopg
 from aio_pika.abc import AbstractRobustConnection
-from psycopg_pool import AsyncConnectionPool
 
 from flashclaim.core import broker
-from flashclaim.core.db import configure_session
+from flashclaim.core.db import configure_session, create_pool, opened
 from flashclaim.core.events import NOTIFY_CHANNEL
 from flashclaim.core.retry import is_outage
 from flashclaim.core.settings import Settings
@@ -76,11 +75,6 @@ async def _configure(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
     await conn.commit()
 
 
-async def _opened(pool: AsyncConnectionPool) -> bool:
-    await pool.open(wait=True, timeout=30)
-    return True
-
-
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Relay outbox rows to ``<namespace>.events`` until ``stop`` (SIGTERM, SIGINT).
 
@@ -89,20 +83,13 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     and its rows go out again.
     """
     stop = stop or stop_event_on_signals()
-    pool = AsyncConnectionPool(
-        settings.database_url,
-        min_size=1,
-        max_size=2,
-        open=False,
-        name=f"flashclaim-relay-{settings.instance_id}",
-        kwargs={"application_name": f"flashclaim-relay-{settings.instance_id}"},
-        configure=_configure,
-        check=AsyncConnectionPool.check_connection,
+    pool = create_pool(
+        settings.database_url, 1, 2, f"flashclaim-relay-{settings.instance_id}", _configure
     )
     wakeup = Wakeup(settings.database_url)
     connection: AbstractRobustConnection | None = None
     try:
-        if not await unless_stopped(_opened(pool), stop):
+        if not await unless_stopped(opened(pool), stop):
             return
         connection = await unless_stopped(
             broker.connect(settings.amqp_url, f"relay {settings.instance_id}"), stop
@@ -150,21 +137,13 @@ async def _relay(
     while not stop.is_set():
         try:
             step = await relay.step()
-        except BrokerAway as exc:
-            log.warning("broker away; events wait", extra={"reason": str(exc)})
-            await _until(stop, pause)
-            pause = min(pause * 2, 2.0)
-            continue
-        except (psycopg.Error, OSError) as exc:
-            if is_outage(exc):
+        except Exception as exc:
+            if isinstance(exc, BrokerAway):
+                log.warning("broker away; events wait", extra={"error": str(exc)})
+            elif is_outage(exc):
                 log.warning("database unreachable; events wait", extra={"error": repr(exc)})
             else:
                 log.exception("relay step failed")
-            await _until(stop, pause)
-            pause = min(pause * 2, 2.0)
-            continue
-        except Exception:
-            log.exception("relay step failed")
             await _until(stop, pause)
             pause = min(pause * 2, 2.0)
             continue

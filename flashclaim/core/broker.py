@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustConnection
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, AMQPError, ChannelInvalidStateError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from tenacity import wait_exponential_jitter as backoff
 
@@ -16,6 +17,17 @@ log = logging.getLogger(__name__)
 # connection but never completes the AMQP handshake (one still booting, recovering its
 # queues) would otherwise hold the attempt, and the reconnection, forever.
 CONNECT_TIMEOUT_SECONDS = 10.0
+
+# What a publish with confirms raises when the broker could not take it: the connection
+# or channel went away, or the confirm did not come in time. Not the message's fault.
+PUBLISH_FAILURES: tuple[type[BaseException], ...] = (
+    AMQPError,
+    aiormq.exceptions.AMQPError,
+    ChannelInvalidStateError,
+    ConnectionError,
+    TimeoutError,
+    RuntimeError,
+)
 
 
 def is_up(connection: AbstractRobustConnection) -> bool:

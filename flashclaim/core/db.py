@@ -7,7 +7,7 @@ import contextlib
 import functools
 import importlib.resources
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -95,8 +95,23 @@ async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.commit()
 
 
-def create_pool(conninfo: str, min_size: int, max_size: int, name: str) -> AsyncConnectionPool:
-    """A pool that is opened by the caller (``await pool.open()``)."""
+async def opened(pool: AsyncConnectionPool, timeout: float = 30) -> bool:
+    """Open ``pool`` and wait for its first connections; ``True`` (for
+    :func:`flashclaim.core.signals.unless_stopped`, which gives ``None`` if stopped first)."""
+    await pool.open(wait=True, timeout=timeout)
+    return True
+
+
+def create_pool(
+    conninfo: str,
+    min_size: int,
+    max_size: int,
+    name: str,
+    configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] = configure_session,
+) -> AsyncConnectionPool:
+    """A pool that is opened by the caller (``await pool.open()``); ``configure`` sets
+    up each new connection (a service adding settings of its own calls
+    :func:`configure_session` from it)."""
     return AsyncConnectionPool(
         conninfo,
         min_size=min_size,
@@ -104,7 +119,7 @@ def create_pool(conninfo: str, min_size: int, max_size: int, name: str) -> Async
         open=False,
         name=name,
         kwargs={"application_name": name},
-        configure=configure_session,
+        configure=configure,
         # A connection that died with its server is detected before it is handed out.
         check=AsyncConnectionPool.check_connection,
     )

@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 from flashclaim.core import broker
 from flashclaim.core.db import queries
 from flashclaim.core.deadletters import DeadLetterQueue
+from flashclaim.core.messages import ClaimResult
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
 
@@ -99,8 +100,6 @@ async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) ->
     if raw is None and pending_raw is not None:
         redis = {"source": "gateway", "status": 202, "body": {"status": "pending"}}
     elif raw is not None:
-        from flashclaim.core.messages import ClaimResult
-
         result = ClaimResult.loads(raw)
         redis = {
             "source": "consumer" if consumer_raw is not None else "gateway",
