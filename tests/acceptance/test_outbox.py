@@ -282,11 +282,15 @@ async def test_two_relays_share_the_rows_without_publishing_one_twice(
     outbox_services: Services, own_settings: Settings, recorder: Recorder
 ) -> None:
     """A backlog of about 2,000 events over 20 coupons, two relays in small batches:
-    every event arrives once, each coupon's in commit order, and both relays did work."""
+    every event arrives once, each coupon's in commit order, and both relays did work.
+
+    The batches are smaller than the coupons are many (5 of 20, interleaved): a relay
+    whose batch held a row of every coupon would hold back the other relay entirely (a
+    coupon's rows go out one batch at a time), and one relay would do all the work."""
     services = outbox_services
     coupons = {f"C{i:02d}": 100 for i in range(20)}
     for i in range(2):
-        services.start_relay(instance_id=f"relay-{i}", outbox_batch_size=25)
+        services.start_relay(instance_id=f"relay-{i}", outbox_batch_size=5)
     await until_listening(own_settings, relays=2)
     async with AsyncConnectionPool(own_settings.database_url, open=False) as pool:
         # One transaction: the whole backlog appears at once, for both relays.
