@@ -84,6 +84,7 @@ CREATE TABLE public.outbox (
     sent_by text,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     sent_at timestamp with time zone,
+    traceparent text,
     CONSTRAINT outbox_attempts_check CHECK ((attempts >= 0)),
     CONSTRAINT outbox_event_type_check CHECK ((event_type = ANY (ARRAY['coupon.created'::text, 'coupon.claimed'::text, 'coupon.sold_out'::text]))),
     CONSTRAINT outbox_sent_has_time CHECK (((status <> 'SENT'::text) OR (sent_at IS NOT NULL))),
@@ -105,6 +106,8 @@ COMMENT ON COLUMN public.outbox.attempts IS 'Publishes the broker refused; the r
 COMMENT ON COLUMN public.outbox.next_attempt_at IS 'A refused row waits until then (backoff).';
 
 COMMENT ON COLUMN public.outbox.sent_by IS 'The relay instance that published it.';
+
+COMMENT ON COLUMN public.outbox.traceparent IS 'W3C traceparent of the trace the change belongs to (a claim''s); NULL when it was not traced.';
 
 ALTER TABLE public.outbox ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME public.outbox_seq_seq
@@ -139,6 +142,10 @@ ALTER TABLE ONLY public.outbox
 CREATE INDEX claims_coupon_order ON public.claims USING btree (coupon_name, id);
 
 COMMENT ON INDEX public.claims_coupon_order IS 'claimed_by is listed in claim order.';
+
+CREATE INDEX inbox_failed ON public.inbox USING btree (created_at) WHERE (status = 'FAILED'::text);
+
+COMMENT ON INDEX public.inbox_failed IS 'Counts FAILED rows (dead-lettered, waiting for a replay).';
 
 CREATE INDEX inbox_pending_age ON public.inbox USING btree (created_at) WHERE (status = 'PENDING'::text);
 

@@ -8,18 +8,30 @@ import logging
 from collections.abc import Awaitable
 
 from aio_pika.abc import AbstractRobustConnection
+from psycopg_pool import AsyncConnectionPool
 
 from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.worker import ClaimWorker, WorkerPolicy
-from flashclaim.core import broker
-from flashclaim.core.db import create_pool, opened
+from flashclaim.core import broker, metrics
+from flashclaim.core.db import create_pool, opened, queries
 from flashclaim.core.policies import apply_configured
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
 from flashclaim.core.signals import stop_event_on_signals, unless_stopped
 
 log = logging.getLogger(__name__)
+# How often the gauges no event updates (pool, FAILED inbox rows) are read.
+SAMPLE_SECONDS = 5.0
+
+
+async def _count_failed(pool: AsyncConnectionPool, figures: metrics.ConsumerMetrics) -> None:
+    if not figures.enabled:
+        return
+    async with pool.connection(timeout=2.0) as conn:
+        cur = await conn.execute(queries()["inbox_failed_count"])
+        row = await cur.fetchone()
+    figures.inbox_failed.set(row[0] if row else 0)
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -45,6 +57,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     )
     redis = redis_client(settings.redis_url)
     connection: AbstractRobustConnection | None = None
+    figures = metrics.ConsumerMetrics(settings.metrics_enabled)
+    endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)
+    sampling: asyncio.Task[None] | None = None
     try:
         if not await unless_stopped(opened(pool), stop):
             return
@@ -80,6 +95,18 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 repair=lambda: topology.declare(channel),
             ),
             WorkerPolicy(settings.instance_id, settings.max_attempts, settings.batch_size),
+            figures,
+        )
+        figures.partitions.labels("active").set(sum(mine))
+        figures.partitions.labels("standby").set(len(mine) - sum(mine))
+        sampling = asyncio.create_task(
+            metrics.sample_every(
+                SAMPLE_SECONDS,
+                stop,
+                lambda: figures.sample_pool(pool.get_stats()),
+                lambda: _count_failed(pool, figures),
+            ),
+            name="metrics",
         )
         log.info(
             "consumer started",
@@ -104,6 +131,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         elif (error := work.exception()) is not None:
             raise error
     finally:
+        if sampling is not None:
+            sampling.cancel()
+        endpoint.close()
         if connection is not None:
             await _bounded(connection.close(), "broker connection")
         await _bounded(redis.aclose(), "redis")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -42,6 +42,8 @@ class BatchOutcome:
     applied: int  # commands applied now
     replayed: int  # commands that already had a recorded result
     granted: int
+    # Outcome code -> commands applied now with it (replays not included).
+    decided: Counter[str] = field(default_factory=Counter)
 
 
 def _json(rows: Iterable[dict[str, Any]]) -> str:
@@ -158,5 +160,9 @@ async def apply_batch(
         )
     results.update((r.request_id, r) for r in fresh_results)
     return BatchOutcome(
-        results, applied=len(todo), replayed=len(ids) - len(todo), granted=len(granted)
+        results,
+        applied=len(todo),
+        replayed=len(ids) - len(todo),
+        granted=len(granted),
+        decided=Counter(o.code for o in outcomes),
     )

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from flashclaim.core.db import queries
 from flashclaim.core.deadletters import delivery_count
 from flashclaim.core.errors import PoisonMessage
 from flashclaim.core.messages import CLAIM_EVENT, ClaimResult, PoisonClaim, decode_claims
+from flashclaim.core.metrics import ConsumerMetrics
 from flashclaim.core.results import ResultStore
 from flashclaim.core.retry import contention_retry, is_outage, outage_retry, transient_retry
 
@@ -69,13 +71,16 @@ def _total(outcomes: Sequence[BatchOutcome]) -> BatchOutcome | None:
     if not outcomes:
         return None
     results: dict[uuid.UUID, ClaimResult] = {}
+    decided: Counter[str] = Counter()
     for o in outcomes:
         results.update(o.results)
+        decided.update(o.decided)
     return BatchOutcome(
         results,
         applied=sum(o.applied for o in outcomes),
         replayed=sum(o.replayed for o in outcomes),
         granted=sum(o.granted for o in outcomes),
+        decided=decided,
     )
 
 
@@ -93,6 +98,7 @@ class ClaimWorker:
     results: ResultStore
     dead_letters: DeadLetterPublisher
     policy: WorkerPolicy
+    metrics: ConsumerMetrics = field(default_factory=lambda: ConsumerMetrics(enabled=False))
     _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _holding: bool = field(default=False, init=False)
     # Committed batches waiting to be reported and acknowledged (bounded: if Redis
@@ -144,17 +150,26 @@ class ClaimWorker:
         started = time.perf_counter()
         received: list[Received] = []
         claims = poison = 0
+        m = self.metrics
+        now = time.time()
         for message in messages:
+            m.messages.inc()
+            if message.redelivered:
+                m.redeliveries.inc()
+            if message.timestamp is not None:
+                m.message_age.observe(max(now - message.timestamp.timestamp(), 0.0))
             try:
                 decoded = decode_claims(message.message_id, message.body, message.reply_to)
             except PoisonMessage as exc:
                 poison += 1
+                m.dead_letters.labels("poison").inc()
                 await self._settle(self.dead_letters.send(message, "poison", exc))
                 continue
             claims += len(decoded.commands) + len(decoded.poison)
             if not await self._dead_letter_poison(message, decoded.poison):
                 continue
             poison += len(decoded.poison)
+            m.dead_letters.labels("poison").inc(len(decoded.poison))
             if not decoded.commands:  # every claim it carried is in the DLQ now
                 await self._settle(message.ack())
                 continue
@@ -208,6 +223,7 @@ class ClaimWorker:
 
     async def _apply_and_settle(self, received: Sequence[Received]) -> BatchOutcome | None:
         deliveries = [d for _, ds in received for d in ds]
+        started = time.perf_counter()
         try:
             outcome = await self._apply(deliveries)
         except Stopping:
@@ -221,10 +237,20 @@ class ClaimWorker:
                 return None
             await self._claim_by_claim(received[0], exc)
             return None
+        self._count(outcome, started)
         # Reporting and acknowledging happen in another task, in commit order, while
         # this one already applies the next batch: the database never waits for Redis.
         await self._committed.put((received, outcome))
         return outcome
+
+    def _count(self, outcome: BatchOutcome, started: float) -> None:
+        m = self.metrics
+        m.apply_seconds.observe(time.perf_counter() - started)
+        m.batch_claims.observe(outcome.applied + outcome.replayed)
+        for code, n in outcome.decided.items():
+            m.claims.labels(code).inc(n)
+        if outcome.replayed:
+            m.inbox_duplicates.inc(outcome.replayed)
 
     async def _claim_by_claim(self, received: Received, exc: BaseException) -> None:
         """One message failed: apply its claims one at a time, count the failures, and
@@ -238,6 +264,7 @@ class ClaimWorker:
         outcomes: list[BatchOutcome] = []
         again = False
         for delivery in deliveries:
+            started = time.perf_counter()
             try:
                 outcome = await self._apply([delivery])
             except Stopping:
@@ -245,14 +272,18 @@ class ClaimWorker:
             except Exception as claim_exc:
                 attempts, final = await self._attempts(message, delivery, claim_exc)
                 if not final:
+                    self.metrics.retries.inc()
                     again = True
                     continue
                 request_id = str(delivery.command.request_id)
-                if not await self.dead_letters.send_claim(
+                if await self.dead_letters.send_claim(
                     message, request_id, delivery.command.body(), "failed", claim_exc, attempts
                 ):
+                    self.metrics.dead_letters.labels("failed").inc()
+                else:
                     again = True
                 continue
+            self._count(outcome, started)
             applied.append(delivery)
             outcomes.append(outcome)
         if again:
@@ -290,6 +321,7 @@ class ClaimWorker:
         finally:
             if self._holding:
                 self._holding = False
+                self.metrics.holding.set(0)
                 log.info("database is back; resuming")
                 await self.receiver.start()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -298,6 +330,7 @@ class ClaimWorker:
         """Database outage: take no new messages, keep the ones in hand unacknowledged."""
         if not self._holding:
             self._holding = True
+            self.metrics.holding.set(1)
             exc = state.outcome.exception() if state.outcome else None
             log.error("database unavailable; holding messages", extra={"error": repr(exc)})
             await self.receiver.stop()
@@ -308,8 +341,10 @@ class ClaimWorker:
         """Count the attempt in the inbox; retry through the broker, or fail for good."""
         attempts, final = await self._attempts(message, delivery, exc)
         if final:
+            self.metrics.dead_letters.labels("failed").inc()
             await self._settle(self.dead_letters.send(message, "failed", exc, attempts))
         else:
+            self.metrics.retries.inc()
             log.warning(
                 "command failed; requeued",
                 extra={"message_id": message.message_id, "attempt": attempts, "error": repr(exc)},

@@ -11,6 +11,9 @@ command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitm
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+# `make run` shows live metrics in a Prometheus of its own; the tests check its rules.
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+  || missing+=(prometheus)
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 fi

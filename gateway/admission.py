@@ -69,6 +69,10 @@ class Admission:
         # answers are told directly (FinalAnswers.close; they then call sold_out).
         self.on_exhausted: Callable[[str], None] | None = None
 
+    def holding(self) -> int:
+        """Claims held back now, over all coupons."""
+        return sum(len(state.held) for state in self._coupons.values())
+
     def in_flight(self, coupon: str) -> int:
         state = self._coupons.get(coupon)
         return state.in_flight if state is not None else 0

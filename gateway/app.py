@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashclaim.core import broker
+from flashclaim.core import broker, metrics
 from flashclaim.core.db import create_pool
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.results import ResultStore, redis_client
@@ -28,6 +29,7 @@ from gateway.state import (
     AMQP,
     CLAIMS,
     LIMITER,
+    METRICS,
     READINESS,
     REDIS,
     REPOSITORY,
@@ -52,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[READINESS] = {}
+    app[METRICS] = metrics.GatewayMetrics(settings.metrics_enabled)
     # An unset secret is drawn by the process that starts the gateway workers and
     # handed to them (gateway/service.py); a lone process draws its own.
     app[REQUEST_IDS] = RequestIds(settings.idempotency_secret.get_secret_value() or random_secret())
@@ -113,6 +116,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         s.publish_timeout_seconds,
         s.breaker_failure_threshold,
         s.breaker_recovery_seconds,
+        app[METRICS],
     )
     admission = (
         Admission(app[REPOSITORY].remaining, min(s.claim_hold_seconds, s.claim_wait_seconds))
@@ -132,11 +136,34 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         s.max_in_flight_claims,
         finals,
         admission,
+        app[METRICS],
+    )
+    stop = asyncio.Event()
+    sampling = asyncio.create_task(
+        metrics.sample_every(1.0, stop, _sampler(app, publisher, admission)), name="metrics"
     )
     yield
+    stop.set()
+    await sampling
     await app[CLAIMS].drain()
     await replies.stop()
     await channel.close()
+
+
+def _sampler(
+    app: web.Application, publisher: ClaimPublisher, admission: Admission | None
+) -> Callable[[], None]:
+    """This worker's gauges that no event updates: pool, breaker, held claims."""
+    m = app[METRICS]
+
+    def sample() -> None:
+        if not m.enabled:
+            return
+        m.sample_pool(app[REPOSITORY].pool_stats())
+        m.breaker_open.set(1 if publisher.breaker_open else 0)
+        m.held.set(admission.holding() if admission is not None else 0)
+
+    return sample
 
 
 def _connected(connection: AbstractRobustConnection) -> Callable[[], Awaitable[None]]:

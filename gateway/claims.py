@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 from flashclaim.core.errors import Overloaded
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.results import ResultStore
 from gateway.admission import Admission
 from gateway.coalescer import Coalescer
@@ -39,6 +40,7 @@ class Claims:
         max_in_flight: int,
         finals: FinalAnswers | None = None,
         admission: Admission | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._publisher = publisher
         self._admission = admission
@@ -54,6 +56,7 @@ class Claims:
         self._accepted: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._finals = finals
         self._fast_answers = FastAnswerWriter(results.store_fast)
+        self._metrics = metrics or GatewayMetrics(enabled=False)
 
     async def submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
         """The claim's final result, or ``None`` if it is still pending after the wait.
@@ -64,30 +67,41 @@ class Claims:
         if self._in_flight >= self._max_in_flight:
             raise Overloaded("too many claims in flight; retry shortly")
         self._in_flight += 1
+        self._metrics.in_flight.inc()
         try:
             return await self._submit(command, replayable)
         finally:
             self._in_flight -= 1
+            self._metrics.in_flight.dec()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _answered(self, result: ClaimResult | None, path: str) -> ClaimResult | None:
+        outcome = result.outcome.code if result is not None else "pending"
+        self._metrics.claims.labels(outcome, path).inc()
+        return result
 
     async def _submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
         fingerprinted = False
         if replayable:
             prior = await self.lookup(command.request_id)
             if prior is not None:
-                return _same_claim(prior, command)
+                return self._answered(_same_claim(prior, command), "gateway")
             # The key is taken for this claim before anything is published, so that
             # the same key with another coupon is refused (422) even while the first
             # claim is still on its way.
             fingerprinted = await self._fingerprint(command)
         fast = self._fast_answer(command, replayable, fingerprinted)
         if fast is not None:
-            return fast
+            return self._answered(fast, "gateway")
         started = time.monotonic()
         if self._admission is not None and not await self._admission.enter(command.coupon_name):
             # Held until the coupon was known sold out: the final answers have it now.
             fast = self._fast_answer(command, replayable, fingerprinted)
             if fast is not None:
-                return fast
+                return self._answered(fast, "held")
             self._admission.count(command.coupon_name)
         result: ClaimResult | None = None
         reply = self._replies.expect(command.request_id)
@@ -101,22 +115,24 @@ class Claims:
                     self._replies.channel,
                 )
             )
-            wait = max(self._wait - (time.monotonic() - started), 0.0)
+            published = time.monotonic()
+            wait = max(self._wait - (published - started), 0.0)
             try:
                 result = await asyncio.wait_for(reply, wait)
             except TimeoutError:
                 # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)
+            self._metrics.result_wait.observe(time.monotonic() - published)
         finally:
             self._replies.forget(command.request_id, reply)
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, result)
         if result is None:
             await self._mark_pending(command.request_id)
-            return None
+            return self._answered(None, "round_trip")
         if self._finals is not None:
             self._finals.learn(result)
-        return _same_claim(result, command) if replayable else result
+        return self._answered(_same_claim(result, command) if replayable else result, "round_trip")
 
     def _fast_answer(
         self, command: ClaimCommand, replayable: bool, fingerprinted: bool

@@ -7,12 +7,13 @@ import uuid
 
 from aiohttp import web
 
+from flashclaim.core import metrics
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.messages import ClaimCommand, ClaimResult
 from gateway import validation
 from gateway.jsonresponse import json_response
 from gateway.middleware import error_response
-from gateway.state import CLAIMS, READINESS, REPOSITORY, REQUEST_IDS
+from gateway.state import CLAIMS, METRICS, READINESS, REPOSITORY, REQUEST_IDS
 
 routes = web.RouteTableDef()
 
@@ -86,6 +87,14 @@ async def get_claim(request: web.Request) -> web.Response:
     return error_response(
         404, "claim_not_found", "no such claim request", request_id=str(request_id)
     )
+
+
+@routes.get("/metrics")
+async def metrics_page(request: web.Request) -> web.Response:
+    """Prometheus's text format; with several gateway workers, their sum (whichever
+    worker answers)."""
+    body = metrics.exposition(request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 @routes.get("/healthz")

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from flashclaim.core.errors import (
 )
 from gateway.idempotency import IdempotencyKeyReused
 from gateway.jsonresponse import json_response
+from gateway.state import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,20 @@ def error_response(
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await _answered(request, handler)
+    metrics = request.app.get(METRICS)
+    if metrics is not None and metrics.enabled:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.http_requests.labels(route, request.method, str(response.status)).inc()
+        metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - started)
+        if "error_code" in request:
+            metrics.http_errors.labels(request["error_code"]).inc()
+    return response
+
+
+async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
     request["request_id"] = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
     try:
@@ -76,6 +92,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")
         )
         request["error"] = str(exc)
+        request["error_code"] = code
         # A claim refused after it got its id (503, 422...) says which claim it was.
         extra = {"request_id": request["claim_id"]} if "claim_id" in request else {}
         response = error_response(
@@ -86,6 +103,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         code = re.sub(r"\W+", "_", exc.reason.lower()).strip("_")
         response = error_response(exc.status, code, exc.reason)
+        request["error_code"] = code
         if allow := exc.headers.get("Allow"):
             response.headers["Allow"] = allow
     except Exception:
@@ -93,5 +111,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             "unhandled error", extra={"request_id": request["request_id"], "path": request.path}
         )
         response = error_response(500, "internal_error", "internal server error")
+        request["error_code"] = "internal_error"
     response.headers["X-Request-Id"] = request["request_id"]
     return response

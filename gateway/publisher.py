@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from collections.abc import Sequence
 
 import aio_pika
@@ -14,6 +15,7 @@ from circuitbreaker import CircuitBreaker
 from flashclaim.core import broker
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, encode_claims
+from flashclaim.core.metrics import GatewayMetrics
 
 
 class ClaimPublisher:
@@ -32,7 +34,9 @@ class ClaimPublisher:
         timeout: float,
         failure_threshold: int,
         recovery_seconds: float,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or GatewayMetrics(enabled=False)
         self._connection = connection
         self._exchange = exchange
         self._timeout = timeout
@@ -48,13 +52,22 @@ class ClaimPublisher:
         message; raise :class:`DependencyUnavailable` unless the broker confirmed it."""
         # Refuse at once (503) rather than wait for a confirm that cannot come.
         if not broker.is_up(self._connection):
+            self._metrics.publish_failures.labels("not_connected").inc()
             raise DependencyUnavailable("broker", "not connected")
         # circuitbreaker checks the state only in its decorator, not in call_async:
         # refuse here while it is open (half-open lets one publish through to probe).
         if self._breaker.opened:
+            self._metrics.publish_failures.labels("circuit_open").inc()
             wait = math.ceil(max(self._breaker.open_remaining, 1))
             raise DependencyUnavailable("broker", "circuit open", retry_after=wait)
+        started = time.perf_counter()
         await self._breaker.call_async(self._publish, commands)
+        self._metrics.publish_confirm.observe(time.perf_counter() - started)
+        self._metrics.publish_claims.observe(len(commands))
+
+    @property
+    def breaker_open(self) -> bool:
+        return bool(self._breaker.opened)
 
     async def _publish(self, commands: Sequence[ClaimCommand]) -> None:
         message_id, body = encode_claims(commands)
@@ -77,6 +90,8 @@ class ClaimPublisher:
                 timeout=self._timeout,
             )
         except broker.PUBLISH_FAILURES as exc:
+            self._metrics.publish_failures.labels("broker_error").inc()
             raise DependencyUnavailable("broker", type(exc).__name__) from exc
         if isinstance(confirmation, aiormq.spec.Basic.Nack | aiormq.spec.Basic.Return):
+            self._metrics.publish_failures.labels("refused").inc()
             raise DependencyUnavailable("broker", "claim not accepted by the broker")

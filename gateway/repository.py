@@ -21,6 +21,9 @@ class Repository:
         # Concurrent reads of one coupon share a query (see gateway/nextflight.py).
         self._coupons: NextFlight[str, dict[str, Any] | None] = NextFlight(self._read_coupon)
 
+    def pool_stats(self) -> dict[str, int]:
+        return self._pool.get_stats()
+
     async def create_coupon(self, name: str, amount: int) -> dict[str, Any]:
         row = await self._fetchone(queries()["create_coupon"], {"name": name, "amount": amount})
         if row is None:

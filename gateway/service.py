@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +30,7 @@ from aiohttp.worker import GunicornUVLoopWebWorker
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
+from flashclaim.core import metrics
 from flashclaim.core.settings import Settings
 from gateway.access_log import CanonicalAccessLogger
 from gateway.app import create_app
@@ -105,6 +108,10 @@ class _JsonLogs(glogging.Logger):  # type: ignore[misc]
         self.error_log.propagate = True
 
 
+def _worker_exited(server: Any, worker: Any) -> None:
+    metrics.worker_exited(worker.pid)
+
+
 class GatewayServer(BaseApplication):  # type: ignore[misc]
     """gunicorn configured from :class:`Settings` (no gunicorn config file is read)."""
 
@@ -136,6 +143,8 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             "accesslog": None,
             "loglevel": s.log_level.lower(),
             "capture_output": False,
+            # A worker that exited (or was replaced) no longer counts in live gauges.
+            "child_exit": _worker_exited,
         }
         # gunicorn 27's control socket sits at one path per user: several gateways on a
         # machine would take it from each other. Nothing here uses it.
@@ -150,8 +159,16 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM or SIGINT; the exit status of gunicorn's arbiter."""
+    given = os.environ.get(metrics.MULTIPROC_VARIABLE)
+    if settings.metrics_enabled:
+        # Before the fork: each worker counts in a file of its own in this folder, and
+        # /metrics sums them (flashclaim/core/metrics.py).
+        folder = metrics.use_multiprocess(given)
     try:
         GatewayServer(settings).run()
     except SystemExit as exc:
         return int(exc.code or 0)
+    finally:
+        if settings.metrics_enabled and not given:
+            shutil.rmtree(folder, ignore_errors=True)
     return 0

@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
+from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.settings import Settings
 from gateway.claims import Claims
 from gateway.idempotency import RequestIds
@@ -21,5 +22,6 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 REPOSITORY = web.AppKey("repository", Repository)
 CLAIMS = web.AppKey("claims", Claims)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+METRICS = web.AppKey("metrics", GatewayMetrics)
 # Named checks behind /readyz: each returns None or raises.
 READINESS = web.AppKey("readiness", dict[str, Callable[[], Awaitable[None]]])

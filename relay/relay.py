@@ -22,9 +22,11 @@ on the relay's connections): a SENT mark lost to a crash only repeats an event.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import aiormq
@@ -34,6 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 from flashclaim.core import broker
 from flashclaim.core.db import queries
 from flashclaim.core.events import Event
+from flashclaim.core.metrics import RelayMetrics
 
 log = logging.getLogger(__name__)
 APP_ID = "flashclaim-relay"
@@ -122,9 +125,33 @@ class OutboxRelay:
     pool: AsyncConnectionPool
     publisher: EventPublisher
     policy: RelayPolicy
+    metrics: RelayMetrics = field(default_factory=lambda: RelayMetrics(enabled=False))
 
     async def step(self) -> Step:
         """Publish one batch; what it took and what became of it."""
+        started = time.perf_counter()
+        step = await self._step()
+        if step.sent or step.refused:
+            self.metrics.step_seconds.observe(time.perf_counter() - started)
+            self.metrics.published.inc(step.sent)
+            self.metrics.refused.inc(step.refused)
+        return step
+
+    async def sample(self) -> None:
+        """The outbox's gauges (pending, failed, the oldest pending row's age)."""
+        if not self.metrics.enabled:
+            return
+        async with self.pool.connection(timeout=2.0) as conn:
+            cur = await conn.execute(queries()["outbox_stats"])
+            row = await cur.fetchone()
+        if row is not None:
+            pending, failed, oldest, _ = row
+            self.metrics.pending.set(pending)
+            self.metrics.failed.set(failed)
+            self.metrics.oldest_pending.set(oldest or 0.0)
+        self.metrics.sample_pool(self.pool.get_stats())
+
+    async def _step(self) -> Step:
         q = queries()
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(q["outbox_take"], {"limit": self.policy.batch_size})
@@ -135,6 +162,11 @@ class OutboxRelay:
                 return Step(len(rows), held=held)
             confirmed = await self.publisher.publish(events, self.policy.publish_timeout)
             sent = [e.id for e, ok in zip(events, confirmed, strict=True) if ok]
+            if self.metrics.enabled:
+                now = dt.datetime.now(dt.UTC)
+                for e, ok in zip(events, confirmed, strict=True):
+                    if ok:
+                        self.metrics.event_lag.observe((now - e.created_at).total_seconds())
             refused = [e.id for e, ok in zip(events, confirmed, strict=True) if not ok]
             async with conn.pipeline():
                 if sent:

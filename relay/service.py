@@ -18,7 +18,7 @@ import time
 import psycopg
 from aio_pika.abc import AbstractRobustConnection
 
-from flashclaim.core import broker
+from flashclaim.core import broker, metrics
 from flashclaim.core.db import configure_session, create_pool, opened
 from flashclaim.core.events import NOTIFY_CHANNEL
 from flashclaim.core.retry import is_outage
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 10.0
 # How long a relay whose rows were all held back by another's waits before trying again.
 HELD_PAUSE_SECONDS = 0.02
+# How often the outbox's gauges are read.
+SAMPLE_SECONDS = 5.0
 
 
 class Wakeup:
@@ -88,6 +90,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     )
     wakeup = Wakeup(settings.database_url)
     connection: AbstractRobustConnection | None = None
+    figures = metrics.RelayMetrics(settings.metrics_enabled)
+    endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)
     try:
         if not await unless_stopped(opened(pool), stop):
             return
@@ -110,6 +114,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 settings.outbox_retry_max_seconds,
                 settings.publish_timeout_seconds,
             ),
+            figures,
         )
         log.info(
             "relay started",
@@ -118,7 +123,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(_relay(relay, wakeup, settings, stop), name="relay")
             tasks.create_task(_prune(relay, settings, stop), name="prune")
+            tasks.create_task(metrics.sample_every(SAMPLE_SECONDS, stop, relay.sample))
     finally:
+        endpoint.close()
         await wakeup.close()
         if connection is not None:
             with contextlib.suppress(Exception):

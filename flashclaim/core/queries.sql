@@ -314,3 +314,8 @@ SELECT id, coupon_name, user_id, claimed_at FROM claims WHERE message_id = %(req
 SELECT id, seq, status, attempts, last_error, created_at, sent_at, sent_by
 FROM outbox
 WHERE event_type = 'coupon.claimed' AND payload ->> 'request_id' = %(request_id)s::text;
+
+-- name: inbox_failed_count
+-- Dead-lettered commands waiting for an operator (a consumer's gauge, read every few
+-- seconds: a walk of the partial index inbox_failed).
+SELECT count(*) FROM inbox WHERE status = 'FAILED';

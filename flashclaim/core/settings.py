@@ -154,6 +154,12 @@ class Settings(BaseModel):
     outbox_prune_seconds: PositiveSeconds = 60.0
     # Seconds a stopping consumer or gateway gets to finish what it has in hand.
     shutdown_grace_seconds: Seconds = 10.0
+    # Metrics (flashclaim/core/metrics.py): the gateway serves /metrics on its HTTP port,
+    # the consumer and the relay on METRICS_HOST:METRICS_PORT (0: not served). Off, no
+    # figure is counted at all.
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65_535)] = 0
     log_level: LogLevel = "INFO"
     instance_id: str = Field(default_factory=_default_instance_id, min_length=1)
 

@@ -42,17 +42,33 @@ class Ports:
     erlang_dist: int
     epmd: int
     redis: int
+    # /metrics of the relay (this port) and of consumer i (this port + 1 + i); the
+    # gateway serves its own on its HTTP port.
+    metrics: int
+    # The stack's own Prometheus server (`make run`, the tests).
+    prometheus_server: int
+
+    def metrics_targets(self, http_port: int, consumers: int) -> dict[str, list[str]]:
+        def at(port: int) -> str:
+            return f"127.0.0.1:{port}"
+
+        return {
+            "gateway": [at(http_port)],
+            "consumer": [at(self.metrics + 1 + i) for i in range(consumers)],
+            "relay": [at(self.metrics)],
+            "rabbitmq": [at(self.prometheus)],
+        }
 
 
 # The test and bench servers listen below Linux's ephemeral port range (32768-60999),
 # so that thousands of client connections (a load test) cannot be holding their port
 # when they start.
 PROFILES: dict[str, Ports] = {
-    "run": Ports(55432, 55672, 55673, 55674, 55675, 55676, 56379),
-    "test": Ports(25532, 25772, 25773, 25774, 25775, 25776, 26479),
-    "bench": Ports(25632, 25872, 25873, 25874, 25875, 25876, 26579),
+    "run": Ports(55432, 55672, 55673, 55674, 55675, 55676, 56379, 55680, 55690),
+    "test": Ports(25532, 25772, 25773, 25774, 25775, 25776, 26479, 25780, 25790),
+    "bench": Ports(25632, 25872, 25873, 25874, 25875, 25876, 26579, 25880, 25890),
     # What the suite's own test of `make run` (flashclaim stack) starts.
-    "stacktest": Ports(25732, 25972, 25973, 25974, 25975, 25976, 26679),
+    "stacktest": Ports(25732, 25972, 25973, 25974, 25975, 25976, 26679, 25980, 25990),
 }
 
 
@@ -564,10 +580,12 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
     from flashclaim.core.db import migrate
     from flashclaim.devtools import supervision
     from flashclaim.devtools.processes import StopRequest, terminate
+    from flashclaim.devtools.prometheus import Prometheus, Targets
 
     stack = Stack(profile)
     stop = StopRequest()
     supervisor: subprocess.Popen[bytes] | None = None
+    prometheus: Prometheus | None = None
     try:
         print(f"flashclaim: starting servers in {stack.root} ...", file=sys.stderr, flush=True)
         stack.start()
@@ -576,10 +594,13 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         settings = Settings.from_env(env)
         migrate(settings.database_url)
         grace = settings.shutdown_grace_seconds
-        conf = supervision.config(stack.root, consumers, env, grace)
+        conf = supervision.config(stack.root, consumers, env, grace, stack.ports.metrics)
         supervisor = subprocess.Popen(supervision.command(conf), env=env, start_new_session=True)
         record_pid(stack.root, "supervisord", supervisor.pid)
-        _print_summary(stack, settings, conf)
+        targets = stack.ports.metrics_targets(settings.http_port, consumers)
+        prometheus = Prometheus(stack.root, stack.ports.prometheus_server, Targets(**targets))
+        prometheus.start()
+        _print_summary(stack, settings, conf, prometheus.url, targets)
         while not stop.requested:
             if supervisor.poll() is not None:
                 print("flashclaim: supervisord exited; stopping", file=sys.stderr)
@@ -591,6 +612,8 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         if supervisor is not None:
             # supervisord stops every service (SIGTERM, then its grace period).
             terminate([supervisor], 60)
+        if prometheus is not None:
+            prometheus.stop()
         stop_recorded(stack.root)
         stack.stop()
         print("flashclaim: stopped", file=sys.stderr, flush=True)
@@ -606,7 +629,16 @@ def stop_profile(profile: str) -> int:
     return 0
 
 
-def _print_summary(stack: Stack, settings: Settings, conf: Path) -> None:
+def _print_summary(
+    stack: Stack,
+    settings: Settings,
+    conf: Path,
+    prometheus: str,
+    targets: Mapping[str, list[str]],
+) -> None:
+    metrics = ", ".join(
+        f"{job} {' '.join(hosts)}" for job, hosts in targets.items() if job != "rabbitmq"
+    )
     lines = [
         "",
         "flashclaim is running (Ctrl-C stops everything):",
@@ -620,6 +652,8 @@ def _print_summary(stack: Stack, settings: Settings, conf: Path) -> None:
         f"  Redis            {settings.redis_url}",
         f"  events           exchange {settings.topology().events_exchange} (topic; bind a"
         " queue to coupon.#)",
+        f"  Prometheus       {prometheus}  (alerts: {prometheus}/alerts)",
+        f"  /metrics         {metrics}",
         f"  server logs      {stack.root}/*.log",
         f"  services         {Path(sys.executable).parent / 'supervisorctl'} -c {conf} status",
         "                   (a service that crashes is restarted)",

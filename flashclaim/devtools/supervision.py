@@ -30,20 +30,36 @@ START_SECONDS = 3
 START_RETRIES = 5
 
 
-def programs(consumers: int, env: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """Program name -> extra environment, for every service of the stack."""
-    progs: dict[str, dict[str, str]] = {"gateway": {}, "relay": environ(instance_id="relay-0")}
+def programs(
+    consumers: int, env: Mapping[str, str], metrics_port: int = 0
+) -> dict[str, dict[str, str]]:
+    """Program name -> extra environment, for every service of the stack; the relay
+    serves /metrics on ``metrics_port`` and consumer i on ``metrics_port + 1 + i``
+    (none if 0)."""
+
+    def port(offset: int) -> int:
+        return metrics_port + offset if metrics_port else 0
+
+    progs: dict[str, dict[str, str]] = {
+        "gateway": {},
+        "relay": environ(instance_id="relay-0", metrics_port=port(0)),
+    }
     for i in range(consumers):
         # The consumers share the partitions (each one the stand-by of the others').
         progs[f"consumer-{i}"] = environ(
-            consumer_count=consumers, consumer_index=i, instance_id=f"consumer-{i}"
+            consumer_count=consumers,
+            consumer_index=i,
+            instance_id=f"consumer-{i}",
+            metrics_port=port(1 + i),
         )
     if env.get(variable("admin_token")):
         progs["admin"] = {}
     return progs
 
 
-def config(root: Path, consumers: int, env: Mapping[str, str], grace: float) -> Path:
+def config(
+    root: Path, consumers: int, env: Mapping[str, str], grace: float, metrics_port: int = 0
+) -> Path:
     """Write supervisord's configuration for the stack in ``root``; return its path."""
     state = root / "supervisord"
     state.mkdir(parents=True, exist_ok=True)
@@ -67,7 +83,7 @@ def config(root: Path, consumers: int, env: Mapping[str, str], grace: float) -> 
         f"serverurl=unix://{state / 'supervisor.sock'}",
     ]
     role = {"gateway": "gateway", "admin": "admin", "relay": "relay"}
-    for name, extra in programs(consumers, env).items():
+    for name, extra in programs(consumers, env, metrics_port).items():
         command = " ".join(service_command(role.get(name, "consumer")))
         lines += [
             "",
