@@ -50,9 +50,10 @@ $(STAMP): pyproject.toml requirements-dev.lock
 # requirements.lock is what production installs (the image); requirements-dev.lock adds
 # the extras for tests, load tests, the local stack and linting.
 LOCK := $(BIN)/uv pip compile pyproject.toml -q --universal --python-version 3.11 --generate-hashes
+# The production lock is constrained by the development one: one version of each package.
 lock: venv
-	$(LOCK) -o requirements.lock
 	$(LOCK) --extra dev -o requirements-dev.lock
+	$(LOCK) -c requirements-dev.lock -o requirements.lock
 
 clean:
 	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

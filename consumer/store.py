@@ -75,6 +75,12 @@ async def apply_batch(
                     "payload": {
                         "user_id": unique[i].command.user_id,
                         "coupon_name": unique[i].command.coupon_name,
+                        # Which trace to look in (flashclaim claim show), when traced.
+                        **(
+                            {"traceparent": unique[i].command.trace}
+                            if unique[i].command.trace
+                            else {}
+                        ),
                     },
                 }
                 for i in ids

@@ -35,12 +35,15 @@ from dataclasses import dataclass, field
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry import trace
+from opentelemetry.context import Context
 from psycopg_pool import AsyncConnectionPool
 from tenacity import RetryCallState
 
 from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.store import BatchOutcome, Delivery, apply_batch
+from flashclaim.core import tracing
 from flashclaim.core.db import queries
 from flashclaim.core.deadletters import delivery_count
 from flashclaim.core.errors import PoisonMessage
@@ -84,6 +87,13 @@ def _total(outcomes: Sequence[BatchOutcome]) -> BatchOutcome | None:
     )
 
 
+def _traceparent(message: AbstractIncomingMessage) -> str | None:
+    value = message.headers.get("traceparent") if message.headers else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value if isinstance(value, str) else None
+
+
 class Stopping(Exception):
     """Shutdown was requested while waiting for a server to come back."""
 
@@ -103,9 +113,12 @@ class ClaimWorker:
     _holding: bool = field(default=False, init=False)
     # Committed batches waiting to be reported and acknowledged (bounded: if Redis
     # stalls, the consumer slows down instead of piling up).
-    _committed: asyncio.Queue[tuple[Sequence[Received], BatchOutcome] | None] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=8), init=False
+    # With the trace context of the batch, when traced: the report's spans go under it.
+    _committed: asyncio.Queue[tuple[Sequence[Received], BatchOutcome, Context | None] | None] = (
+        field(default_factory=lambda: asyncio.Queue(maxsize=8), init=False)
     )
+    # The context of the batch :meth:`_apply` applied last (traced only).
+    _batch_trace: Context | None = field(default=None, init=False)
 
     async def run(self, stop: asyncio.Event, grace: float) -> None:
         """Process batches until ``stop`` is set, then drain what was delivered.
@@ -159,7 +172,9 @@ class ClaimWorker:
             if message.timestamp is not None:
                 m.message_age.observe(max(now - message.timestamp.timestamp(), 0.0))
             try:
-                decoded = decode_claims(message.message_id, message.body, message.reply_to)
+                decoded = decode_claims(
+                    message.message_id, message.body, message.reply_to, _traceparent(message)
+                )
             except PoisonMessage as exc:
                 poison += 1
                 m.dead_letters.labels("poison").inc()
@@ -240,7 +255,7 @@ class ClaimWorker:
         self._count(outcome, started)
         # Reporting and acknowledging happen in another task, in commit order, while
         # this one already applies the next batch: the database never waits for Redis.
-        await self._committed.put((received, outcome))
+        await self._committed.put((received, outcome, self._batch_trace))
         return outcome
 
     def _count(self, outcome: BatchOutcome, started: float) -> None:
@@ -291,12 +306,16 @@ class ClaimWorker:
             await self._settle(message.nack(requeue=True))
             return
         total = _total(outcomes) or BatchOutcome({}, applied=0, replayed=0, granted=0)
-        await self._committed.put(([(message, applied)], total))
+        await self._committed.put(([(message, applied)], total, self._batch_trace))
 
     async def _report_in_order(self) -> None:
         while (item := await self._committed.get()) is not None:
-            received, outcome = item
-            await self._report(received, outcome)
+            received, outcome, trace = item
+            if trace is None:
+                await self._report(received, outcome)
+            else:
+                with tracing.tracer().start_as_current_span("results report", context=trace):
+                    await self._report(received, outcome)
             # Deliveries reach this consumer in order and each earlier one is settled or
             # queued here before this one, so one cumulative ack covers the batch. (A
             # message from a channel that has since closed cannot be acked: it is
@@ -304,6 +323,47 @@ class ClaimWorker:
             await self._settle(received[-1][0].ack(multiple=True))
 
     async def _apply(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
+        if not tracing.enabled():
+            return await self._apply_untraced(deliveries)
+        # The batch span: a child of its first claim's trace, linked to every claim;
+        # PostgreSQL's spans go under it. Each claim then gets a span of its own in its
+        # own trace, linked to the batch.
+        contexts = [tracing.context_of(d.command.trace) for d in deliveries]
+        tracer = tracing.tracer()
+        started = time.time_ns()
+        with tracer.start_as_current_span(
+            "claims apply",
+            context=next((c for c in contexts if c is not None), None),
+            links=tracing.links(contexts),
+            attributes={"flashclaim.claims": len(deliveries)},
+        ) as batch:
+            outcome = await self._apply_untraced(deliveries)
+            batch.set_attribute("flashclaim.granted", outcome.granted)
+            self._batch_trace = trace.set_span_in_context(batch)
+        ended = time.time_ns()
+        for delivery, context in zip(deliveries, contexts, strict=True):
+            if context is None:
+                continue
+            command = delivery.command
+            result = outcome.results.get(command.request_id)
+            tracer.start_span(
+                "claim process",
+                context=context,
+                kind=tracing.SpanKind.CONSUMER,
+                links=tracing.links([self._batch_trace]),
+                start_time=started,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": delivery.routing_key,
+                    "flashclaim.request_id": str(command.request_id),
+                    "flashclaim.coupon": command.coupon_name,
+                    "flashclaim.outcome": result.outcome.code if result else "unknown",
+                },
+            ).end(end_time=ended)
+        return outcome
+
+    async def _apply_untraced(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
         try:
             async for outage in outage_retry(self._stop, self._hold):
                 with outage:

@@ -52,14 +52,18 @@ def _admin(settings: Settings, args: argparse.Namespace) -> int:
 
 def _consumer(settings: Settings, args: argparse.Namespace) -> int:
     from consumer import service
+    from flashclaim.core import tracing
 
+    tracing.configure("consumer")
     _run_async(service.run(settings))
     return 0
 
 
 def _relay(settings: Settings, args: argparse.Namespace) -> int:
+    from flashclaim.core import tracing
     from relay import service
 
+    tracing.configure("relay")
     _run_async(service.run(settings))
     return 0
 

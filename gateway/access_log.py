@@ -7,23 +7,25 @@ import logging
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from gateway.state import CLAIM_ID, COUPON, ERROR, OUTCOME, REQUEST_ID
+
 
 class CanonicalAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
         fields = {
-            "request_id": request.get("request_id"),
+            "request_id": request.get(REQUEST_ID),
             "method": request.method,
             "path": request.path,
             "status": response.status,
             "duration_ms": round(time * 1000, 2),
         }
         for key, name in (
-            ("claim_id", "claim_id"),
-            ("coupon_name", "coupon"),
-            ("outcome", "outcome"),
-            ("error", "error"),
+            (CLAIM_ID, "claim_id"),
+            (COUPON, "coupon"),
+            (OUTCOME, "outcome"),
+            (ERROR, "error"),
         ):
             if key in request:
                 fields[name] = request[key]

@@ -9,7 +9,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashclaim.core import broker, metrics
+from flashclaim.core import broker, metrics, tracing
 from flashclaim.core.db import create_pool
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.results import ResultStore, redis_client
@@ -20,7 +20,7 @@ from gateway.coalescer import Coalescer
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
 from gateway.idempotency import RequestIds, random_secret
-from gateway.middleware import errors_middleware
+from gateway.middleware import errors_middleware, tracing_middleware
 from gateway.publisher import ClaimPublisher
 from gateway.ratelimit import RateLimiter
 from gateway.replies import ReplyListener
@@ -49,9 +49,10 @@ async def _rate_limit(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway; nothing connects until the app starts."""
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[errors_middleware, _rate_limit]
-    )
+    middlewares = [errors_middleware, _rate_limit]
+    if tracing.enabled():
+        middlewares.insert(0, tracing_middleware)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[READINESS] = {}
     app[METRICS] = metrics.GatewayMetrics(settings.metrics_enabled)

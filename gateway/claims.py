@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 
+from flashclaim.core import tracing
 from flashclaim.core.errors import Overloaded
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 from flashclaim.core.metrics import GatewayMetrics
@@ -113,6 +114,7 @@ class Claims:
                     command.user_id,
                     command.coupon_name,
                     self._replies.channel,
+                    tracing.current_traceparent(),
                 )
             )
             published = time.monotonic()

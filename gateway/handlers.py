@@ -13,7 +13,16 @@ from flashclaim.core.messages import ClaimCommand, ClaimResult
 from gateway import validation
 from gateway.jsonresponse import json_response
 from gateway.middleware import error_response
-from gateway.state import CLAIMS, METRICS, READINESS, REPOSITORY, REQUEST_IDS
+from gateway.state import (
+    CLAIM_ID,
+    CLAIMS,
+    COUPON,
+    METRICS,
+    OUTCOME,
+    READINESS,
+    REPOSITORY,
+    REQUEST_IDS,
+)
 
 routes = web.RouteTableDef()
 
@@ -23,7 +32,7 @@ async def create_coupon(request: web.Request) -> web.Response:
     body = await validation.json_object(request)
     name = validation.name(body.get("name"), "name")
     amount = validation.amount(body.get("amount"))
-    request["coupon_name"] = name
+    request[COUPON] = name
     coupon = await request.app[REPOSITORY].create_coupon(name, amount)
     return json_response(coupon, status=201, headers={"Location": f"/api/coupons/{name}"})
 
@@ -44,14 +53,14 @@ async def claim(request: web.Request) -> web.Response:
     # With a key, the id is the client's own (scoped to user_id, unguessable: see
     # gateway/idempotency.py); without one, every request is a new claim.
     request_id = ids.for_key(user_id, key) if key else ids.fresh()
-    request["claim_id"] = str(request_id)
-    request["coupon_name"] = coupon_name
+    request[CLAIM_ID] = str(request_id)
+    request[COUPON] = coupon_name
     command = ClaimCommand(request_id, user_id, coupon_name)
     result = await request.app[CLAIMS].submit(command, replayable=key is not None)
     if result is None:
-        request["outcome"] = "pending"
+        request[OUTCOME] = "pending"
         return pending_response(request_id)
-    request["outcome"] = result.outcome.code
+    request[OUTCOME] = result.outcome.code
     return result_response(result)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashclaim.core import logs
+from flashclaim.core import logs, tracing
 from flashclaim.core.errors import (
     CouponExists,
     CouponNotFound,
@@ -26,7 +26,7 @@ from flashclaim.core.errors import (
 )
 from gateway.idempotency import IdempotencyKeyReused
 from gateway.jsonresponse import json_response
-from gateway.state import METRICS
+from gateway.state import CLAIM_ID, ERROR, ERROR_CODE, METRICS, REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +75,51 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         route = resource.canonical if resource is not None else "unmatched"
         metrics.http_requests.labels(route, request.method, str(response.status)).inc()
         metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - started)
-        if "error_code" in request:
-            metrics.http_errors.labels(request["error_code"]).inc()
+        if ERROR_CODE in request:
+            metrics.http_errors.labels(request[ERROR_CODE]).inc()
     return response
+
+
+@web.middleware
+async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A server span for each request (when tracing is on), continuing the trace of a
+    ``traceparent`` the client sent; the claim's command carries it on."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    with tracing.tracer().start_as_current_span(
+        f"{request.method} {route}" if route else request.method,
+        context=tracing.extract(request.headers),
+        kind=tracing.SpanKind.SERVER,
+        attributes={
+            "http.request.method": request.method,
+            "url.path": request.path,
+            **({"http.route": route} if route else {}),
+        },
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if CLAIM_ID in request:
+            span.set_attribute("flashclaim.request_id", request[CLAIM_ID])
+        if response.status >= 500:
+            span.set_status(tracing.StatusCode.ERROR)
+        return response
 
 
 async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    request["request_id"] = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
+    request[REQUEST_ID] = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
     try:
         # Every line logged while the request is handled carries its id.
-        with logs.bind(request_id=request["request_id"]):
+        with logs.bind(request_id=request[REQUEST_ID]):
             response = await handler(request)
     except FlashclaimError as exc:
         status, code = next(
             (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")
         )
-        request["error"] = str(exc)
-        request["error_code"] = code
+        request[ERROR] = str(exc)
+        request[ERROR_CODE] = code
         # A claim refused after it got its id (503, 422...) says which claim it was.
-        extra = {"request_id": request["claim_id"]} if "claim_id" in request else {}
+        extra = {"request_id": request[CLAIM_ID]} if CLAIM_ID in request else {}
         response = error_response(
             status, code, str(exc), getattr(exc, "retry_after", None), **extra
         )
@@ -103,14 +128,14 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
             raise
         code = re.sub(r"\W+", "_", exc.reason.lower()).strip("_")
         response = error_response(exc.status, code, exc.reason)
-        request["error_code"] = code
+        request[ERROR_CODE] = code
         if allow := exc.headers.get("Allow"):
             response.headers["Allow"] = allow
     except Exception:
         log.exception(
-            "unhandled error", extra={"request_id": request["request_id"], "path": request.path}
+            "unhandled error", extra={"request_id": request[REQUEST_ID], "path": request.path}
         )
         response = error_response(500, "internal_error", "internal server error")
-        request["error_code"] = "internal_error"
-    response.headers["X-Request-Id"] = request["request_id"]
+        request[ERROR_CODE] = "internal_error"
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response

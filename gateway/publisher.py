@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection, HeadersType
 from circuitbreaker import CircuitBreaker
 
-from flashclaim.core import broker
+from flashclaim.core import broker, tracing
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, encode_claims
 from flashclaim.core.metrics import GatewayMetrics
@@ -70,7 +70,30 @@ class ClaimPublisher:
         return bool(self._breaker.opened)
 
     async def _publish(self, commands: Sequence[ClaimCommand]) -> None:
+        if not tracing.enabled():
+            return await self._send(commands)
+        # A child of the first claim's trace, linked to every claim it carries.
+        contexts = [tracing.context_of(c.trace) for c in commands]
+        with tracing.tracer().start_as_current_span(
+            f"{self._exchange.name} publish",
+            context=contexts[0],
+            kind=tracing.SpanKind.PRODUCER,
+            links=tracing.links(contexts),
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": self._exchange.name,
+                "messaging.batch.message_count": len(commands),
+            },
+        ):
+            await self._send(commands)
+
+    async def _send(self, commands: Sequence[ClaimCommand]) -> None:
         message_id, body = encode_claims(commands)
+        # One claim: its trace in the standard header (several: in each claim).
+        headers: HeadersType | None = None
+        if len(commands) == 1 and commands[0].trace:
+            headers = {"traceparent": commands[0].trace}
         message = aio_pika.Message(
             body,
             message_id=message_id,
@@ -78,6 +101,7 @@ class ClaimPublisher:
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             app_id="flashclaim-gateway",
+            headers=headers,
             type=CLAIM_EVENT,
             timestamp=dt.datetime.now(dt.UTC),
         )

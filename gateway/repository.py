@@ -9,6 +9,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from flashclaim.core import tracing
 from flashclaim.core.db import queries
 from flashclaim.core.errors import CouponExists, CouponNotFound, DependencyUnavailable
 from flashclaim.core.messages import ClaimResult
@@ -25,7 +26,10 @@ class Repository:
         return self._pool.get_stats()
 
     async def create_coupon(self, name: str, amount: int) -> dict[str, Any]:
-        row = await self._fetchone(queries()["create_coupon"], {"name": name, "amount": amount})
+        row = await self._fetchone(
+            queries()["create_coupon"],
+            {"name": name, "amount": amount, "traceparent": tracing.current_traceparent()},
+        )
         if row is None:
             raise CouponExists(f"coupon {name!r} already exists")
         return {**row, "claimed_by": []}

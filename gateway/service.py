@@ -30,7 +30,7 @@ from aiohttp.worker import GunicornUVLoopWebWorker
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from flashclaim.core import metrics
+from flashclaim.core import metrics, tracing
 from flashclaim.core.settings import Settings
 from gateway.access_log import CanonicalAccessLogger
 from gateway.app import create_app
@@ -56,6 +56,8 @@ def runner_factory(settings: Settings) -> Callable[[], Awaitable[web.AppRunner]]
     """What each gunicorn worker calls (after the fork) to build its application."""
 
     async def make_runner() -> web.AppRunner:
+        # In the worker, after the fork: the SDK's export thread does not survive one.
+        tracing.configure("gateway")
         return web.AppRunner(
             create_app(settings),
             access_log_class=CanonicalAccessLogger,

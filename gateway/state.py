@@ -23,5 +23,13 @@ REPOSITORY = web.AppKey("repository", Repository)
 CLAIMS = web.AppKey("claims", Claims)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+
+# What a request's handling learns, for its log line, its span and its metrics.
+REQUEST_ID = web.RequestKey("request_id", str)  # the HTTP request's (X-Request-Id)
+CLAIM_ID = web.RequestKey("claim_id", str)  # the claim's request id
+COUPON = web.RequestKey("coupon", str)
+OUTCOME = web.RequestKey("outcome", str)
+ERROR = web.RequestKey("error", str)
+ERROR_CODE = web.RequestKey("error_code", str)
 # Named checks behind /readyz: each returns None or raises.
 READINESS = web.AppKey("readiness", dict[str, Callable[[], Awaitable[None]]])

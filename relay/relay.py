@@ -31,9 +31,11 @@ from typing import cast
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from opentelemetry.trace import Span
+from pamqp.common import FieldTable
 from psycopg_pool import AsyncConnectionPool
 
-from flashclaim.core import broker
+from flashclaim.core import broker, tracing
 from flashclaim.core.db import queries
 from flashclaim.core.events import Event
 from flashclaim.core.metrics import RelayMetrics
@@ -81,6 +83,54 @@ class EventPublisher:
         :class:`BrokerAway` when the broker could not answer for all of them."""
         if not broker.is_up(self._connection):
             raise BrokerAway("not connected")
+        spans = [self._span(e) for e in events] if tracing.enabled() else []
+        try:
+            confirmed = await self._publish(events, spans, timeout)
+        except BaseException as exc:
+            for span in spans:
+                if span is not None:
+                    span.record_exception(exc)
+                    span.set_status(tracing.StatusCode.ERROR, type(exc).__name__)
+                    span.end()
+            raise
+        for span, ok in zip(spans, confirmed, strict=False):
+            if span is not None:
+                if not ok:
+                    span.set_status(tracing.StatusCode.ERROR, "refused by the broker")
+                span.end()
+        return confirmed
+
+    def _span(self, event: Event) -> Span | None:
+        """A span of the event's publish in the trace of its change (none if untraced)."""
+        context = tracing.context_of(event.trace)
+        if context is None:
+            return None
+        return tracing.tracer().start_span(
+            f"{self._exchange} publish",
+            context=context,
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": self._exchange,
+                "messaging.message.id": str(event.id),
+                "flashclaim.event_type": event.type,
+            },
+        )
+
+    @staticmethod
+    def _headers(event: Event, span: Span | None) -> FieldTable | None:
+        """The subscriber's ``traceparent``: the publish span's, or the change's."""
+        if span is not None:
+            carrier: dict[str, str] = {}
+            tracing.inject(carrier, span)
+            return dict(carrier)
+        return {"traceparent": event.trace} if event.trace else None
+
+    async def _publish(
+        self, events: Sequence[Event], spans: Sequence[Span | None], timeout: float
+    ) -> list[bool]:
+        spans = spans or [None] * len(events)
         try:
             # aio-pika's publish waits for each frame to be written before the next
             # (one event-loop turn per message); the channel underneath queues them all
@@ -101,10 +151,11 @@ class EventPublisher:
                                 message_type=e.type,
                                 app_id=APP_ID,
                                 timestamp=e.created_at,
+                                headers=self._headers(e, span),
                             ),
                             wait=False,
                         )
-                        for e in events
+                        for e, span in zip(events, spans, strict=True)
                     ),
                     return_exceptions=True,
                 )

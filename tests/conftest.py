@@ -122,7 +122,10 @@ def coupon_name() -> str:
 def create_coupon_row(database_url: str, name: str, amount: int) -> None:
     """A coupon, as the gateway creates it (with its coupon.created event)."""
     with psycopg.connect(database_url) as conn:
-        conn.execute(queries()["create_coupon"].encode(), {"name": name, "amount": amount})
+        conn.execute(
+            queries()["create_coupon"].encode(),
+            {"name": name, "amount": amount, "traceparent": None},
+        )
 
 
 @pytest.fixture

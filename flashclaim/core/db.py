@@ -22,13 +22,18 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 MIGRATIONS_TABLE = "_yoyo_migration"
 
 
+_LEADING_COMMENTS = re.compile(r"\A(?:\s*--[^\n]*\n)+\s*")
+
+
 @functools.cache
 def queries() -> dict[str, str]:
-    """Every statement of ``queries.sql`` by name, parsed once."""
+    """Every statement of ``queries.sql`` by name, parsed once; the comment above a
+    statement stays in the file (the statement's name is what traces and logs show)."""
     text = importlib.resources.files("flashclaim.core").joinpath("queries.sql").read_text()
     parts = _NAME.split(text)
     return {
-        name: body.strip().rstrip(";") for name, body in zip(parts[1::2], parts[2::2], strict=True)
+        name: _LEADING_COMMENTS.sub("", body.strip()).rstrip(";")
+        for name, body in zip(parts[1::2], parts[2::2], strict=True)
     }
 
 

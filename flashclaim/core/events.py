@@ -56,9 +56,11 @@ def batch_events(
     decided against ``coupons``: one ``coupon.claimed`` per grant, with the stock it
     left, then one ``coupon.sold_out`` for each coupon the batch took to 0."""
     taken: Counter[str] = Counter()
+    last: dict[str, ClaimCommand] = {}
     rows: list[dict[str, Any]] = []
     for claim in granted:
         taken[claim.coupon_name] += 1
+        last[claim.coupon_name] = claim
         rows.append(
             {
                 "aggregate": claim.coupon_name,
@@ -69,6 +71,8 @@ def batch_events(
                     "remaining_amount": coupons[claim.coupon_name].remaining
                     - taken[claim.coupon_name],
                 },
+                # The claim's trace: the event's publish is a span of it (relay/).
+                "traceparent": claim.trace,
             }
         )
     for name, count in taken.items():
@@ -79,6 +83,8 @@ def batch_events(
                     "aggregate": name,
                     "event_type": SOLD_OUT,
                     "payload": {"amount": coupon.amount, "remaining_amount": 0},
+                    # In the trace of the claim that took the last one.
+                    "traceparent": last[name].trace,
                 }
             )
     return rows
@@ -94,6 +100,8 @@ class Event:
     type: str
     payload: Mapping[str, Any]
     created_at: dt.datetime
+    # The W3C traceparent of the change's trace, when it was traced.
+    trace: str | None = None
 
     def body(self) -> bytes:
         """The published JSON document."""

@@ -21,6 +21,8 @@ from typing import Any
 
 from pythonjsonlogger.orjson import OrjsonFormatter
 
+from flashclaim.core import tracing
+
 # Always on a line.
 REQUIRED = ("time", "level", "service", "logger", "event")
 # On a line where they apply (bound for the work in hand, or given as ``extra``).
@@ -59,6 +61,9 @@ class _Formatter(OrjsonFormatter):
         super().add_fields(log_data, record, message_dict)
         for key, value in _bound.get().items():
             log_data.setdefault(key, value)
+        if (ids := tracing.ids()) is not None:  # the span this line was logged in
+            log_data.setdefault("trace_id", ids[0])
+            log_data.setdefault("span_id", ids[1])
 
 
 def formatter(service: str) -> logging.Formatter:

@@ -12,6 +12,9 @@ that a gateway coalesced (one publish and one confirm for all of them)::
 with a message id of its own. Either way ``reply_to`` names the Redis channel of the
 gateway waiting for the answers. Each claim is applied, answered and dead-lettered on its
 own: a claim that can never apply is dead-lettered alone, as a version 1 message.
+When tracing is on, each claim carries its trace's W3C ``traceparent``
+(flashclaim/core/tracing.py): the message's ``traceparent`` header for a single claim,
+a ``"traceparent"`` field of each claim in a message carrying several.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class ClaimCommand:
     user_id: str
     coupon_name: str
     reply_to: str | None = None
+    # The W3C traceparent of the claim's trace, when traced (not part of the claim).
+    trace: str | None = field(default=None, compare=False)
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -83,7 +88,11 @@ class ClaimCommand:
 
     @classmethod
     def of_fields(
-        cls, message_id: str | None, data: dict[str, Any], reply_to: str | None
+        cls,
+        message_id: str | None,
+        data: dict[str, Any],
+        reply_to: str | None,
+        trace: str | None = None,
     ) -> ClaimCommand:
         """A command from its request id and the fields of its JSON (``user_id``,
         ``coupon_name``); :class:`PoisonMessage` if they are not valid."""
@@ -96,7 +105,7 @@ class ClaimCommand:
             coupon_name = check_name(data.get("coupon_name"), "coupon_name")
         except InvalidInput as exc:
             raise PoisonMessage(str(exc)) from None
-        return cls(request_id, user_id, coupon_name, reply_to or None)
+        return cls(request_id, user_id, coupon_name, reply_to or None, trace)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -138,6 +147,7 @@ def encode_claims(commands: Sequence[ClaimCommand]) -> tuple[str, bytes]:
                     "request_id": str(c.request_id),
                     "user_id": c.user_id,
                     "coupon_name": c.coupon_name,
+                    **({"traceparent": c.trace} if c.trace else {}),
                 }
                 for c in commands
             ],
@@ -146,14 +156,17 @@ def encode_claims(commands: Sequence[ClaimCommand]) -> tuple[str, bytes]:
     return str(uuid.uuid4()), body
 
 
-def decode_claims(message_id: str | None, body: bytes, reply_to: str | None) -> DecodedMessage:
-    """The claims of a delivered message, and those of its claims that are poison.
+def decode_claims(
+    message_id: str | None, body: bytes, reply_to: str | None, traceparent: str | None = None
+) -> DecodedMessage:
+    """The claims of a delivered message, and those of its claims that are poison
+    (``traceparent``: the message's header, the trace of a single claim).
 
     Raise :class:`PoisonMessage` if the message as a whole can never apply (then it is
     dead-lettered whole)."""
     data = _json_object(body)
     if data.get("v") == VERSION:
-        return DecodedMessage([ClaimCommand.of_fields(message_id, data, reply_to)], [])
+        return DecodedMessage([ClaimCommand.of_fields(message_id, data, reply_to, traceparent)], [])
     if data.get("v") != MANY_VERSION:
         raise PoisonMessage(f"unknown message version {data.get('v')!r}")
     claims = data.get("claims")
@@ -165,10 +178,15 @@ def decode_claims(message_id: str | None, body: bytes, reply_to: str | None) -> 
             claim = {"claim": claim}
         own_id = claim.get("request_id")
         own_id = own_id if isinstance(own_id, str) else None
+        trace = claim.get("traceparent")
+        trace = trace if isinstance(trace, str) else None
         try:
-            decoded.commands.append(ClaimCommand.of_fields(own_id, claim, reply_to))
+            decoded.commands.append(ClaimCommand.of_fields(own_id, claim, reply_to, trace))
         except PoisonMessage as exc:
-            own = {"v": VERSION, **{k: v for k, v in claim.items() if k != "request_id"}}
+            own = {
+                "v": VERSION,
+                **{k: v for k, v in claim.items() if k not in ("request_id", "traceparent")},
+            }
             decoded.poison.append(PoisonClaim(own_id, orjson.dumps(own), exc))
     return decoded
 

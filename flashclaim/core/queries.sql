@@ -2,16 +2,18 @@
 -- Parameters always go through the driver.
 
 -- name: create_coupon
--- The coupon and its coupon.created event, in one statement (one transaction).
+-- The coupon and its coupon.created event, in one statement (one transaction);
+-- %(traceparent)s: the creating request's trace, or NULL.
 WITH created AS (
     INSERT INTO coupons (name, amount, remaining_amount)
     VALUES (%(name)s, %(amount)s, %(amount)s)
     ON CONFLICT (name) DO NOTHING
     RETURNING name, amount, remaining_amount
 ), announced AS (
-    INSERT INTO outbox (aggregate, event_type, payload)
+    INSERT INTO outbox (aggregate, event_type, payload, traceparent)
     SELECT name, 'coupon.created',
-           jsonb_build_object('amount', amount, 'remaining_amount', remaining_amount)
+           jsonb_build_object('amount', amount, 'remaining_amount', remaining_amount),
+           %(traceparent)s
     FROM created
 )
 SELECT name, amount, remaining_amount FROM created;
@@ -96,11 +98,12 @@ FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (message_id uuid, status int, body
 WHERE i.message_id = r.message_id AND i.message_id = ANY(%(ids)s::uuid[]);
 
 -- name: outbox_insert
--- %(rows)s: a JSON array of {aggregate, event_type, payload}, in the order they happened
--- (seq is drawn in that order). Written in the batch's transaction, after its coupons
--- were locked: a coupon's events are in commit order.
-INSERT INTO outbox (aggregate, event_type, payload)
-SELECT e.doc ->> 'aggregate', e.doc ->> 'event_type', e.doc -> 'payload'
+-- %(rows)s: a JSON array of {aggregate, event_type, payload, traceparent}, in the order
+-- they happened (seq is drawn in that order). Written in the batch's transaction, after
+-- its coupons were locked: a coupon's events are in commit order.
+INSERT INTO outbox (aggregate, event_type, payload, traceparent)
+SELECT e.doc ->> 'aggregate', e.doc ->> 'event_type', e.doc -> 'payload',
+       e.doc ->> 'traceparent'
 FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e (doc, ord)
 ORDER BY e.ord;
 
@@ -194,7 +197,7 @@ SELECT (SELECT count(*) FROM coupons
 -- backoff, holds back the rest of its coupon (a coupon's events go out in seq order,
 -- which is its commit order). Rows not ready stay locked and untouched.
 WITH taken AS MATERIALIZED (
-    SELECT id, seq, aggregate, event_type, payload, created_at
+    SELECT id, seq, aggregate, event_type, payload, created_at, traceparent
     FROM outbox
     WHERE status = 'PENDING' AND next_attempt_at <= now()
     ORDER BY seq
@@ -212,7 +215,7 @@ WITH taken AS MATERIALIZED (
               AND o.seq NOT IN (SELECT seq FROM taken)) AS seq
     FROM span s
 )
-SELECT t.id, t.seq, t.aggregate, t.event_type, t.payload, t.created_at,
+SELECT t.id, t.seq, t.aggregate, t.event_type, t.payload, t.created_at, t.traceparent,
        g.seq IS NULL OR t.seq < g.seq AS ready
 FROM taken t
 LEFT JOIN gap g ON g.aggregate = t.aggregate
@@ -311,7 +314,7 @@ SELECT id, coupon_name, user_id, claimed_at FROM claims WHERE message_id = %(req
 
 -- name: story_event
 -- The claim's coupon.claimed event (a scan of the outbox: an operator's query).
-SELECT id, seq, status, attempts, last_error, created_at, sent_at, sent_by
+SELECT id, seq, status, attempts, last_error, created_at, sent_at, sent_by, traceparent
 FROM outbox
 WHERE event_type = 'coupon.claimed' AND payload ->> 'request_id' = %(request_id)s::text;
 

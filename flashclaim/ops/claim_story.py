@@ -4,7 +4,8 @@ Where a claim can be, and where this looks: the inbox (the command as the consum
 recorded it, its attempts and its answer), the claims table (a grant), Redis (the
 answer kept for ``GET /api/claims/{id}``: the consumer's, or one the gateway gave by
 itself), the dead-letter queue (peeked, nothing removed), and the outbox (its
-``coupon.claimed`` event and whether it was published).
+``coupon.claimed`` event and whether it was published). When the claim was traced, its
+trace id (from the inbox row or the event) finds it in the tracing backend.
 
 Exit codes: 0 something is known of it; 1 nothing is; 2 a bad id or a server that
 cannot be reached.
@@ -40,6 +41,7 @@ class ClaimStory:
     redis: dict[str, Any] | None
     dead_letter: dict[str, Any] | None
     event: dict[str, Any] | None
+    trace_id: str | None = None
 
     @property
     def known(self) -> bool:
@@ -51,6 +53,7 @@ class ClaimStory:
             part = getattr(self, name)
             shown = "-" if part is None else ", ".join(f"{k}={v}" for k, v in part.items())
             lines.append(f"  {name.replace('_', ' '):<12} {shown}")
+        lines.append(f"  {'trace':<12} {self.trace_id or '- (not traced)'}")
         return "\n".join(lines)
 
 
@@ -122,7 +125,18 @@ async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) ->
         redis,
         dead,
         _plain(event),
+        _trace_id(inbox, event),
     )
+
+
+def _trace_id(inbox: dict[str, Any] | None, event: dict[str, Any] | None) -> str | None:
+    """The trace id of the claim's ``traceparent`` (``00-<trace id>-<span id>-<flags>``)."""
+    payload = (inbox or {}).get("payload") or {}
+    for traceparent in (payload.get("traceparent"), (event or {}).get("traceparent")):
+        parts = traceparent.split("-") if isinstance(traceparent, str) else []
+        if len(parts) == 4 and len(parts[1]) == 32:
+            return parts[1]
+    return None
 
 
 def _plain(row: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -340,7 +340,8 @@ async def create_and_claim(
         async with conn.transaction() if one_transaction else contextlib.nullcontext():
             for name, amount in coupons.items():
                 await conn.execute(
-                    queries()["create_coupon"].encode(), {"name": name, "amount": amount}
+                    queries()["create_coupon"].encode(),
+                    {"name": name, "amount": amount, "traceparent": None},
                 )
             for start in range(0, len(todo), 50):
                 async with conn.transaction():

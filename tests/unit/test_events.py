@@ -56,3 +56,11 @@ def test_the_published_event_has_the_common_fields_and_its_own() -> None:
         "request_id": "r",
         "remaining_amount": 3,
     }
+
+
+def test_events_keep_the_trace_of_the_claim_that_caused_them() -> None:
+    a = ClaimCommand(uuid.uuid4(), "a", "X", trace="00-" + "a" * 32 + "-" + "1" * 16 + "-01")
+    b = ClaimCommand(uuid.uuid4(), "b", "X", trace="00-" + "b" * 32 + "-" + "2" * 16 + "-01")
+    rows = batch_events({"X": Coupon(2, 2)}, [a, b])
+    # Each grant in its claim's trace; the sell-out in the trace of the last one.
+    assert [r["traceparent"] for r in rows] == [a.trace, b.trace, b.trace]

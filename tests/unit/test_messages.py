@@ -121,3 +121,46 @@ def test_the_stock_left_travels_with_a_result_but_is_not_part_of_the_answer() ->
     back = ClaimResult.loads(told.dumps())
     assert back.remaining == 0 and back == ClaimResult.of(command, Outcome.CLAIMED)
     assert "remaining" not in told.body
+
+
+TRACE_A = "00-" + "a" * 32 + "-" + "1" * 16 + "-01"
+TRACE_B = "00-" + "b" * 32 + "-" + "2" * 16 + "-01"
+
+
+def test_each_claim_keeps_its_own_trace_in_a_message_carrying_several() -> None:
+    commands = [
+        ClaimCommand(uuid.uuid4(), "u1", "PROMO", trace=TRACE_A),
+        ClaimCommand(uuid.uuid4(), "u2", "PROMO", trace=TRACE_B),
+        ClaimCommand(uuid.uuid4(), "u3", "PROMO"),
+    ]
+    message_id, body = encode_claims(commands)
+    decoded = decode_claims(message_id, body, "replies:gw", traceparent=TRACE_B)
+    assert [c.trace for c in decoded.commands] == [TRACE_A, TRACE_B, None]
+    # The trace is not part of the claim: the same claim with another trace is equal.
+    assert decoded.commands[0] == ClaimCommand(commands[0].request_id, "u1", "PROMO", "replies:gw")
+
+
+def test_a_single_claim_takes_its_trace_from_the_message_header() -> None:
+    command = ClaimCommand(uuid.uuid4(), "u1", "PROMO", trace=TRACE_A)
+    message_id, body = encode_claims([command])
+    assert b"traceparent" not in body
+    decoded = decode_claims(message_id, body, None, traceparent=TRACE_A)
+    assert decoded.commands[0].trace == TRACE_A
+
+
+def test_a_poison_claims_dead_letter_leaves_its_trace_out_of_the_body() -> None:
+    body = orjson.dumps(
+        {
+            "v": 2,
+            "claims": [
+                {
+                    "request_id": str(uuid.uuid4()),
+                    "user_id": "",
+                    "coupon_name": "P",
+                    "traceparent": TRACE_A,
+                },
+            ],
+        }
+    )
+    decoded = decode_claims(str(uuid.uuid4()), body, None)
+    assert orjson.loads(decoded.poison[0].body) == {"v": 1, "user_id": "", "coupon_name": "P"}

@@ -1,0 +1,161 @@
+"""Traces with OpenTelemetry: one claim, one trace, from the HTTP request to its event.
+
+Off by default. An entry point calls :func:`configure`, which installs the SDK only when
+the standard variables ask for export: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) set, or ``OTEL_TRACES_EXPORTER`` naming an
+exporter (``otlp``, ``console``); ``OTEL_SDK_DISABLED=true`` or
+``OTEL_TRACES_EXPORTER=none`` keeps it off. Everything else (sampler, batch sizes,
+headers, resource attributes, ``OTEL_SERVICE_NAME``) is the SDK's own reading of
+``OTEL_*``. Off, no span is made and no context travels: the hot paths ask
+:func:`enabled` first, so they pay one test.
+
+How a claim's context travels (W3C ``traceparent``):
+
+- the gateway's server span continues a ``traceparent`` the client sent;
+- the claim command carries that span's context: as the ``traceparent`` header of a
+  message carrying one claim, in each claim of a message carrying several (each claim
+  keeps its own trace, whatever message it rides in);
+- the consumer's span of a claim is a child of it; the batch span that applies it (with
+  PostgreSQL's and Redis's spans under it) links to every claim of the batch, and is a
+  child of the first one's;
+- the outbox row of a claim's event keeps the context (``outbox.traceparent``), and the
+  relay's publish of the event is a child span of it; the published event carries a
+  ``traceparent`` header for its subscribers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, MutableMapping
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, StatusCode, Tracer
+
+TRACER = "flashclaim"
+# A batch links to each claim it applies (at most BATCH_SIZE, 200 by default).
+MAX_LINKS = 2_000
+_state = {"enabled": False}
+
+
+def wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the ``OTEL_*`` variables ask for traces to be exported."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter:
+        return exporter != "none"
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def configure(service: str) -> bool:
+    """Install the SDK for ``service`` if the environment asks for traces; whether it did.
+    Called once per process (a gateway worker: after the fork)."""
+    if not wanted():
+        return False
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SpanExporter,
+    )
+
+    named = bool(os.environ.get("OTEL_SERVICE_NAME"))  # the SDK reads it itself
+    attributes = {} if named else {SERVICE_NAME: f"flashclaim-{service}"}
+    provider = TracerProvider(
+        resource=Resource.create(attributes), span_limits=SpanLimits(max_links=MAX_LINKS)
+    )
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")
+    for name in (e.strip() for e in exporters):
+        exporter: SpanExporter
+        if name == "console":
+            exporter = ConsoleSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    install(provider)
+    return True
+
+
+def install(provider: trace.TracerProvider) -> None:
+    """Trace through ``provider`` from now on, PostgreSQL and Redis calls included."""
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    trace.set_tracer_provider(provider)
+    if not PsycopgInstrumentor().is_instrumented_by_opentelemetry:
+        PsycopgInstrumentor().instrument(skip_dep_check=True)
+    if not RedisInstrumentor().is_instrumented_by_opentelemetry:
+        RedisInstrumentor().instrument()
+    _state["enabled"] = True
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+def tracer() -> Tracer:
+    return trace.get_tracer(TRACER)
+
+
+def current_traceparent() -> str | None:
+    """The current span's context as a ``traceparent`` value (``None`` when off)."""
+    if not _state["enabled"]:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def context_of(traceparent: str | None) -> Context | None:
+    """The remote context a ``traceparent`` names (``None`` if none or malformed)."""
+    if not traceparent:
+        return None
+    ctx = propagate.extract({"traceparent": traceparent})
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def extract(headers: Mapping[str, str]) -> Context:
+    return propagate.extract(headers)
+
+
+def inject(headers: MutableMapping[str, str], span: Span | None = None) -> None:
+    """Put ``span``'s (default: the current span's) context in ``headers``."""
+    propagate.inject(headers, trace.set_span_in_context(span) if span is not None else None)
+
+
+def links(contexts: Iterable[Context | None]) -> list[Link]:
+    return [Link(trace.get_current_span(c).get_span_context()) for c in contexts if c is not None]
+
+
+def ids() -> tuple[str, str] | None:
+    """``(trace_id, span_id)`` of the current span, in hex, if tracing and in one."""
+    if not _state["enabled"]:
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+__all__ = [
+    "SpanKind",
+    "StatusCode",
+    "configure",
+    "context_of",
+    "current_traceparent",
+    "enabled",
+    "extract",
+    "ids",
+    "inject",
+    "install",
+    "links",
+    "tracer",
+    "wanted",
+]
