@@ -14,7 +14,9 @@ a gateway with two worker processes, then measures, each figure next to what bou
 5. one consumer draining 100,000 claims of one hot coupon queued beforehand, beside the
    batched ceiling; then one relay publishing their 100,000 events, beside the rate of
    the sustained run (it must keep up with the consumer);
-6. the peak memory of every gateway, consumer and relay process.
+6. the peak memory of every gateway, consumer and relay process;
+7. the sustained run again with metrics and tracing off, then on: what observability
+   costs (spans exported to a local OTLP receiver that keeps nothing, bench/otlp_sink.py).
 
 An outbox relay runs throughout, as under ``make run`` (its CPU is in the figures), except
 while the consumer drains its backlog.
@@ -54,6 +56,19 @@ OUT = ROOT / "reports" / "bench"
 PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
 MEMORY_TARGET_MB = 200
+SINK_PORT = 24318
+# (name, metrics on, OTEL_* variables) of the observability runs; tracing exports to the
+# sink whenever variables are given.
+OBSERVABILITY: tuple[tuple[str, bool, dict[str, str]], ...] = (
+    ("metrics off, tracing off", False, {}),
+    ("metrics on, tracing off (the default)", True, {}),
+    (
+        "metrics on, 10% of claims traced",
+        True,
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+    ),
+    ("metrics on, every claim traced", True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
+)
 
 
 def say(text: str) -> None:
@@ -184,12 +199,7 @@ class Bench:
             )
 
     def sustained_wrk(self) -> None:
-        coupon = f"WRK_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, %s, %s)",
-                (coupon, 10_000_000, 10_000_000),
-            )
+        coupon = self.hot_coupon("WRK")
         script = ROOT / "bench" / "claims.lua"
         say("wrk: the invalid-claim 400 path (10 s, 128 connections)")
         self.figures["wrk_invalid"] = probes.wrk(BASE, script, [coupon, "x", "invalid"], 10, 128)
@@ -244,6 +254,63 @@ class Bench:
         events, self.figures["relay_rate"] = drain.wait_relayed(self.settings, coupon, 300)
         self.figures["relay_events"] = events
         self.note_memory()
+
+    def observability(self) -> None:
+        """The sustained wrk run once per configuration of OBSERVABILITY, the gateway,
+        consumer and relay restarted with it each time."""
+        sink = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "otlp_sink.py"), "--port", str(SINK_PORT)]
+        )
+        coupon = self.hot_coupon("OBS")
+        script = ROOT / "bench" / "claims.lua"
+        runs = []
+        try:
+            for i, (name, metrics_on, otel) in enumerate(OBSERVABILITY):
+                export = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{SINK_PORT}"}
+                self.restart(metrics_on, {**export, **otel} if otel else {})
+                say(f"wrk: sustained claims, {name} (10 s, 128 connections)")
+                spans = _spans_received()
+                meter = self.meter()
+                meter.start()
+                result = probes.wrk(BASE, script, [coupon, f"o{i}"], 10, 128)
+                cpu = meter.stop()
+                # Spans still batched in the services are sent when they stop.
+                self.restart(True, {})
+                claims = max(result["requests"], 1)
+                runs.append(
+                    {
+                        "name": name,
+                        "rate": result["rate"],
+                        "p99_ms": result["p99_ms"],
+                        "cpu_ms_per_claim": 1000 * sum(cpu.values()) / claims,
+                        "spans_per_claim": (_spans_received() - spans) / claims,
+                    }
+                )
+        finally:
+            terminate([sink], 10)
+        self.figures["observability"] = runs
+
+    def hot_coupon(self, prefix: str) -> str:
+        coupon = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO coupons (name, amount, remaining_amount) VALUES (%s, %s, %s)",
+                (coupon, 10_000_000, 10_000_000),
+            )
+        return coupon
+
+    def restart(self, metrics_on: bool, otel: dict[str, str]) -> None:
+        """The gateway, the consumer and the relay again, with metrics on or off and
+        these OTEL_* variables (tracing on when any is given)."""
+        self.note_memory()
+        terminate([p for p in (self.gateway, self.consumer, self.relay) if p], 30)
+        settings = self.settings.replace(metrics_enabled=metrics_on).environ()
+        base = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **otel}
+        self.consumer = start_service("consumer", settings, self.log, base)
+        self.relay = start_service("relay", settings, self.log, base)
+        self.gateway = start_service("gateway", settings, self.log, base)
+        wait_listening()
+        time.sleep(1)
 
     # -- the table -------------------------------------------------------------------
 
@@ -317,6 +384,19 @@ class Bench:
                     "",
                 )
             )
+        runs = f["observability"]
+        bare = runs[0]
+        for run in runs:
+            rows.append(
+                (
+                    f"sustained (wrk, 10 s), {run['name']}",
+                    f"{run['rate']:,.0f} claims/s = {run['rate'] / bare['rate']:.2f}x the bare run"
+                    f" (p99 {run['p99_ms']:.0f} ms), CPU {run['cpu_ms_per_claim']:.3f} ms a"
+                    f" claim, {run['spans_per_claim']:.1f} spans exported a claim",
+                    "" if run is bare else f"metrics and tracing off: {bare['rate']:,.0f}/s",
+                    "",
+                )
+            )
         worst = max(self.peaks.values())
         rows.append(
             (
@@ -336,6 +416,13 @@ class Bench:
             )
         )
         return rows
+
+
+def _spans_received() -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{SINK_PORT}/spans", timeout=10) as r:
+        return int(json.loads(r.read())["spans"])
 
 
 def _target(met: bool, text: str) -> str:
@@ -390,6 +477,7 @@ def main() -> int:
         bench.sustained_wrk()
         asyncio.run(bench.open_loop())
         bench.drain()
+        bench.observability()
         print()
         print(
             f"flashclaim bench on {platform.node()}: {os.cpu_count()} cores, "

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import PROFILES, Stack
 from flashclaim.devtools.prometheus import DASHBOARD, DEPLOY, RULES, Prometheus, Targets
 from tests.acceptance.conftest import Services, free_port
@@ -71,6 +72,15 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0)
             if await predicate():
                 return
             await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+def services(own_settings: Settings) -> Iterator[Services]:
+    """Services on a database of their own: a relay publishes every pending row of its
+    database, and these tests count what it sent."""
+    running = Services(own_settings)
+    yield running
+    running.stop()
 
 
 async def test_each_process_serves_metrics_that_follow_the_claims(

@@ -3,6 +3,7 @@ scenarios pass against it over HTTP, and SIGTERM stops all of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -118,13 +119,38 @@ def test_stack_runs_the_scenarios_and_stops_cleanly(tmp_path: Path) -> None:
         summary = (tmp_path / "stack.log").read_text()
         assert f"http://127.0.0.1:{port}/api/coupons" in summary
         assert "RabbitMQ UI" in summary
+        # The stack's Prometheus scrapes every service: the gateway, both consumers,
+        # the relay and RabbitMQ (twice: totals and per queue).
+        prometheus = f"http://127.0.0.1:{PROFILES['stacktest'].prometheus_server}"
+        assert prometheus in summary
+        health: list[str] = []
+        for _ in range(300):
+            with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=5) as r:
+                active = json.loads(r.read())["data"]["activeTargets"]
+            health = sorted(f"{t['labels']['job']}={t['health']}" for t in active)
+            if len(health) == 6 and all(h.endswith("=up") for h in health):
+                break
+            time.sleep(0.2)
+        assert health == sorted(
+            [
+                "flashclaim-gateway=up",
+                "flashclaim-consumer=up",
+                "flashclaim-consumer=up",
+                "flashclaim-relay=up",
+                "rabbitmq=up",
+                "rabbitmq-queues=up",
+            ]
+        )
     finally:
         stack.send_signal(signal.SIGTERM)
         code = stack.wait(120)
         log.close()
     assert code == 0
     ports = PROFILES["stacktest"]
-    assert not any(listening(p) for p in (port, ports.postgres, ports.amqp, ports.redis))
+    assert not any(
+        listening(p)
+        for p in (port, ports.postgres, ports.amqp, ports.redis, ports.prometheus_server)
+    )
 
 
 def start_stack(port: int, log: Path, after: int = 1) -> subprocess.Popen[bytes]:

@@ -31,7 +31,45 @@ def test_compose_runs_every_service_the_stack_needs() -> None:
         "gateway",
         "consumer",
         "relay",
+        # observability
+        "prometheus",
+        "grafana",
+        "loki",
+        "alloy",
+        "jaeger",
     }
+
+
+def test_the_compose_observability_files_are_the_shipped_ones() -> None:
+    """What Compose mounts exists, and Prometheus's jobs there are those the shipped
+    rules and dashboard are written for (the same as `make run`'s)."""
+    import json
+
+    import yaml
+
+    from flashclaim.devtools.prometheus import Targets, config
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+    shipped = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    local = config(Targets([], [], [], []))
+    jobs = [
+        (j["job_name"], j.get("metrics_path"), j.get("params")) for j in shipped["scrape_configs"]
+    ]
+    assert jobs == [
+        (j["job_name"], j.get("metrics_path"), j.get("params"))
+        for j in local["scrape_configs"]  # type: ignore[index]
+    ]
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/flashclaim.json").read_text())
+    datasources = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/datasources.yml").read_text()
+    )
+    uids = {d["uid"] for d in datasources["datasources"]}
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} <= uids
 
 
 def test_compose_runs_a_supported_rabbitmq() -> None:
