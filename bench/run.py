@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -255,40 +256,50 @@ class Bench:
         self.figures["relay_events"] = events
         self.note_memory()
 
-    def observability(self) -> None:
-        """The sustained wrk run once per configuration of OBSERVABILITY, the gateway,
-        consumer and relay restarted with it each time."""
+    def observability(self, repeats: int = 3) -> None:
+        """The sustained wrk run for each configuration of OBSERVABILITY, ``repeats``
+        times in turn (the medians are reported), the gateway, consumer and relay started
+        with it each time."""
         sink = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "otlp_sink.py"), "--port", str(SINK_PORT)]
         )
         coupon = self.hot_coupon("OBS")
         script = ROOT / "bench" / "claims.lua"
-        runs = []
+        export = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{SINK_PORT}"}
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in OBSERVABILITY}
         try:
-            for i, (name, metrics_on, otel) in enumerate(OBSERVABILITY):
-                export = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{SINK_PORT}"}
-                self.restart(metrics_on, {**export, **otel} if otel else {})
-                say(f"wrk: sustained claims, {name} (10 s, 128 connections)")
-                spans = _spans_received()
-                meter = self.meter()
-                meter.start()
-                result = probes.wrk(BASE, script, [coupon, f"o{i}"], 10, 128)
-                cpu = meter.stop()
-                # Spans still batched in the services are sent when they stop.
-                self.restart(True, {})
-                claims = max(result["requests"], 1)
-                runs.append(
-                    {
-                        "name": name,
-                        "rate": result["rate"],
-                        "p99_ms": result["p99_ms"],
-                        "cpu_ms_per_claim": 1000 * sum(cpu.values()) / claims,
-                        "spans_per_claim": (_spans_received() - spans) / claims,
-                    }
-                )
+            for repeat in range(repeats):
+                for i, (name, metrics_on, otel) in enumerate(OBSERVABILITY):
+                    self.restart(metrics_on, {**export, **otel} if otel else {})
+                    say(f"wrk: sustained claims, {name} ({repeat + 1}/{repeats}, 10 s)")
+                    spans = _spans_received()
+                    meter = self.meter()
+                    meter.start()
+                    result = probes.wrk(BASE, script, [coupon, f"o{repeat}_{i}_"], 10, 128)
+                    cpu = meter.stop()
+                    # Spans still batched in the services are sent as they stop.
+                    self.stop_services()
+                    claims = max(result["requests"], 1)
+                    samples[name].append(
+                        {
+                            "rate": result["rate"],
+                            "p99_ms": result["p99_ms"],
+                            "cpu_ms_per_claim": 1000 * sum(cpu.values()) / claims,
+                            "spans_per_claim": (_spans_received() - spans) / claims,
+                        }
+                    )
         finally:
             terminate([sink], 10)
-        self.figures["observability"] = runs
+        self.figures["observability"] = [
+            {"name": name, **{k: statistics.median(s[k] for s in runs) for k in runs[0]}}
+            for name, runs in samples.items()
+        ]
+        self.figures["observability_runs"] = samples
+
+    def stop_services(self) -> None:
+        self.note_memory()
+        terminate([p for p in (self.gateway, self.consumer, self.relay) if p], 30)
+        self.gateway = self.consumer = self.relay = None
 
     def hot_coupon(self, prefix: str) -> str:
         coupon = f"{prefix}_{uuid.uuid4().hex[:8]}"
@@ -302,8 +313,7 @@ class Bench:
     def restart(self, metrics_on: bool, otel: dict[str, str]) -> None:
         """The gateway, the consumer and the relay again, with metrics on or off and
         these OTEL_* variables (tracing on when any is given)."""
-        self.note_memory()
-        terminate([p for p in (self.gateway, self.consumer, self.relay) if p], 30)
+        self.stop_services()
         settings = self.settings.replace(metrics_enabled=metrics_on).environ()
         base = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **otel}
         self.consumer = start_service("consumer", settings, self.log, base)
@@ -389,7 +399,7 @@ class Bench:
         for run in runs:
             rows.append(
                 (
-                    f"sustained (wrk, 10 s), {run['name']}",
+                    f"sustained (wrk, 10 s, median of 3), {run['name']}",
                     f"{run['rate']:,.0f} claims/s = {run['rate'] / bare['rate']:.2f}x the bare run"
                     f" (p99 {run['p99_ms']:.0f} ms), CPU {run['cpu_ms_per_claim']:.3f} ms a"
                     f" claim, {run['spans_per_claim']:.1f} spans exported a claim",

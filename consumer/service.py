@@ -133,6 +133,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     finally:
         if sampling is not None:
             sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
         endpoint.close()
         if connection is not None:
             await _bounded(connection.close(), "broker connection")

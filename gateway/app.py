@@ -162,6 +162,7 @@ def _sampler(
             return
         m.sample_pool(app[REPOSITORY].pool_stats())
         m.breaker_open.set(1 if publisher.breaker_open else 0)
+        m.in_flight.set(app[CLAIMS].in_flight)
         m.held.set(admission.holding() if admission is not None else 0)
 
     return sample

@@ -68,20 +68,17 @@ class Claims:
         if self._in_flight >= self._max_in_flight:
             raise Overloaded("too many claims in flight; retry shortly")
         self._in_flight += 1
-        self._metrics.in_flight.inc()
         try:
             return await self._submit(command, replayable)
         finally:
             self._in_flight -= 1
-            self._metrics.in_flight.dec()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
     def _answered(self, result: ClaimResult | None, path: str) -> ClaimResult | None:
-        outcome = result.outcome.code if result is not None else "pending"
-        self._metrics.claims.labels(outcome, path).inc()
+        self._metrics.claim_answered(result.outcome.code if result else "pending", path)
         return result
 
     async def _submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:

@@ -73,8 +73,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     if metrics is not None and metrics.enabled:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        metrics.http_requests.labels(route, request.method, str(response.status)).inc()
-        metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - started)
+        metrics.request_done(route, request.method, response.status, time.perf_counter() - started)
         if ERROR_CODE in request:
             metrics.http_errors.labels(request[ERROR_CODE]).inc()
     return response

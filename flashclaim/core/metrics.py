@@ -39,6 +39,7 @@ from prometheus_client import (
 )
 
 from flashclaim import __version__
+from flashclaim.core import tracing
 from flashclaim.core.messages import Outcome
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ class GatewayMetrics(_Set):
             [(o, p) for o in CLAIM_OUTCOMES for p in PATHS],
         )
         self.in_flight = self._gauge(
-            "flashclaim_claims_in_flight", "Claims being handled now.", mode="livesum"
+            "flashclaim_claims_in_flight",
+            "Claims being handled now (read every second).",
+            mode="livesum",
         )
         self.held = self._gauge(
             "flashclaim_claims_held",
@@ -190,6 +193,26 @@ class GatewayMetrics(_Set):
             "1 while the broker circuit breaker of a gateway worker is open.",
             mode="liveall",
         )
+        # Children by label values, looked up once: a request records a few figures,
+        # and prometheus-client's labels() takes a lock and builds a tuple each time.
+        self._claims = {(o, p): self.claims.labels(o, p) for o in CLAIM_OUTCOMES for p in PATHS}
+        self._requests: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def claim_answered(self, outcome: str, path: str) -> None:
+        child = self._claims.get((outcome, path))
+        if child is not None:
+            child.inc()
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._requests.get(key)
+        if children is None:
+            children = self._requests[key] = (
+                self.http_requests.labels(route, method, str(status)),
+                self.http_duration.labels(route, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class ConsumerMetrics(_Set):
@@ -343,9 +366,10 @@ async def sample_every(
     while not stop.is_set():
         for i, sampler in enumerate(samplers):
             try:
-                done = sampler()
-                if done is not None:
-                    await done
+                with tracing.untraced():
+                    done = sampler()
+                    if done is not None:
+                        await done
             except Exception as exc:
                 if i not in failing:
                     log.warning("metrics sample failed", extra={"error": repr(exc)})

@@ -25,8 +25,9 @@ How a claim's context travels (W3C ``traceparent``):
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -100,6 +101,19 @@ def enabled() -> bool:
     return _state["enabled"]
 
 
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """No span for the database and Redis calls in this block (housekeeping: gauges read
+    every few seconds would each be a trace of their own)."""
+    if not _state["enabled"]:
+        yield
+        return
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    with suppress_instrumentation():
+        yield
+
+
 def tracer() -> Tracer:
     return trace.get_tracer(TRACER)
 
@@ -157,5 +171,6 @@ __all__ = [
     "install",
     "links",
     "tracer",
+    "untraced",
     "wanted",
 ]
