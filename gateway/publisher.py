@@ -70,10 +70,11 @@ class ClaimPublisher:
         return bool(self._breaker.opened)
 
     async def _publish(self, commands: Sequence[ClaimCommand]) -> None:
-        if not tracing.enabled():
+        traced = (tracing.context_of(c.trace) for c in commands if c.trace)
+        contexts = [c for c in traced if c is not None]
+        if not contexts:  # no claim of it is traced (or tracing is off)
             return await self._send(commands)
-        # A child of the first claim's trace, linked to every claim it carries.
-        contexts = [tracing.context_of(c.trace) for c in commands]
+        # A child of the first traced claim's trace, linked to every traced claim.
         with tracing.tracer().start_as_current_span(
             f"{self._exchange.name} publish",
             context=contexts[0],

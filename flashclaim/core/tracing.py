@@ -12,6 +12,8 @@ headers, resource attributes, ``OTEL_SERVICE_NAME``) is the SDK's own reading of
 How a claim's context travels (W3C ``traceparent``):
 
 - the gateway's server span continues a ``traceparent`` the client sent;
+- sampling is decided there, once (``OTEL_TRACES_SAMPLER``): only a sampled claim's
+  context travels on, so a claim that is not traced costs no span after the gateway's;
 - the claim command carries that span's context: as the ``traceparent`` header of a
   message carrying one claim, in each claim of a message carrying several (each claim
   keeps its own trace, whatever message it rides in);
@@ -37,6 +39,7 @@ TRACER = "flashclaim"
 # A batch links to each claim it applies (at most BATCH_SIZE, 200 by default).
 MAX_LINKS = 2_000
 _state = {"enabled": False}
+_tracers: list[Tracer] = []
 
 
 def wanted(environ: Mapping[str, str] | None = None) -> bool:
@@ -90,6 +93,8 @@ def install(provider: trace.TracerProvider) -> None:
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
     trace.set_tracer_provider(provider)
+    # Looked up once: the provider builds and compares a scope at every get_tracer().
+    _tracers.clear()
     if not PsycopgInstrumentor().is_instrumented_by_opentelemetry:
         PsycopgInstrumentor().instrument(skip_dep_check=True)
     if not RedisInstrumentor().is_instrumented_by_opentelemetry:
@@ -115,12 +120,15 @@ def untraced() -> Iterator[None]:
 
 
 def tracer() -> Tracer:
-    return trace.get_tracer(TRACER)
+    if not _tracers:
+        _tracers.append(trace.get_tracer(TRACER))
+    return _tracers[0]
 
 
 def current_traceparent() -> str | None:
-    """The current span's context as a ``traceparent`` value (``None`` when off)."""
-    if not _state["enabled"]:
+    """The current span's context as a ``traceparent`` value, if it is sampled (``None``
+    when off or not sampled: what follows a claim that is not traced makes no span)."""
+    if not _state["enabled"] or not trace.get_current_span().get_span_context().trace_flags.sampled:
         return None
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
@@ -128,11 +136,13 @@ def current_traceparent() -> str | None:
 
 
 def context_of(traceparent: str | None) -> Context | None:
-    """The remote context a ``traceparent`` names (``None`` if none or malformed)."""
+    """The remote context a ``traceparent`` names (``None`` if none, malformed or not
+    sampled)."""
     if not traceparent:
         return None
     ctx = propagate.extract({"traceparent": traceparent})
-    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+    remote = trace.get_current_span(ctx).get_span_context()
+    return ctx if remote.is_valid and remote.trace_flags.sampled else None
 
 
 def extract(headers: Mapping[str, str]) -> Context:
