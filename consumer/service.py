@@ -12,6 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
+from consumer.slots import ConsumerSlot
 from consumer.worker import ClaimWorker, WorkerPolicy
 from flashclaim.core import broker, metrics
 from flashclaim.core.db import create_pool, opened, queries
@@ -60,6 +61,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     figures = metrics.ConsumerMetrics(settings.metrics_enabled)
     endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)
     sampling: asyncio.Task[None] | None = None
+    slot: ConsumerSlot | None = None
     try:
         if not await unless_stopped(opened(pool), stop):
             return
@@ -74,8 +76,14 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         channel = await connection.channel(on_return_raises=True)
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel)
+        index: int | None
+        if isinstance(settings.consumer_index, int):
+            index = settings.consumer_index
+        else:  # "auto": a slot no running consumer holds
+            slot = ConsumerSlot(settings.database_url, settings.namespace, settings.consumer_count)
+            index = await slot.take()
         mine = [
-            p % settings.consumer_count == settings.consumer_index
+            index is not None and p % settings.consumer_count == index
             for p in range(topology.partitions)
         ]
         receiver = BatchReceiver(
@@ -138,6 +146,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         endpoint.close()
         if connection is not None:
             await _bounded(connection.close(), "broker connection")
+        if slot is not None:
+            await _bounded(slot.release(), "consumer slot")
         await _bounded(redis.aclose(), "redis")
         await _bounded(pool.close(timeout=2.0), "database pool")
         log.info("consumer stopped")

@@ -11,6 +11,8 @@ command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/lib/rabbitmq/bin/rabbitm
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+# `kubectl kustomize` renders deploy/k8s in the tests (any kubectl will do).
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 # `make run` shows live metrics in a Prometheus of its own; the tests check its rules.
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
   || missing+=(prometheus)

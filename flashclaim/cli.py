@@ -107,6 +107,16 @@ def _topology_apply(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology_definitions(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from flashclaim.core.policies import definitions
+
+    document = definitions(settings.topology(), args.broker_major, args.vhost)
+    print(json.dumps(document, indent=2))
+    return 0
+
+
 def _stack(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim.devtools import devstack
 
@@ -212,13 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     _command(schema, "status", _schema, "list the pending migrations; exit 1 if any", "schema")
 
     topology = sub.add_parser("topology", help="RabbitMQ exchanges, queues and policies")
+    actions = topology.add_subparsers(dest="action", required=True, metavar="ACTION")
     _command(
-        topology.add_subparsers(dest="action", required=True, metavar="ACTION"),
+        actions,
         "apply",
         _topology_apply,
         "declare them and set the policies (idempotent)",
         "topology",
     )
+    p = _command(
+        actions,
+        "definitions",
+        _topology_definitions,
+        "print them as a RabbitMQ definitions file (for load_definitions; no users)",
+        "topology",
+    )
+    p.add_argument("--broker-major", type=int, default=4, help="RabbitMQ major version (4)")
+    p.add_argument("--vhost", default="/")
 
     from flashclaim.devtools.devstack import PROFILES
 

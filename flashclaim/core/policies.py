@@ -35,7 +35,7 @@ import aiohttp
 
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.settings import Settings
-from flashclaim.core.topology import Topology
+from flashclaim.core.topology import WEIGHT, Topology
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +139,72 @@ async def apply_configured(settings: Settings) -> list[Policy]:
     return await Management(settings.amqp_management_url, settings.amqp_url).apply(
         settings.topology()
     )
+
+
+def definitions(topology: Topology, broker_major_version: int, vhost: str = "/") -> dict[str, Any]:
+    """The topology and its policies as a RabbitMQ definitions document (what
+    ``rabbitmqctl import_definitions`` and ``load_definitions`` read): the same
+    exchanges, queues, bindings and policies that :meth:`Topology.declare` and
+    :func:`policies` make, for a broker whose topology is set before any consumer runs
+    (``flashclaim topology definitions``). Users are not in it: they are the
+    deployment's secrets."""
+    durable: dict[str, Any] = {"vhost": vhost, "durable": True, "auto_delete": False}
+    exchanges = [
+        {
+            **durable,
+            "name": topology.dead_letter_exchange,
+            "type": "fanout",
+            "internal": False,
+            "arguments": {},
+        },
+        {
+            **durable,
+            "name": topology.commands_exchange,
+            "type": "x-consistent-hash",
+            "internal": False,
+            "arguments": {},
+        },
+        {
+            **durable,
+            "name": topology.events_exchange,
+            "type": "topic",
+            "internal": False,
+            "arguments": {},
+        },
+    ]
+    queues = [{**durable, "name": topology.claims_dlq, "arguments": {"x-queue-type": "quorum"}}]
+    queues += [
+        {**durable, "name": name, "arguments": topology.claims_queue_arguments()}
+        for name in topology.claims_queues
+    ]
+    bindings = [
+        {
+            "vhost": vhost,
+            "source": topology.dead_letter_exchange,
+            "destination": topology.claims_dlq,
+            "destination_type": "queue",
+            "routing_key": "",
+            "arguments": {},
+        },
+    ]
+    bindings += [
+        {
+            "vhost": vhost,
+            "source": topology.commands_exchange,
+            "destination": name,
+            "destination_type": "queue",
+            "routing_key": WEIGHT,
+            "arguments": {},
+        }
+        for name in topology.claims_queues
+    ]
+    return {
+        "vhosts": [{"name": vhost}],
+        "exchanges": exchanges,
+        "queues": queues,
+        "bindings": bindings,
+        "policies": [
+            {"vhost": vhost, "name": p.name, **p.body()}
+            for p in policies(topology, broker_major_version)
+        ],
+    }

@@ -12,11 +12,13 @@ Keys (``<ns>`` is the namespace setting):
 
 from __future__ import annotations
 
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 
 from flashclaim.core.messages import ClaimResult
 
@@ -42,12 +44,83 @@ return #KEYS
 """
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelAddress:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/master[/db]``: the
+    Sentinels to ask, the name of the master they watch, and the database."""
+
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelAddress:
+        rest = url.removeprefix(f"{SENTINEL_SCHEME}://")
+        credentials, _, rest = rest.rpartition("@")
+        hosts, _, path = rest.partition("/")
+        parts = [p for p in path.split("/") if p]
+        if not hosts or not parts:
+            raise ValueError(f"not a {SENTINEL_SCHEME} URL (host:port,.../master[/db]): {url!r}")
+        sentinels = []
+        for host in hosts.split(","):
+            name, _, port = host.rpartition(":")
+            sentinels.append((name or host, int(port) if name else 26379))
+        username, _, password = credentials.partition(":") if credentials else ("", "", "")
+        return cls(
+            sentinels,
+            urllib.parse.unquote(parts[0]),
+            int(parts[1]) if len(parts) > 1 else 0,
+            urllib.parse.unquote(username) or None,
+            urllib.parse.unquote(password) or None,
+        )
+
+
+class _SentinelMaster(aioredis.Redis):
+    """The master's client, closing the Sentinels' own connections with its own."""
+
+    watchers: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.watchers is not None:
+            for client in self.watchers.sentinels:
+                await client.aclose()
+
+
 def redis_client(url: str, max_connections: int = 64) -> aioredis.Redis:
     """A Redis client whose requests wait (up to 2 s) for a free connection.
 
     The default pool refuses outright once it has opened its maximum of connections,
-    which under a burst of claims turns into needless failures.
+    which under a burst of claims turns into needless failures. A ``redis+sentinel://``
+    URL asks Sentinel for the master, and again after a failover (the pool then
+    reconnects to the new master).
     """
+    if url.startswith(f"{SENTINEL_SCHEME}://"):
+        address = SentinelAddress.parse(url)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            address.sentinels,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            # The Sentinels themselves take the same password, if any.
+            sentinel_kwargs={"password": address.password} if address.password else None,
+        )
+        master: _SentinelMaster = sentinel.master_for(
+            address.master,
+            redis_class=_SentinelMaster,
+            db=address.db,
+            username=address.username,
+            password=address.password,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            max_connections=max_connections,
+        )
+        master.watchers = sentinel
+        return master
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,

@@ -115,7 +115,9 @@ class Settings(BaseModel):
     # p % n == i at once, and the others after STANDBY_DELAY_SECONDS, as a stand-by
     # that the broker switches to if their consumer goes away.
     consumer_count: Positive = 1
-    consumer_index: NonNegative = 0
+    # "auto": the lowest slot no running consumer holds (consumer/slots.py), for
+    # consumers started as identical replicas.
+    consumer_index: NonNegative | Literal["auto"] = 0
     standby_delay_seconds: Seconds = 2.0
     # Messages a consumer takes at once, and (about) the claims it applies in one
     # transaction: a message carrying more is applied in a transaction of its own.
@@ -165,7 +167,7 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.consumer_index >= self.consumer_count:
+        if isinstance(self.consumer_index, int) and self.consumer_index >= self.consumer_count:
             raise ValueError(f"{PREFIX}CONSUMER_INDEX must be from 0 to CONSUMER_COUNT - 1")
         if self.delivery_limit < self.max_attempts:
             raise ValueError(f"{PREFIX}DELIVERY_LIMIT must be at least {PREFIX}MAX_ATTEMPTS")

@@ -33,7 +33,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 # Routing key of dead letters the consumer publishes (the fanout exchange ignores it).
 CLAIM_ROUTING_KEY = "claim"
 # Each partition queue's weight on the consistent-hash exchange.
-_WEIGHT = "1"
+WEIGHT = "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ class Topology:
             queue = await channel.declare_queue(
                 name, durable=True, arguments=self.claims_queue_arguments()
             )
-            await queue.bind(commands, _WEIGHT)
+            await queue.bind(commands, WEIGHT)
             queues.append(queue)
         return Declared(commands, queues, dlx, dlq)
 
