@@ -102,6 +102,7 @@ def _stream(primary: Postgres, standby: Postgres) -> None:
             "-D", str(standby.data),
             "-R",  # standby.signal and primary_conninfo: a streaming standby
             "-X", "stream",
+            "--checkpoint=fast",  # not a spread checkpoint: minutes on an idle server
             "--no-sync",
         ],
         user=primary.user,
