@@ -31,71 +31,67 @@ def _name(*parts: str) -> str:
 
 
 def topology_resources(document: dict[str, Any], cluster: str = CLUSTER) -> list[dict[str, Any]]:
-    ref = {"rabbitmqClusterReference": {"name": cluster}}
-    out: list[dict[str, Any]] = []
-    for e in document["exchanges"]:
-        out.append(
+    def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "apiVersion": API,
+            "kind": kind,
+            "metadata": {"name": _name(kind.lower(), name)},
+            "spec": {**spec, "rabbitmqClusterReference": {"name": cluster}},
+        }
+
+    out = [
+        resource(
+            "Exchange",
+            e["name"],
             {
-                "apiVersion": API,
-                "kind": "Exchange",
-                "metadata": {"name": _name("exchange", e["name"])},
-                "spec": {
-                    "name": e["name"],
-                    "type": e["type"],
-                    "durable": e["durable"],
-                    "autoDelete": e["auto_delete"],
-                    **ref,
-                },
-            }
+                "name": e["name"],
+                "type": e["type"],
+                "durable": e["durable"],
+                "autoDelete": e["auto_delete"],
+            },
         )
+        for e in document["exchanges"]
+    ]
     for q in document["queues"]:
         arguments = {k: v for k, v in q["arguments"].items() if k != "x-queue-type"}
+        spec = {
+            "name": q["name"],
+            "type": q["arguments"].get("x-queue-type", "classic"),
+            "durable": q["durable"],
+            "autoDelete": q["auto_delete"],
+        }
         out.append(
-            {
-                "apiVersion": API,
-                "kind": "Queue",
-                "metadata": {"name": _name("queue", q["name"])},
-                "spec": {
-                    "name": q["name"],
-                    "type": q["arguments"].get("x-queue-type", "classic"),
-                    "durable": q["durable"],
-                    "autoDelete": q["auto_delete"],
-                    **({"arguments": arguments} if arguments else {}),
-                    **ref,
-                },
-            }
+            resource(
+                "Queue", q["name"], {**spec, **({"arguments": arguments} if arguments else {})}
+            )
         )
-    for b in document["bindings"]:
-        out.append(
+    out += [
+        resource(
+            "Binding",
+            f"{b['source']}-{b['destination']}",
             {
-                "apiVersion": API,
-                "kind": "Binding",
-                "metadata": {"name": _name("binding", b["source"], b["destination"])},
-                "spec": {
-                    "source": b["source"],
-                    "destination": b["destination"],
-                    "destinationType": b["destination_type"],
-                    "routingKey": b["routing_key"],
-                    **ref,
-                },
-            }
+                "source": b["source"],
+                "destination": b["destination"],
+                "destinationType": b["destination_type"],
+                "routingKey": b["routing_key"],
+            },
         )
-    for p in document["policies"]:
-        out.append(
+        for b in document["bindings"]
+    ]
+    out += [
+        resource(
+            "Policy",
+            p["name"],
             {
-                "apiVersion": API,
-                "kind": "Policy",
-                "metadata": {"name": _name("policy", p["name"])},
-                "spec": {
-                    "name": p["name"],
-                    "pattern": p["pattern"],
-                    "applyTo": p["apply-to"],
-                    "priority": p["priority"],
-                    "definition": p["definition"],
-                    **ref,
-                },
-            }
+                "name": p["name"],
+                "pattern": p["pattern"],
+                "applyTo": p["apply-to"],
+                "priority": p["priority"],
+                "definition": p["definition"],
+            },
         )
+        for p in document["policies"]
+    ]
     return out
 
 

@@ -15,12 +15,7 @@ import pytest
 
 from flashclaim.core.results import SentinelAddress, redis_client
 from flashclaim.devtools.devstack import Stack
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.acceptance.conftest import free_port
 
 
 @pytest.fixture
@@ -29,7 +24,7 @@ def sentinel(stack: Stack, tmp_path: Path) -> Iterator[int]:
     if stack.redis is None:
         pytest.skip("needs the suite's own Redis")
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "sentinel.conf"
     conf.write_text(
         f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from flashclaim.core.settings import Settings
+from tests.acceptance.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,17 +136,11 @@ def test_the_image_health_check_follows_the_service_pid_1_runs(tmp_path: Path) -
     assert healthcheck.role(cmdline) == "relay"
     cmdline.write_bytes(b"flashclaim\0schema\0apply\0")
     assert healthcheck.role(cmdline) is None
-    settings = Settings().replace(http_port=_closed_port(), metrics_port=_closed_port())
+    settings = Settings().replace(http_port=free_port(), metrics_port=free_port())
     assert not healthcheck.check("gateway", settings)
     assert not healthcheck.check("consumer", settings)
     assert healthcheck.check("consumer", settings.replace(metrics_port=0))
     assert healthcheck.check(None, settings)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- Kubernetes -----------------------------------------------------------------------
