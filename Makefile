@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run stop test lint bench deps venv scenarios lock schema clean
+.PHONY: run stop test test-cluster lint bench deps venv scenarios lock schema clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
@@ -13,7 +13,12 @@ stop: venv  ## stop what a `make run` that was killed left running (pid files in
 	$(BIN)/flashclaim stack stop --profile run
 
 test: deps venv  ## the whole suite, against servers it starts on ports of its own
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not cluster"
+
+# Clustered faults: a node of a three-node RabbitMQ cluster killed, a PostgreSQL primary
+# lost and its standby promoted (about two minutes; CI runs it after `make test`).
+test-cluster: deps venv
+	$(BIN)/pytest -m cluster
 
 lint: venv
 	$(BIN)/ruff check .

@@ -106,19 +106,18 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
 
 async def _claims(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    channel = await app[AMQP].channel(publisher_confirms=True, on_return_raises=True)
-    declared = await s.topology().declare(channel)
-    results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds, s.fast_answer_ttl_seconds)
-    replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
-    await replies.start()
     publisher = ClaimPublisher(
         app[AMQP],
-        declared.commands,
+        s.topology(),
         s.publish_timeout_seconds,
         s.breaker_failure_threshold,
         s.breaker_recovery_seconds,
         app[METRICS],
     )
+    await publisher.open()
+    results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds, s.fast_answer_ttl_seconds)
+    replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
+    await replies.start()
     admission = (
         Admission(app[REPOSITORY].remaining, min(s.claim_hold_seconds, s.claim_wait_seconds))
         if s.claim_hold_seconds > 0
@@ -148,7 +147,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
     await sampling
     await app[CLAIMS].drain()
     await replies.stop()
-    await channel.close()
+    await publisher.close()
 
 
 def _sampler(

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import math
 import time
 from collections.abc import Sequence
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection, HeadersType
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractRobustConnection,
+    HeadersType,
+)
 from circuitbreaker import CircuitBreaker
 
 from flashclaim.core import broker, tracing
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, encode_claims
 from flashclaim.core.metrics import GatewayMetrics
+from flashclaim.core.topology import Topology
+
+log = logging.getLogger(__name__)
+
+# At most one new channel this often, however many publishes a channel refuses.
+RENEW_INTERVAL_SECONDS = 1.0
 
 
 class ClaimPublisher:
@@ -25,12 +38,21 @@ class ClaimPublisher:
     cannot come: when the connection is down, or after ``failure_threshold`` failed
     publishes in a row (the breaker opens for ``recovery_seconds``), the publisher
     refuses at once and the client gets 503 with a Retry-After.
+
+    The publisher owns its channel (:meth:`open`, :meth:`close`). A channel whose
+    publish the broker refused (a nack) is replaced: RabbitMQ 3.10 decides once per
+    channel and quorum queue whether the queue takes messages (it registers the
+    channel as an enqueuer on its first publish), and a channel whose first publish
+    reached a queue that had just lost its leader (a node of the cluster killed) is
+    refused by that queue for as long as it lives, while a new channel is taken at once
+    (``tests/acceptance/test_broker_failover.py``). Command queues have no length limit,
+    so a nack means nothing else.
     """
 
     def __init__(
         self,
         connection: AbstractRobustConnection,
-        exchange: AbstractExchange,
+        topology: Topology,
         timeout: float,
         failure_threshold: int,
         recovery_seconds: float,
@@ -38,7 +60,11 @@ class ClaimPublisher:
     ) -> None:
         self._metrics = metrics or GatewayMetrics(enabled=False)
         self._connection = connection
-        self._exchange = exchange
+        self._topology = topology
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -math.inf
         self._timeout = timeout
         self._breaker = CircuitBreaker(
             failure_threshold=failure_threshold,
@@ -46,6 +72,48 @@ class ClaimPublisher:
             expected_exception=DependencyUnavailable,
             name="broker",
         )
+
+    async def open(self) -> None:
+        """Open the channel (and declare the topology, a no-op if it exists)."""
+        self._channel, self._exchange = await self._new_channel()
+
+    async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def _new_channel(self) -> tuple[AbstractChannel, AbstractExchange]:
+        # on_return_raises: a claim no queue took (no binding) is not accepted.
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            declared = await self._topology.declare(channel)
+        except BaseException:
+            await channel.close()
+            raise
+        return channel, declared.commands
+
+    def _renew_channel(self) -> None:
+        """Replace the channel, in the background, unless that was done a moment ago."""
+        running = self._renewing is not None and not self._renewing.done()
+        if running or time.monotonic() - self._renewed_at < RENEW_INTERVAL_SECONDS:
+            return
+        self._renewed_at = time.monotonic()
+        self._renewing = asyncio.create_task(self._renew(), name="renew publishing channel")
+
+    async def _renew(self) -> None:
+        try:
+            channel, exchange = await self._new_channel()
+        except broker.PUBLISH_FAILURES as exc:  # the connection went: it restores the old
+            log.warning("publishing channel not replaced", extra={"error": repr(exc)})
+            return
+        old, self._channel, self._exchange = self._channel, channel, exchange
+        log.warning("publishing channel replaced after the broker refused a claim")
+        if old is not None:
+            # Publishes still waiting on the old channel get their answer (or an error).
+            await asyncio.gather(old.close(), return_exceptions=True)
 
     async def publish(self, commands: Sequence[ClaimCommand]) -> None:
         """Publish ``commands`` (claims of one coupon, with one reply channel) as one
@@ -76,14 +144,14 @@ class ClaimPublisher:
             return await self._send(commands)
         # A child of the first traced claim's trace, linked to every traced claim.
         with tracing.tracer().start_as_current_span(
-            f"{self._exchange.name} publish",
+            f"{self._topology.commands_exchange} publish",
             context=contexts[0],
             kind=tracing.SpanKind.PRODUCER,
             links=tracing.links(contexts),
             attributes={
                 "messaging.system": "rabbitmq",
                 "messaging.operation.type": "publish",
-                "messaging.destination.name": self._exchange.name,
+                "messaging.destination.name": self._topology.commands_exchange,
                 "messaging.batch.message_count": len(commands),
             },
         ):
@@ -106,6 +174,8 @@ class ClaimPublisher:
             type=CLAIM_EVENT,
             timestamp=dt.datetime.now(dt.UTC),
         )
+        if self._exchange is None:
+            raise DependencyUnavailable("broker", "publisher not open")
         try:
             confirmation = await self._exchange.publish(
                 # Hashed by the exchange: one coupon, one partition.
@@ -114,9 +184,14 @@ class ClaimPublisher:
                 mandatory=True,
                 timeout=self._timeout,
             )
+        except aiormq.exceptions.DeliveryError as exc:  # a nack, or returned (no queue)
+            self._metrics.publish_failures.labels("refused").inc()
+            self._renew_channel()
+            raise DependencyUnavailable("broker", "claim not accepted by the broker") from exc
         except broker.PUBLISH_FAILURES as exc:
             self._metrics.publish_failures.labels("broker_error").inc()
             raise DependencyUnavailable("broker", type(exc).__name__) from exc
         if isinstance(confirmation, aiormq.spec.Basic.Nack | aiormq.spec.Basic.Return):
             self._metrics.publish_failures.labels("refused").inc()
+            self._renew_channel()
             raise DependencyUnavailable("broker", "claim not accepted by the broker")

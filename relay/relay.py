@@ -69,7 +69,13 @@ class Step:
 
 
 class EventPublisher:
-    """Publishes a batch of events in order and tells which the broker confirmed."""
+    """Publishes a batch of events in order and tells which the broker confirmed.
+
+    After a batch the broker refused in part, the next goes out on a new channel (one
+    this publisher opens, and closes): RabbitMQ 3.10 can keep refusing, for the
+    channel's life, a quorum queue that once refused the channel (see
+    gateway/publisher.py), and the refused events' retries would meet the same refusal.
+    """
 
     def __init__(
         self, connection: AbstractRobustConnection, channel: AbstractRobustChannel, exchange: str
@@ -77,6 +83,25 @@ class EventPublisher:
         self._connection = connection
         self._channel = channel
         self._exchange = exchange
+        self._own: AbstractRobustChannel | None = None  # the one this publisher opened
+        self.renewals = 0
+
+    async def close(self) -> None:
+        """Close the channel this publisher opened, if any (not the one it was given)."""
+        if self._own is not None:
+            await self._own.close()
+            self._own = None
+
+    async def _renew(self) -> None:
+        try:
+            channel = await self._connection.channel(publisher_confirms=True)
+        except broker.PUBLISH_FAILURES as exc:  # the connection is being restored
+            log.warning("relay channel not replaced", extra={"error": repr(exc)})
+            return
+        old, self._own, self._channel = self._own, channel, channel
+        self.renewals += 1
+        if old is not None:
+            await asyncio.gather(old.close(), return_exceptions=True)
 
     async def publish(self, events: Sequence[Event], timeout: float) -> list[bool]:
         """Whether each event was confirmed (``False``: the broker refused it); raise
@@ -98,6 +123,8 @@ class EventPublisher:
                 if not ok:
                     span.set_status(tracing.StatusCode.ERROR, "refused by the broker")
                 span.end()
+        if not all(confirmed):
+            await self._renew()
         return confirmed
 
     def _span(self, event: Event) -> Span | None:

@@ -16,8 +16,9 @@ broker applies to existing queues as soon as it changes:
   delivery: without the override, dead letters would vanish after about 20 looks.
   (3.x has no default limit and refuses ``-1``.)
 
-They are applied through the management HTTP API (``FLASHCLAIM_AMQP_MANAGEMENT_URL``)
-by every consumer at start and by ``flashclaim topology apply``; with that setting
+They are applied through the management HTTP API (``FLASHCLAIM_AMQP_MANAGEMENT_URL``;
+of a cluster, any node's: several, as in ``http://host1:15672,host2:15672/``, are tried
+in turn) by every consumer at start and by ``flashclaim topology apply``; with that setting
 empty, the operator applies them (the Messaging Topology Operator's ``Policy``, a
 definitions file, or ``rabbitmqctl set_policy``) and :func:`policies` says what to set.
 """
@@ -34,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from flashclaim.core.errors import DependencyUnavailable
+from flashclaim.core.hosts import split_hosts
 from flashclaim.core.settings import Settings
 from flashclaim.core.topology import WEIGHT, Topology
 
@@ -83,7 +85,7 @@ class Management:
     """The few calls of RabbitMQ's management HTTP API flashclaim needs."""
 
     def __init__(self, management_url: str, amqp_url: str) -> None:
-        amqp = urllib.parse.urlsplit(amqp_url)
+        amqp = urllib.parse.urlsplit(split_hosts(amqp_url)[0])
         api = urllib.parse.urlsplit(management_url)
         self._base = f"{api.scheme}://{api.hostname}:{api.port or 15672}{api.path.rstrip('/')}"
         # Credentials: the management URL's own, else the AMQP URL's (guest by default).
@@ -136,9 +138,19 @@ async def apply_configured(settings: Settings) -> list[Policy]:
     if not settings.amqp_management_url:
         log.info("broker policies are the operator's (FLASHCLAIM_AMQP_MANAGEMENT_URL is empty)")
         return []
-    return await Management(settings.amqp_management_url, settings.amqp_url).apply(
-        settings.topology()
-    )
+    # A policy is the cluster's: any node's API sets it. The first that answers does.
+    apis = split_hosts(settings.amqp_management_url)
+    for i, api in enumerate(apis):
+        try:
+            return await Management(api, settings.amqp_url).apply(settings.topology())
+        except DependencyUnavailable as exc:
+            if i == len(apis) - 1:
+                raise
+            log.warning(
+                "broker management API not reachable; trying the next address",
+                extra={"api": urllib.parse.urlsplit(api).hostname, "error": str(exc)},
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def definitions(topology: Topology, broker_major_version: int, vhost: str = "/") -> dict[str, Any]:

@@ -10,11 +10,13 @@ without patching ``os.environ``; reading the prefixed names is the few lines bel
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,6 +27,7 @@ from pydantic import (
 )
 
 from flashclaim.core.errors import ConfigError
+from flashclaim.core.hosts import split_hosts
 
 if TYPE_CHECKING:
     from flashclaim.core.topology import Topology
@@ -47,6 +50,13 @@ LogLevel = Annotated[
 ]
 
 
+def _hosts(url: str) -> str:
+    """A URL naming one server or several (flashclaim/core/hosts.py)."""
+    if url:
+        split_hosts(url)  # ValueError: pydantic reports it against the variable
+    return url
+
+
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -61,11 +71,14 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     database_url: str = "postgresql://flashclaim@127.0.0.1:55432/flashclaim"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:55672/"
+    # A cluster's nodes as one URL with several hosts, "amqp://u:p@h1:5672,h2:5672/":
+    # each connection attempt tries them in turn (flashclaim/core/broker.py).
+    amqp_url: Annotated[str, AfterValidator(_hosts)] = "amqp://guest:guest@127.0.0.1:55672/"
     # RabbitMQ's management HTTP API, through which consumers set the queues' policies
     # (delivery limit, dead-lettering) at start; credentials default to the AMQP URL's.
-    # Empty: the operator sets them (see flashclaim/core/policies.py).
-    amqp_management_url: str = "http://127.0.0.1:55673/"
+    # Several hosts are tried in turn, as for AMQP. Empty: the operator sets them (see
+    # flashclaim/core/policies.py).
+    amqp_management_url: Annotated[str, AfterValidator(_hosts)] = "http://127.0.0.1:55673/"
     redis_url: str = "redis://127.0.0.1:56379/0"
     # Prefix of every exchange, queue and Redis key, so that several deployments (or
     # test runs) can share one broker and one Redis.
@@ -238,6 +251,8 @@ def _explain(exc: ValidationError) -> str:
         shown = (
             "(hidden)" if name in ("admin_token", "idempotency_secret") else repr(error["input"])
         )
+        if name.endswith("_url"):  # the password of a URL is not shown either
+            shown = re.sub(r"(://[^/?#@:]*:)[^/?#]*@", r"\1***@", shown)
         if error["type"] == "extra_forbidden":
             problems.append(f"no such setting: {name}")
         else:

@@ -364,11 +364,16 @@ class RabbitMQ(Server):
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
+    @property
+    def node(self) -> str:
+        """The Erlang node name (``rabbitmqctl -n``, cluster membership)."""
+        return f"flashclaim{self.port}@localhost"
+
     def env(self) -> dict[str, str]:
         h = self.home
         return {
             "HOME": str(h),  # where the Erlang cookie lives
-            "RABBITMQ_NODENAME": f"flashclaim{self.port}@localhost",
+            "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.ports.erlang_dist),
@@ -407,22 +412,23 @@ class RabbitMQ(Server):
         there: a node killed before it was saved brings a queue declared moments earlier
         back empty and without a leader (rabbitmq-server issues #10007, #10070). A crash
         test calls this first, so that it tests flashclaim, not that window."""
+        self.ctl("eval", "[dets:sync(T) || T <- dets:all()].")
+
+    def ctl(self, *args: str, tool: str = "rabbitmqctl", timeout: float = 60) -> str:
+        """``rabbitmqctl`` (or another of the broker's tools) on this node; its output."""
         cookie = (self.home / ".erlang.cookie").read_text().strip()
-        subprocess.run(
-            [
-                _bin("/usr/lib/rabbitmq/bin/rabbitmqctl", "rabbitmqctl"),
-                "--erlang-cookie",
-                cookie,
-                "-n",
-                self.env()["RABBITMQ_NODENAME"],
-                "eval",
-                "[dets:sync(T) || T <- dets:all()].",
-            ],
+        command = [_bin(f"/usr/lib/rabbitmq/bin/{tool}", tool), "--erlang-cookie", cookie]
+        result = subprocess.run(
+            [*command, "-n", self.node, *args],
             env={**os.environ, **self.env()},
             capture_output=True,
-            check=True,
-            timeout=60,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
+        if result.returncode != 0:
+            raise StackError(f"{tool} {' '.join(args)} on {self.node}: {result.stderr.strip()}")
+        return result.stdout
 
     def shutdown_epmd(self) -> None:
         epmd = shutil.which("epmd") or next(

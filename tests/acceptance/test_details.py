@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.parse
 import uuid
 
 import aiohttp
 
+from flashclaim.core.policies import PRIORITY, policies
 from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import Services, free_port
 from tests.acceptance.test_contract import call, claim, create
@@ -226,3 +229,81 @@ async def test_a_claim_whose_confirm_timed_out_is_still_one_claim(
         assert coupon["remaining_amount"] == 4
     finally:
         broker.close()
+
+
+async def test_a_refused_claim_is_503_and_the_next_goes_out_on_a_new_channel(
+    services: Services, http: aiohttp.ClientSession, settings: Settings, coupon_name: str
+) -> None:
+    """The broker nacks a claim (here an operator's policy limits the command queues to
+    one waiting message, with no consumer to take it): 503, and the gateway opens a new
+    channel for the claims after it. RabbitMQ 3.10 can keep refusing a channel that a
+    quorum queue once refused, after the queue takes messages again (a queue that lost
+    its leader does this to a channel that published during the election): a new
+    channel is asked afresh."""
+    await services.start_gateway(
+        instance_id=f"gateway-{settings.namespace}",
+        breaker_failure_threshold=100,
+        claim_wait_seconds=0.2,
+    )
+    await create(http, services, coupon_name, 10)
+    ns = settings.namespace
+    api = urllib.parse.urlsplit(settings.amqp_management_url)
+    base = f"http://{api.hostname}:{api.port}/api"
+    auth = {"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="}  # guest:guest
+
+    async def channels() -> set[int]:
+        """The numbers of the gateway's open channels, as the broker lists them."""
+        async with http.get(f"{base}/connections", headers=auth) as r:
+            named = [
+                c["name"]
+                for c in await r.json()
+                if ns in c["client_properties"].get("connection_name", "")
+            ]
+        if len(named) != 1:  # not listed yet
+            return set()
+        path = urllib.parse.quote(named[0], safe="")
+        async with http.get(f"{base}/connections/{path}/channels", headers=auth) as r:
+            return {c["number"] for c in await r.json()}
+
+    async def eventually(expected: set[int]) -> None:
+        for _ in range(50):  # the broker's lists refresh every second here
+            if await channels() == expected:
+                return
+            await asyncio.sleep(0.1)
+        assert await channels() == expected
+
+    await eventually({1})
+    policy = f"{base}/policies/%2F/{ns}.full"
+    full = {
+        "pattern": rf"^{re.escape(ns)}\.claims\.[0-9]+$",
+        "apply-to": "queues",
+        "priority": PRIORITY + 1,  # over flashclaim's own
+        "definition": {**policies(settings.topology(), 3)[0].definition, "max-length": 1},
+    }
+    async with http.put(policy, json=full, headers=auth) as r:
+        assert r.status in (201, 204), await r.text()
+    try:
+        for i in range(50):  # 202 (queued, no consumer) until the queue is full
+            status, body, _ = await claim(http, services, f"early_{i}", coupon_name)
+            if status == 503:
+                break
+            assert status == 202, body
+            await asyncio.sleep(0.1)
+        assert (status, body["code"]) == (503, "service_unavailable"), body
+        assert "claim not accepted by the broker" in body["error"]
+        await eventually({2})  # a new channel; the refused one closed
+    finally:
+        async with http.delete(policy, headers=auth) as r:
+            assert r.status == 204, await r.text()
+        async with http.delete(f"{base}/queues/%2F/{ns}.claims.0/contents", headers=auth):
+            pass
+    for i in range(50):
+        status, body, _ = await claim(http, services, f"after_{i}", coupon_name)
+        if status != 503:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 202, body  # accepted (nothing consumes here)
+    async with http.get(f"{services.base_url}/metrics") as r:
+        figures = await r.text()
+    refused = re.search(r'flashclaim_publish_failures_total\{reason="refused"\} (\S+)', figures)
+    assert refused is not None and float(refused[1]) >= 1, figures

@@ -227,6 +227,7 @@ async def test_refused_events_are_retried_then_failed_and_an_operator_retries_th
     relay = relay_for(own_settings, own_pool, channel, max_attempts=2, retry_seconds=0.2)
     step = await relay.step()
     assert (step.sent, step.refused, step.failed) == (0, 1, 0)
+    assert relay.publisher.renewals == 1  # the next batch goes out on a new channel
     assert (await relay.step()).taken == 0  # backing off
     await asyncio.sleep(0.3)
     step = await relay.step()
@@ -246,6 +247,8 @@ async def test_refused_events_are_retried_then_failed_and_an_operator_retries_th
     assert (await relay.step()).sent == 1
     assert json.loads((await drain(queue, 1))[0].body)["type"] == "coupon.created"
     assert outbox_cli(own_settings, "retry", "--all").returncode == 1  # nothing left
+    assert relay.publisher.renewals == 2  # one a refused batch
+    await relay.publisher.close()
 
 
 async def test_sent_events_are_pruned_after_the_retention_period(

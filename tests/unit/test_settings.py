@@ -41,6 +41,8 @@ def test_values_are_read_with_the_prefix_and_typed() -> None:
         ({"FLASHCLAIM_LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD'"),
         ({"FLASHCLAIM_CONSUMER_INDEX": "2", "FLASHCLAIM_CONSUMER_COUNT": "2"}, "CONSUMER_INDEX"),
         ({"FLASHCLAIM_ADMIN_TOKEN": "short"}, "ADMIN_TOKEN must be at least 32"),
+        ({"FLASHCLAIM_AMQP_URL": "127.0.0.1:5672"}, "AMQP_URL='127.0.0.1:5672': not a URL"),
+        ({"FLASHCLAIM_AMQP_MANAGEMENT_URL": "http://a,,b/"}, "MANAGEMENT_URL=.*empty host"),
     ],
 )
 def test_bad_values_fail_clearly(env: dict[str, str], message: str) -> None:
@@ -62,6 +64,20 @@ def test_every_bad_variable_is_named_at_once_and_secrets_are_not_shown() -> None
     assert "s3cret" not in message
     assert Settings.from_env({"FLASHCLAIM_LOG_LEVEL": "debug"}).log_level == "DEBUG"
     assert "s3cret" not in repr(Settings.from_env({"FLASHCLAIM_ADMIN_TOKEN": 8 * "s3cret"}))
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"FLASHCLAIM_AMQP_URL": "amqp://flashclaim:s3cret@h1,,h2/"})
+    assert "s3cret" not in str(caught.value) and "flashclaim:***@h1" in str(caught.value)
+
+
+def test_a_cluster_is_one_url_with_several_hosts() -> None:
+    s = Settings.from_env(
+        {
+            "FLASHCLAIM_AMQP_URL": "amqp://u:p@10.0.0.1:5672,10.0.0.2:5672/",
+            "FLASHCLAIM_AMQP_MANAGEMENT_URL": "http://10.0.0.1:15672,10.0.0.2:15672/",
+        }
+    )
+    assert s.amqp_url == "amqp://u:p@10.0.0.1:5672,10.0.0.2:5672/"
+    assert Settings.from_env({"FLASHCLAIM_AMQP_MANAGEMENT_URL": ""}).amqp_management_url == ""
 
 
 def test_settings_given_to_a_process_are_read_back_unchanged() -> None:

@@ -1,0 +1,234 @@
+"""A RabbitMQ node of three killed mid-load: the command and dead-letter queues are
+quorum queues with a member on every node, so the two nodes left elect new leaders, and
+the gateway and the consumer, connected with a URL listing the three nodes, reconnect to
+one of them and carry on. The node then comes back and rejoins, and the usual audit
+holds. The test prints how long clients saw 503 and 202 during the failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from flashclaim.devtools.devstack import Ports, RabbitMQ, Stack
+from tests.acceptance.conftest import Services, free_port
+from tests.acceptance.load import Load, verify
+from tests.acceptance.probes import probe
+from tests.conftest import make_settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+GUEST = {"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="}  # guest:guest
+
+
+@dataclass
+class Cluster:
+    """Three RabbitMQ nodes on loopback, one Erlang cookie, joined into one cluster."""
+
+    nodes: list[RabbitMQ]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return f"amqp://guest:guest@{hosts}/"
+
+    @property
+    def management_url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{n.ports.management}" for n in self.nodes)
+        return f"http://{hosts}/"
+
+    def running(self, seen_from: RabbitMQ) -> set[str]:
+        status = json.loads(seen_from.ctl("cluster_status", "--formatter", "json"))
+        return set(status["running_nodes"])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.kill()
+        self.nodes[0].shutdown_epmd()
+
+
+def cluster(root: Path) -> Cluster:
+    """Three nodes started side by side; the second and third join the first."""
+    epmd = free_port()  # one port mapper for the three, as on one host
+    nodes = []
+    for i in range(3):
+        ports = Ports(0, free_port(), free_port(), free_port(), free_port(), epmd, 0, 0, 0)
+        node = RabbitMQ(root / f"node{i}", ports, fast=True)
+        shutil.rmtree(node.home, ignore_errors=True)
+        node.home.mkdir(parents=True)
+        cookie = node.home / ".erlang.cookie"
+        cookie.write_text("FLASHCLAIMCLUSTERTEST")
+        cookie.chmod(0o400)
+        nodes.append(node)
+    made = Cluster(nodes)
+    try:
+        starting = [threading.Thread(target=node.start) for node in nodes]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        for node in nodes:
+            assert node.proc is not None and node.proc.poll() is None, node.log_path
+        for node in nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", nodes[0].node)
+            node.ctl("start_app")
+        assert made.running(nodes[0]) == {n.node for n in nodes}
+    except BaseException:
+        made.stop()
+        raise
+    return made
+
+
+@pytest.fixture
+def broker_cluster(stack: Stack) -> Iterator[Cluster]:
+    if stack.rabbitmq is None:
+        pytest.skip("starts RabbitMQ nodes of its own")
+    made = cluster(stack.root / "broker-cluster")
+    yield made
+    made.stop()
+
+
+async def api(http: aiohttp.ClientSession, node: RabbitMQ, path: str) -> Any:
+    async with http.get(f"{node.management_url}api/{path}", headers=GUEST) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def queue_view(http: aiohttp.ClientSession, node: RabbitMQ, name: str) -> dict[str, Any]:
+    view: dict[str, Any] = await api(http, node, f"queues/%2F/{urllib.parse.quote(name, safe='')}")
+    return view
+
+
+async def connected_to(http: aiohttp.ClientSession, node: RabbitMQ, tag: str) -> dict[str, str]:
+    """The node of each connection whose name has ``tag`` (``gateway <instance id>``...),
+    as the cluster (seen from ``node``) knows them."""
+    connections = await api(http, node, "connections")
+    names = {c["client_properties"].get("connection_name", ""): c["node"] for c in connections}
+    return {name: where for name, where in names.items() if tag in name}
+
+
+async def until(check: Any, timeout: float, what: str) -> float:
+    """Poll the async ``check`` until it is true; the seconds it took."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.25)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+async def cluster_services(broker_cluster: Cluster, stack: Stack) -> AsyncIterator[Services]:
+    # A short claim wait: the probes see 202s within the failover, not after it.
+    settings = make_settings(stack, f"b{uuid.uuid4().hex[:12]}").replace(
+        amqp_url=broker_cluster.url,
+        amqp_management_url=broker_cluster.management_url,
+        claim_wait_seconds=2.0,
+    )
+    services = Services(settings)
+    services.start_consumer(instance_id=f"consumer-{settings.namespace}")
+    await services.start_gateway(instance_id=f"gateway-{settings.namespace}")
+    yield services
+    services.stop()
+
+
+async def test_the_node_leading_the_queues_killed_mid_load(
+    broker_cluster: Cluster, cluster_services: Services, http: aiohttp.ClientSession
+) -> None:
+    services = cluster_services
+    topology = services.settings.topology()
+    queues = [*topology.claims_queues, topology.claims_dlq]
+    first, *others = broker_cluster.nodes
+    every = {n.node for n in broker_cluster.nodes}
+    tag = topology.namespace  # in the instance ids, so in the connections' names
+
+    async def replicated() -> bool:
+        views = [await queue_view(http, first, q) for q in queues]
+        return all(set(v.get("online", [])) == every for v in views)
+
+    # The consumer declared the queues through its connection to the first node listed:
+    # each has a member on every node, and the first node leads them all.
+    await until(replicated, 30, "every queue has a member online on every node")
+    leaders = {q: (await queue_view(http, first, q))["leader"] for q in queues}
+    assert set(leaders.values()) == {first.node}, leaders
+
+    async def on_first() -> bool:  # the management API lists connections within a second
+        now = await connected_to(http, first, tag)
+        return len(now) == 2 and set(now.values()) == {first.node}
+
+    await until(on_first, 10, "gateway and consumer connected to the first node")
+    for node in broker_cluster.nodes:  # see RabbitMQ.flush_metadata: test flashclaim
+        await asyncio.to_thread(node.flush_metadata)
+
+    load = await Load(services, http, claims=2000, coupons=10, stock=150).start()
+    async with http.post(
+        f"{services.base_url}/api/coupons",
+        json={"name": f"PROBE_{uuid.uuid4().hex[:8]}", "amount": 10_000},
+    ) as r:
+        assert r.status == 201
+        probe_coupon = (await r.json())["name"]
+    await load.reached(0.2)
+    stop = asyncio.Event()
+    probing = asyncio.ensure_future(probe(http, services, probe_coupon, stop))
+    await asyncio.sleep(0.5)
+    killed = time.monotonic()
+    await asyncio.to_thread(first.kill)  # SIGKILL: the leader of every queue, and the
+    # node both services are connected to
+
+    async def moved() -> bool:
+        now = await connected_to(http, others[0], tag)
+        return len(now) == 2 and set(now.values()) <= {n.node for n in others}
+
+    async def led() -> bool:  # a leader elected among the survivors, for every queue
+        views = [await queue_view(http, others[0], q) for q in queues]
+        return all(v.get("leader") in {n.node for n in others} for v in views)
+
+    reconnected = await until(moved, 30, "gateway and consumer on a surviving node")
+    elected = await until(led, 30, "every queue led by a surviving node") + reconnected
+    answers = await load.finish()
+    await asyncio.sleep(1)
+    stop.set()
+    reads, claims = await probing
+
+    # The node comes back with its data, rejoins the cluster, and its queue members
+    # come back online (followers now).
+    restarted = time.monotonic()
+    await asyncio.to_thread(first.start)
+
+    async def rejoined() -> bool:
+        if broker_cluster.running(others[0]) != every:
+            return False
+        views = [await queue_view(http, others[0], q) for q in queues]
+        return all(set(v.get("online", [])) == every for v in views)
+
+    rejoin = await until(rejoined, 90, "the restarted node back in the cluster and its queues")
+    print(
+        f"\nbroker failover: node leading every queue killed -9 mid-load; gateway and"
+        f" consumer on a surviving node after {reconnected:.1f} s, every queue led by a"
+        f" survivor after {elected:.1f} s (as the management API shows them); clients saw: claims"
+        f" {claims.count(503)} x 503 over {claims.span(503):.1f} s, {claims.count(202)} x"
+        f" 202 over {claims.span(202):.1f} s (slowest claim {claims.slowest():.1f} s),"
+        f" coupon reads {reads.count(503)} x 503 (slowest {reads.slowest():.1f} s);"
+        f" load: {sum(1 for a in answers if any(s == 503 for s in a.seen))} of"
+        f" {len(answers)} claims saw a 503 and were retried; the node rejoined"
+        f" {rejoin:.1f} s after its restart ({restarted - killed:.1f} s after the kill)"
+    )
+    assert {s for *_, s in claims.calls} <= {200, 202, 503}
+    assert reads.count(503) == 0  # reads need the database only
+    # Every accepted claim has its final answer, equal to the database; nothing doubled,
+    # oversold or stuck (the audit); the dead-letter queue is empty (the audit).
+    await verify(services.settings, load, answers)
