@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 
@@ -230,5 +231,9 @@ async def test_the_node_leading_the_queues_killed_mid_load(
     assert {s for *_, s in claims.calls} <= {200, 202, 503}
     assert reads.count(503) == 0  # reads need the database only
     # Every accepted claim has its final answer, equal to the database; nothing doubled,
-    # oversold or stuck (the audit); the dead-letter queue is empty (the audit).
+    # oversold or stuck (the audit); no command was dead-lettered on the way.
     await verify(services.settings, load, answers)
+    async with await aio_pika.connect(others[0].url) as connection:
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(topology.claims_dlq, passive=True)
+        assert dlq.declaration_result.message_count == 0
