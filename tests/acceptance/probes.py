@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from tests.acceptance.conftest import Services
+from tests.acceptance.load import Load
 
 
 @dataclass
@@ -59,3 +61,35 @@ async def probe(
 
     await asyncio.gather(loop(reads, read), loop(claims, claim))
     return reads, claims
+
+
+@dataclass
+class Probing:
+    """Probes running until :meth:`stop`, which returns what they saw."""
+
+    coupon: str
+    stopped: asyncio.Event
+    task: asyncio.Future[tuple[Seen, Seen]]
+
+    async def stop(self) -> tuple[Seen, Seen]:
+        """(coupon reads, claims)."""
+        self.stopped.set()
+        return await self.task
+
+
+async def mid_load(services: Services, http: aiohttp.ClientSession) -> tuple[Load, Probing]:
+    """The moment a failover test injects its fault: 2,000 claims over 10 coupons of 150
+    (more stock than claims on most, so nearly every claim goes through the consumer: a
+    sold-out coupon's are answered by the gateway alone), a fifth of them answered, and
+    probes reading and claiming a coupon of their own."""
+    load = await Load(services, http, claims=2000, coupons=10, stock=150).start()
+    async with http.post(
+        f"{services.base_url}/api/coupons",
+        json={"name": f"PROBE_{uuid.uuid4().hex[:8]}", "amount": 10_000},
+    ) as r:
+        assert r.status == 201
+        coupon = (await r.json())["name"]
+    await load.reached(0.2)
+    stopped = asyncio.Event()
+    task = asyncio.ensure_future(probe(http, services, coupon, stopped))
+    return load, Probing(coupon, stopped, task)

@@ -26,8 +26,8 @@ import pytest
 
 from flashclaim.devtools.devstack import Ports, RabbitMQ, Stack
 from tests.acceptance.conftest import Services, free_port
-from tests.acceptance.load import Load, verify
-from tests.acceptance.probes import probe
+from tests.acceptance.load import verify
+from tests.acceptance.probes import mid_load
 from tests.conftest import make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -175,16 +175,7 @@ async def test_the_node_leading_the_queues_killed_mid_load(
     for node in broker_cluster.nodes:  # see RabbitMQ.flush_metadata: test flashclaim
         await asyncio.to_thread(node.flush_metadata)
 
-    load = await Load(services, http, claims=2000, coupons=10, stock=150).start()
-    async with http.post(
-        f"{services.base_url}/api/coupons",
-        json={"name": f"PROBE_{uuid.uuid4().hex[:8]}", "amount": 10_000},
-    ) as r:
-        assert r.status == 201
-        probe_coupon = (await r.json())["name"]
-    await load.reached(0.2)
-    stop = asyncio.Event()
-    probing = asyncio.ensure_future(probe(http, services, probe_coupon, stop))
+    load, probing = await mid_load(services, http)
     await asyncio.sleep(0.5)
     killed = time.monotonic()
     await asyncio.to_thread(first.kill)  # SIGKILL: the leader of every queue, and the
@@ -202,8 +193,7 @@ async def test_the_node_leading_the_queues_killed_mid_load(
     elected = await until(led, 30, "every queue led by a surviving node") + reconnected
     answers = await load.finish()
     await asyncio.sleep(1)
-    stop.set()
-    reads, claims = await probing
+    reads, claims = await probing.stop()
 
     # The node comes back with its data, rejoins the cluster, and its queue members
     # come back online (followers now).

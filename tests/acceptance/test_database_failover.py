@@ -29,8 +29,8 @@ import pytest
 from flashclaim.core.db import migrate
 from flashclaim.devtools.devstack import Postgres, Stack
 from tests.acceptance.conftest import Services, free_port
-from tests.acceptance.load import Load, verify
-from tests.acceptance.probes import probe
+from tests.acceptance.load import verify
+from tests.acceptance.probes import mid_load
 from tests.conftest import make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -159,18 +159,7 @@ async def test_primary_killed_and_standby_promoted_mid_load(
 ) -> None:
     pair, synchronous = database
     services = failover_services
-    # More stock than claims on most coupons: nearly every claim goes through the
-    # consumer (a sold-out coupon's are answered by the gateway, without the database).
-    load = await Load(services, http, claims=2000, coupons=10, stock=150).start()
-    async with http.post(
-        f"{services.base_url}/api/coupons",
-        json={"name": f"PROBE_{uuid.uuid4().hex[:8]}", "amount": 10_000},
-    ) as r:
-        assert r.status == 201
-        probe_coupon = (await r.json())["name"]
-    await load.reached(0.2)
-    stop = asyncio.Event()
-    probing = asyncio.ensure_future(probe(http, services, probe_coupon, stop))
+    load, probing = await mid_load(services, http)
     # The standby falls behind for a second (a slow network, a busy disk): the
     # primary's WAL sender is frozen. A synchronous primary's commits wait for the
     # standby; an asynchronous one's are answered anyway. Then the primary dies (its
@@ -186,8 +175,7 @@ async def test_primary_killed_and_standby_promoted_mid_load(
     promoted = time.monotonic()
     answers = await load.finish()
     await asyncio.sleep(1)
-    stop.set()
-    reads, claims = await probing
+    reads, claims = await probing.stop()
     mode = "synchronous" if synchronous else "asynchronous"
     print(
         f"\nfailover, {mode} standby: standby behind from 0.0 s, primary killed at"
