@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -25,11 +23,6 @@ from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, encode_claims
 from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.topology import Topology
 
-log = logging.getLogger(__name__)
-
-# At most one new channel this often, however many publishes a channel refuses.
-RENEW_INTERVAL_SECONDS = 1.0
-
 
 class ClaimPublisher:
     """Publishes a claim and returns only once the broker has stored it.
@@ -39,14 +32,10 @@ class ClaimPublisher:
     publishes in a row (the breaker opens for ``recovery_seconds``), the publisher
     refuses at once and the client gets 503 with a Retry-After.
 
-    The publisher owns its channel (:meth:`open`, :meth:`close`). A channel whose
-    publish the broker refused (a nack) is replaced: RabbitMQ 3.10 decides once per
-    channel and quorum queue whether the queue takes messages (it registers the
-    channel as an enqueuer on its first publish), and a channel whose first publish
-    reached a queue that had just lost its leader (a node of the cluster killed) is
-    refused by that queue for as long as it lives, while a new channel is taken at once
-    (``tests/acceptance/test_broker_failover.py``). Command queues have no length limit,
-    so a nack means nothing else.
+    The publisher owns its channel (:meth:`open`, :meth:`close`), which is replaced
+    after the broker refuses a claim (:class:`flashclaim.core.broker.PublishingChannel`:
+    a quorum queue that lost its leader). Command queues have no length limit, so a
+    nack means nothing else.
     """
 
     def __init__(
@@ -61,10 +50,12 @@ class ClaimPublisher:
         self._metrics = metrics or GatewayMetrics(enabled=False)
         self._connection = connection
         self._topology = topology
-        self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
-        self._renewing: asyncio.Task[None] | None = None
-        self._renewed_at = -math.inf
+
+        async def commands(channel: AbstractChannel) -> AbstractExchange:
+            return (await topology.declare(channel)).commands
+
+        # on_return_raises: a claim no queue took (no binding) is not accepted.
+        self._channel = broker.PublishingChannel(connection, commands, on_return_raises=True)
         self._timeout = timeout
         self._breaker = CircuitBreaker(
             failure_threshold=failure_threshold,
@@ -75,45 +66,10 @@ class ClaimPublisher:
 
     async def open(self) -> None:
         """Open the channel (and declare the topology, a no-op if it exists)."""
-        self._channel, self._exchange = await self._new_channel()
+        await self._channel.open()
 
     async def close(self) -> None:
-        if self._renewing is not None:
-            self._renewing.cancel()
-            await asyncio.gather(self._renewing, return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-
-    async def _new_channel(self) -> tuple[AbstractChannel, AbstractExchange]:
-        # on_return_raises: a claim no queue took (no binding) is not accepted.
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        try:
-            declared = await self._topology.declare(channel)
-        except BaseException:
-            await channel.close()
-            raise
-        return channel, declared.commands
-
-    def _renew_channel(self) -> None:
-        """Replace the channel, in the background, unless that was done a moment ago."""
-        running = self._renewing is not None and not self._renewing.done()
-        if running or time.monotonic() - self._renewed_at < RENEW_INTERVAL_SECONDS:
-            return
-        self._renewed_at = time.monotonic()
-        self._renewing = asyncio.create_task(self._renew(), name="renew publishing channel")
-
-    async def _renew(self) -> None:
-        try:
-            channel, exchange = await self._new_channel()
-        except broker.PUBLISH_FAILURES as exc:  # the connection went: it restores the old
-            log.warning("publishing channel not replaced", extra={"error": repr(exc)})
-            return
-        old, self._channel, self._exchange = self._channel, channel, exchange
-        log.warning("publishing channel replaced after the broker refused a claim")
-        if old is not None:
-            # Publishes still waiting on the old channel get their answer (or an error).
-            await asyncio.gather(old.close(), return_exceptions=True)
+        await self._channel.close()
 
     async def publish(self, commands: Sequence[ClaimCommand]) -> None:
         """Publish ``commands`` (claims of one coupon, with one reply channel) as one
@@ -174,10 +130,11 @@ class ClaimPublisher:
             type=CLAIM_EVENT,
             timestamp=dt.datetime.now(dt.UTC),
         )
-        if self._exchange is None:
+        exchange = self._channel.target
+        if exchange is None:
             raise DependencyUnavailable("broker", "publisher not open")
         try:
-            confirmation = await self._exchange.publish(
+            confirmation = await exchange.publish(
                 # Hashed by the exchange: one coupon, one partition.
                 message,
                 commands[0].coupon_name,
@@ -186,12 +143,12 @@ class ClaimPublisher:
             )
         except aiormq.exceptions.DeliveryError as exc:  # a nack, or returned (no queue)
             self._metrics.publish_failures.labels("refused").inc()
-            self._renew_channel()
+            self._channel.refused()
             raise DependencyUnavailable("broker", "claim not accepted by the broker") from exc
         except broker.PUBLISH_FAILURES as exc:
             self._metrics.publish_failures.labels("broker_error").inc()
             raise DependencyUnavailable("broker", type(exc).__name__) from exc
         if isinstance(confirmation, aiormq.spec.Basic.Nack | aiormq.spec.Basic.Return):
             self._metrics.publish_failures.labels("refused").inc()
-            self._renew_channel()
+            self._channel.refused()
             raise DependencyUnavailable("broker", "claim not accepted by the broker")

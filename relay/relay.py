@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from opentelemetry.trace import Span
 from pamqp.common import FieldTable
 from psycopg_pool import AsyncConnectionPool
@@ -39,6 +39,7 @@ from flashclaim.core import broker, tracing
 from flashclaim.core.db import queries
 from flashclaim.core.events import Event
 from flashclaim.core.metrics import RelayMetrics
+from flashclaim.core.topology import Topology
 
 log = logging.getLogger(__name__)
 APP_ID = "flashclaim-relay"
@@ -71,37 +72,28 @@ class Step:
 class EventPublisher:
     """Publishes a batch of events in order and tells which the broker confirmed.
 
-    After a batch the broker refused in part, the next goes out on a new channel (one
-    this publisher opens, and closes): RabbitMQ 3.10 can keep refusing, for the
-    channel's life, a quorum queue that once refused the channel (see
-    gateway/publisher.py), and the refused events' retries would meet the same refusal.
+    It owns its channel (:class:`flashclaim.core.broker.PublishingChannel`, the events
+    exchange declared on it; opened by :meth:`open` or the first batch): after a batch the broker
+    refused in part, the next goes out on a new channel, since RabbitMQ 3.10 can keep
+    refusing a channel that a quorum queue once refused, and the refused events'
+    retries would meet the same refusal.
     """
 
-    def __init__(
-        self, connection: AbstractRobustConnection, channel: AbstractRobustChannel, exchange: str
-    ) -> None:
+    def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
         self._connection = connection
-        self._channel = channel
-        self._exchange = exchange
-        self._own: AbstractRobustChannel | None = None  # the one this publisher opened
-        self.renewals = 0
+        self._exchange = topology.events_exchange
+        self._channel = broker.PublishingChannel(connection, topology.declare_events)
+
+    @property
+    def renewals(self) -> int:
+        """Channels replaced after a refused batch."""
+        return self._channel.renewals
+
+    async def open(self) -> None:
+        await self._channel.open()
 
     async def close(self) -> None:
-        """Close the channel this publisher opened, if any (not the one it was given)."""
-        if self._own is not None:
-            await self._own.close()
-            self._own = None
-
-    async def _renew(self) -> None:
-        try:
-            channel = await self._connection.channel(publisher_confirms=True)
-        except broker.PUBLISH_FAILURES as exc:  # the connection is being restored
-            log.warning("relay channel not replaced", extra={"error": repr(exc)})
-            return
-        old, self._own, self._channel = self._own, channel, channel
-        self.renewals += 1
-        if old is not None:
-            await asyncio.gather(old.close(), return_exceptions=True)
+        await self._channel.close()
 
     async def publish(self, events: Sequence[Event], timeout: float) -> list[bool]:
         """Whether each event was confirmed (``False``: the broker refused it); raise
@@ -124,7 +116,7 @@ class EventPublisher:
                     span.set_status(tracing.StatusCode.ERROR, "refused by the broker")
                 span.end()
         if not all(confirmed):
-            await self._renew()
+            await self._channel.renew()
         return confirmed
 
     def _span(self, event: Event) -> Span | None:
@@ -163,7 +155,8 @@ class EventPublisher:
             # (one event-loop turn per message); the channel underneath queues them all
             # at once, in call order (its lock is FIFO), and the confirms come back
             # together.
-            channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+            opened, _ = await self._channel.open()
+            channel = cast(aiormq.Channel, await opened.get_underlay_channel())
             async with asyncio.timeout(timeout):
                 confirms = await asyncio.gather(
                     *(

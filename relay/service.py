@@ -100,12 +100,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         if connection is None:
             return
-        channel = await connection.channel(publisher_confirms=True)
-        topology = settings.topology()
-        await topology.declare_events(channel)
+        publisher = EventPublisher(connection, settings.topology())
+        await publisher.open()  # the events exchange exists before any subscriber binds
         relay = OutboxRelay(
             pool,
-            EventPublisher(connection, channel, topology.events_exchange),
+            publisher,
             RelayPolicy(
                 settings.instance_id,
                 settings.outbox_batch_size,
@@ -118,7 +117,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         log.info(
             "relay started",
-            extra={"exchange": topology.events_exchange, "batch_size": settings.outbox_batch_size},
+            extra={
+                "exchange": settings.topology().events_exchange,
+                "batch_size": settings.outbox_batch_size,
+            },
         )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(_relay(relay, wakeup, settings, stop), name="relay")

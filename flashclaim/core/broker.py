@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import aiormq
 from aio_pika import RobustConnection
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, AMQPError, ChannelInvalidStateError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from tenacity import wait_exponential_jitter as backoff
@@ -19,6 +21,8 @@ from yarl import URL
 from flashclaim.core.hosts import split_hosts
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # aio-pika's robust connection makes every attempt, the first and each reconnection,
 # through this one method (RobustConnection.__connect_transport, name-mangled): it
@@ -121,3 +125,89 @@ async def connect(url: str, name: str, wait_seconds: float = 60.0) -> AbstractRo
             await connection.connect(timeout=CONNECT_TIMEOUT_SECONDS)
             return connection
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# At most one new channel this often, however many publishes a channel has refused.
+RENEW_INTERVAL_SECONDS = 1.0
+
+
+class PublishingChannel(Generic[T]):
+    """A channel with publisher confirms that is replaced after the broker refuses a
+    publish (a nack).
+
+    RabbitMQ 3.10 decides once per channel and quorum queue whether the queue takes the
+    channel's messages (it registers the channel as an enqueuer on its first publish).
+    A channel whose first publish reached a queue that had just lost its leader (a node
+    of the cluster killed) is refused by that queue for as long as the channel lives,
+    while a new channel is taken at once (tests/acceptance/test_broker_failover.py).
+
+    ``prepare`` declares, on each new channel, what the owner publishes to, and returns
+    it (:attr:`target`). The channel is opened on first use, or by :meth:`open`.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        prepare: Callable[[AbstractChannel], Awaitable[T]],
+        *,
+        on_return_raises: bool = False,
+    ) -> None:
+        self._connection = connection
+        self._prepare = prepare
+        self._on_return_raises = on_return_raises
+        self._current: tuple[AbstractChannel, T] | None = None
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -math.inf
+        self.renewals = 0
+
+    async def open(self) -> tuple[AbstractChannel, T]:
+        """The channel and its target, opened now if it is not yet."""
+        if self._current is None:
+            self._current = await self._new()
+        return self._current
+
+    @property
+    def target(self) -> T | None:
+        """What :meth:`open` prepared on the current channel (``None`` before)."""
+        return self._current[1] if self._current is not None else None
+
+    async def _new(self) -> tuple[AbstractChannel, T]:
+        channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=self._on_return_raises
+        )
+        try:
+            return channel, await self._prepare(channel)
+        except BaseException:
+            await channel.close()
+            raise
+
+    def refused(self) -> None:
+        """The broker refused a publish: replace the channel in the background, unless
+        that was done a moment ago (many publishes in flight are refused together)."""
+        running = self._renewing is not None and not self._renewing.done()
+        if running or time.monotonic() - self._renewed_at < RENEW_INTERVAL_SECONDS:
+            return
+        self._renewed_at = time.monotonic()
+        self._renewing = asyncio.create_task(self.renew(), name="renew publishing channel")
+
+    async def renew(self) -> None:
+        """Replace the channel now; the old one is closed, which answers (or fails) what
+        was still waiting for a confirm on it."""
+        try:
+            new = await self._new()
+        except PUBLISH_FAILURES as exc:  # the connection went: it restores the old one
+            log.warning("publishing channel not replaced", extra={"error": repr(exc)})
+            return
+        old, self._current = self._current, new
+        self.renewals += 1
+        log.warning("publishing channel replaced after the broker refused a publish")
+        if old is not None:
+            await asyncio.gather(old[0].close(), return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+        if self._current is not None:
+            await self._current[0].close()
+            self._current = None

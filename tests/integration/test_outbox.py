@@ -123,11 +123,7 @@ def relay_for(
     channel: aio_pika.abc.AbstractChannel,
     **policy: Any,
 ) -> OutboxRelay:
-    publisher = EventPublisher(
-        CONNECTIONS[channel],
-        channel,  # type: ignore[arg-type]
-        settings.topology().events_exchange,
-    )
+    publisher = EventPublisher(CONNECTIONS[channel], settings.topology())
     return OutboxRelay(pool, publisher, RelayPolicy("relay-under-test", **policy))
 
 
