@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
+from flashclaim.core.hosts import split_hosts
 from flashclaim.core.messages import ClaimResult
 
 # KEYS: the result keys. ARGV: the TTL, n, the n values (one a key), then pairs of
@@ -60,23 +61,16 @@ class SentinelAddress:
 
     @classmethod
     def parse(cls, url: str) -> SentinelAddress:
-        rest = url.removeprefix(f"{SENTINEL_SCHEME}://")
-        credentials, _, rest = rest.rpartition("@")
-        hosts, _, path = rest.partition("/")
-        parts = [p for p in path.split("/") if p]
-        if not hosts or not parts:
+        each = [urllib.parse.urlsplit(u) for u in split_hosts(url)]  # one URL per Sentinel
+        parts = [p for p in each[0].path.split("/") if p]
+        if not parts or not all(u.hostname for u in each):
             raise ValueError(f"not a {SENTINEL_SCHEME} URL (host:port,.../master[/db]): {url!r}")
-        sentinels = []
-        for host in hosts.split(","):
-            name, _, port = host.rpartition(":")
-            sentinels.append((name or host, int(port) if name else 26379))
-        username, _, password = credentials.partition(":") if credentials else ("", "", "")
         return cls(
-            sentinels,
+            [(str(u.hostname), u.port or 26379) for u in each],
             urllib.parse.unquote(parts[0]),
             int(parts[1]) if len(parts) > 1 else 0,
-            urllib.parse.unquote(username) or None,
-            urllib.parse.unquote(password) or None,
+            urllib.parse.unquote(each[0].username or "") or None,
+            urllib.parse.unquote(each[0].password or "") or None,
         )
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,7 @@ async def connected_to(http: aiohttp.ClientSession, node: RabbitMQ, tag: str) ->
     return {name: where for name, where in names.items() if tag in name}
 
 
-async def until(check: Any, timeout: float, what: str) -> float:
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
     """Poll the async ``check`` until it is true; the seconds it took."""
     started = time.monotonic()
     while not await check():
