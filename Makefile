@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run stop test test-cluster lint bench deps venv scenarios lock schema clean
+.PHONY: run stop test test-cluster test-image image lint bench deps venv scenarios lock schema clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
@@ -13,12 +13,22 @@ stop: venv  ## stop what a `make run` that was killed left running (pid files in
 	$(BIN)/flashclaim stack stop --profile run
 
 test: deps venv  ## the whole suite, against servers it starts on ports of its own
-	$(BIN)/pytest -m "not cluster"
+	$(BIN)/pytest -m "not cluster and not image"
 
 # Clustered faults: a node of a three-node RabbitMQ cluster killed, a PostgreSQL primary
 # lost and its standby promoted (about two minutes; CI runs it after `make test`).
 test-cluster: deps venv
 	$(BIN)/pytest -m cluster
+
+# The image (deploy/Dockerfile), built here with podman: from the official Python image
+# when a registry is reachable, else from a base made of Debian packages (deploy/image.sh).
+image:
+	bash deploy/image.sh
+
+# The image's containers run as docker-compose.yml declares them, against servers of the
+# suite's own (a few minutes; CI runs it after `make test`).
+test-image: deps venv image
+	$(BIN)/pytest -m image -p no:randomly
 
 lint: venv
 	$(BIN)/ruff check .
@@ -59,6 +69,8 @@ LOCK := $(BIN)/uv pip compile pyproject.toml -q --universal --python-version 3.1
 lock: venv
 	$(LOCK) --extra dev -o requirements-dev.lock
 	$(LOCK) -c requirements-dev.lock -o requirements.lock
+	$(BIN)/uv pip compile requirements-build.in -q --universal --python-version 3.11 \
+	  --generate-hashes -c requirements-dev.lock -o requirements-build.lock
 
 clean:
 	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

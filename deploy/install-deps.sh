@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages flashclaim's local stack needs, if any is missing;
-# with --bench, also what `make bench` drives the load with (wrk).
+# with --bench, also what `make bench` drives the load with (wrk); with --image, what
+# `make image` and `make test-image` build and run the image with (podman, runc,
+# mmdebstrap).
 # Idempotent: does nothing when everything is there.
 set -euo pipefail
 
@@ -18,6 +20,11 @@ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
   || missing+=(prometheus)
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+fi
+if [ "${1:-}" = "--image" ]; then
+  command -v podman >/dev/null 2>&1 || missing+=(podman)
+  command -v runc >/dev/null 2>&1 || missing+=(runc)
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

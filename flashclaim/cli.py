@@ -52,17 +52,19 @@ def _admin(settings: Settings, args: argparse.Namespace) -> int:
 
 def _consumer(settings: Settings, args: argparse.Namespace) -> int:
     from consumer import service
-    from flashclaim.core import tracing
+    from flashclaim.core import metrics, tracing
 
+    metrics.refuse_multiprocess("consumer")
     tracing.configure("consumer")
     _run_async(service.run(settings))
     return 0
 
 
 def _relay(settings: Settings, args: argparse.Namespace) -> int:
-    from flashclaim.core import tracing
+    from flashclaim.core import metrics, tracing
     from relay import service
 
+    metrics.refuse_multiprocess("relay")
     tracing.configure("relay")
     _run_async(service.run(settings))
     return 0
@@ -70,17 +72,46 @@ def _relay(settings: Settings, args: argparse.Namespace) -> int:
 
 def _schema(settings: Settings, args: argparse.Namespace) -> int:
     import psycopg
+    from tenacity import (
+        RetryCallState,
+        Retrying,
+        retry_if_exception_type,
+        stop_after_delay,
+        wait_exponential,
+    )
 
     from flashclaim.core.db import migrate, pending_migrations
 
+    def waiting(state: RetryCallState) -> None:
+        # A progress line a try: a container started with its database shows why it waits.
+        error = state.outcome.exception() if state.outcome else None
+        reason = " ".join(str(error).split())[:200]
+        pause = state.next_action.sleep if state.next_action else 0
+        print(
+            f"flashclaim schema: database not reachable yet ({reason}); "
+            f"trying again in {pause:.1f} s",
+            file=sys.stderr,
+        )
+
+    # An unreachable database is waited for up to --wait seconds (a server that is still
+    # starting: Compose, a Kubernetes Job next to a new cluster), backing off to 5 s.
+    patience = Retrying(
+        retry=retry_if_exception_type(psycopg.OperationalError),
+        wait=wait_exponential(multiplier=0.25, max=5.0),
+        stop=stop_after_delay(args.wait),
+        before_sleep=waiting,
+        reraise=True,
+    )
     try:
         if args.action == "status":
-            pending = pending_migrations(settings.database_url)
+            pending = patience(pending_migrations, settings.database_url)
             print("up to date" if not pending else "pending: " + ", ".join(pending))
             return 0 if not pending else 1
-        applied = migrate(settings.database_url)
+        applied = patience(migrate, settings.database_url)
     except psycopg.OperationalError as exc:
-        print(f"flashclaim schema: cannot reach the database: {exc}", file=sys.stderr)
+        waited = f" (waited {args.wait:g} s)" if args.wait else ""
+        reason = " ".join(str(exc).split())
+        print(f"flashclaim schema: cannot reach the database{waited}: {reason}", file=sys.stderr)
         return 2
     print(("applied " + ", ".join(applied)) if applied else "schema up to date", file=sys.stderr)
     return 0
@@ -218,8 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="database schema").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    _command(schema, "apply", _schema, "apply the pending migrations (each once)", "schema")
-    _command(schema, "status", _schema, "list the pending migrations; exit 1 if any", "schema")
+    for action, text in (
+        ("apply", "apply the pending migrations (each once)"),
+        ("status", "list the pending migrations; exit 1 if any"),
+    ):
+        p = _command(schema, action, _schema, text, "schema")
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="wait this long for an unreachable database, backing off (default: 0, "
+            "try once); exit 2 if it is still unreachable",
+        )
 
     topology = sub.add_parser("topology", help="RabbitMQ exchanges, queues and policies")
     actions = topology.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -342,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, args.service)
     try:
         return int(args.func(settings, args))
+    except ConfigError as exc:
+        print(f"flashclaim {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as exc:
         extra = EXTRAS.get((exc.name or "").partition(".")[0])
         if extra is None:

@@ -3,8 +3,9 @@ that runs as PID 1 answering?
 
 - ``flashclaim gateway``: ``GET /healthz`` on its HTTP port;
 - ``flashclaim admin``: its port accepts connections;
-- ``flashclaim consumer`` / ``relay``: ``GET /metrics`` on ``METRICS_PORT`` (healthy
-  without a check when metrics are not served);
+- ``flashclaim consumer`` / ``relay``: ``GET /healthz`` on ``METRICS_PORT``, which
+  answers ``503`` when the process's event loop has stalled (``metrics.Endpoint``;
+  healthy without a check when the port is 0: nothing is served);
 - anything else (``schema apply``, an operator's command): healthy.
 
 Exit 0 when healthy, 1 when not (what Docker expects). Standard library only.
@@ -36,8 +37,8 @@ def role(cmdline: Path = Path("/proc/1/cmdline")) -> str | None:
 def check(service: str | None, settings: Settings, timeout: float = 2.0) -> bool:
     if service == "gateway":
         url = f"http://127.0.0.1:{settings.http_port}/healthz"
-    elif service in ("consumer", "relay") and settings.metrics_port and settings.metrics_enabled:
-        url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    elif service in ("consumer", "relay") and settings.metrics_port:
+        url = f"http://127.0.0.1:{settings.metrics_port}/healthz"
     elif service == "admin":
         try:
             with socket.create_connection(("127.0.0.1", settings.admin_port), timeout):

@@ -21,10 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import json
 import logging
 import os
+import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,10 +38,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    make_wsgi_app,
     multiprocess,
-    start_http_server,
     values,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from flashclaim import __version__
 from flashclaim.core import tracing
@@ -322,6 +328,22 @@ def use_multiprocess(directory: str | None = None) -> str:
     return path
 
 
+def refuse_multiprocess(service: str) -> None:
+    """A consumer or a relay is one process with a registry of its own: with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus-client would write every value to a file
+    in that folder (and fail at the first metric when the folder is missing). The
+    variable is the gateway's business (:func:`use_multiprocess`), so a deployment that
+    sets it for every process is told so at start, not left to crash on a file."""
+    if os.environ.get(MULTIPROC_VARIABLE):
+        from flashclaim.core.errors import ConfigError
+
+        raise ConfigError(
+            f"{MULTIPROC_VARIABLE} is set ({os.environ[MULTIPROC_VARIABLE]!r}): only the "
+            f"gateway's worker processes share a metrics folder; unset it for "
+            f"`flashclaim {service}`"
+        )
+
+
 def worker_exited(pid: int) -> None:
     """A gateway worker is gone: its live gauges stop counting."""
     if os.environ.get(MULTIPROC_VARIABLE):
@@ -340,17 +362,72 @@ def exposition(metrics: _Set) -> bytes:
     return generate_latest(metrics.registry)
 
 
-class Endpoint:
-    """``/metrics`` of a single process on a port of its own (a thread of
-    prometheus-client's, so a busy event loop does not delay scrapes)."""
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes and probes are not worth a log line each
 
-    def __init__(self, metrics: _Set, host: str, port: int) -> None:
-        self._server: Any = None
-        if metrics.enabled and port:
-            self._server, _ = start_http_server(port, host, registry=metrics.registry)
-            log.info("metrics served", extra={"url": f"http://{host}:{port}/metrics"})
+
+class Endpoint:
+    """``/metrics`` and ``/healthz`` of a single process on a port of its own, served by
+    a thread (a busy event loop does not delay a scrape).
+
+    ``/healthz`` is the liveness of the process's **event loop**, which the thread alone
+    could not show: a task of the loop beats every second, and ``/healthz`` answers
+    ``503`` once no beat has come for ``stall_after`` seconds (a loop blocked by a
+    synchronous call, a deadlock, a runaway computation). A server being away does not
+    stop the beat: waiting for it is the loop's ordinary work. ``flashclaim/healthcheck.py``
+    (the image's health check) and the Kubernetes probes ask it.
+
+    Construct it inside the running loop; :meth:`close` stops both.
+    """
+
+    BEAT_SECONDS = 1.0
+
+    def __init__(self, metrics: _Set, host: str, port: int, stall_after: float = 10.0) -> None:
+        self._server: WSGIServer | None = None
+        self._stall_after = stall_after
+        self._last_beat = time.monotonic()
+        self._beating: asyncio.Task[None] | None = None
+        if not port:
+            return
+        self._beating = asyncio.get_running_loop().create_task(self._beat(), name="heartbeat")
+        scrape = make_wsgi_app(metrics.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                return self._health(start_response)
+            return cast(Iterable[bytes], scrape(environ, start_response))
+
+        server_class = type(
+            "Server",
+            (ThreadingWSGIServer,),
+            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+        )
+        self._server = make_server(host, port, app, server_class, handler_class=_Quiet)
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+        log.info("metrics served", extra={"url": f"http://{host}:{port}/metrics"})
+
+    async def _beat(self) -> None:
+        while True:
+            self._last_beat = time.monotonic()
+            await asyncio.sleep(self.BEAT_SECONDS)
+
+    def _health(self, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        silent = time.monotonic() - self._last_beat
+        alive = silent < self._stall_after
+        body = json.dumps(
+            {"status": "ok" if alive else "stalled", "loop_silent_seconds": round(silent, 3)}
+        ).encode()
+        start_response(
+            "200 OK" if alive else "503 Service Unavailable",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
 
     def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            self._beating = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -104,21 +104,30 @@ def test_the_dockerfile_passes_hadolint() -> None:
 
 
 def test_the_image_installs_exactly_the_production_lock() -> None:
-    """No engine can build the image here, so its recipe is read: every `pip install`
-    is the hash-checked production lock without resolving anything (`--no-deps`), or the
-    project itself without dependencies; the final stage copies that environment only
-    and runs as a non-root user, with a health check."""
+    """The recipe, read: every `pip install` is a hash-checked lock without resolving
+    anything (`--no-deps`): the production lock into the service's environment, the
+    build backend's into a build environment of its own; the project's wheel is built
+    with that backend (no build isolation: nothing unpinned is fetched) and installed
+    without dependencies. The final stage copies the service's environment only and
+    runs as a non-root user, with a health check. (`make test-image` checks the built
+    image's packages against the lock.)"""
     text = (ROOT / "deploy/Dockerfile").read_text()
     runs = [line for line in re.split(r"(?<!\\)\n", text) if line.startswith(("RUN", "    &&"))]
-    installs = [m.group(0) for r in runs for m in re.finditer(r"pip install[^&|]*", r)]
-    assert installs, text
+    installs = [m.group(0) for r in runs for m in re.finditer(r"pip (?:install|wheel)[^&|]*", r)]
+    assert len(installs) == 4, installs
+    locks = {}
     for install in installs:
-        words = install.split()
+        words = [w for w in install.split() if w != "\\"]
+        assert "--no-deps" in words, install
         if "-r" in words:
-            assert words[words.index("-r") + 1] == "requirements.lock", install
-            assert {"--require-hashes", "--no-deps"} <= set(words), install
+            assert "--require-hashes" in words, install
+            locks[words[words.index("-r") + 1]] = install
+        elif words[1] == "wheel":
+            assert "--no-build-isolation" in words and words[-1] == ".", install
         else:
-            assert words[-1] == "." and "--no-deps" in words, install
+            assert words[-1] == "/src/dist/flashclaim-*.whl", install
+    assert set(locks) == {"requirements.lock", "requirements-build.lock"}
+    assert "/opt/flashclaim/bin/pip" in runs[1] and "/opt/build/bin/pip" in runs[1]
     stages = re.split(r"^FROM ", text, flags=re.M)[1:]
     assert len(stages) == 2, "a build stage and a runtime stage"
     runtime = stages[-1]
@@ -126,6 +135,32 @@ def test_the_image_installs_exactly_the_production_lock() -> None:
     assert "COPY --from=build /opt/flashclaim /opt/flashclaim" in runtime
     assert re.search(r"^USER (?!0|root)", runtime, re.M)
     assert "HEALTHCHECK" in runtime and 'ENTRYPOINT ["flashclaim"]' in runtime
+    # The metrics folder is the gateway's alone: set for every process, the consumer
+    # and the relay refuse to start (flashclaim/core/metrics.refuse_multiprocess).
+    assert "PROMETHEUS_MULTIPROC_DIR" not in text.replace("# No PROMETHEUS_MULTIPROC_DIR", "")
+
+
+def test_the_build_backend_lock_is_pyproject_s() -> None:
+    """The image builds the wheel with requirements-build.lock's backend: it satisfies
+    pyproject.toml's [build-system], and is the development lock's version."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    pins = dict(
+        re.findall(
+            r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements-build.lock").read_text(), re.M
+        )
+    )
+    dev = dict(
+        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements-dev.lock").read_text(), re.M)
+    )
+    for text in build["requires"]:
+        requirement = Requirement(text)
+        assert requirement.name in pins, requirement
+        assert requirement.specifier.contains(pins[requirement.name]), (requirement, pins)
+        assert dev.get(requirement.name) == pins[requirement.name]
 
 
 def test_the_image_health_check_follows_the_service_pid_1_runs(tmp_path: Path) -> None:
