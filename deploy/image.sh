@@ -56,3 +56,5 @@ podman_ build "${secret[@]}" --quiet --isolation=chroot --network=host --format 
   --build-arg "BASE=$BASE" --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION" \
   -t "$IMAGE" -t "${IMAGE%:*}:$VERSION" -f deploy/Dockerfile . >/dev/null
 echo "flashclaim image: $IMAGE built in $((SECONDS - started)) s" >&2
+# The previous build's layers, untagged now (vfs keeps a full copy of each).
+podman_ image prune --force >/dev/null

@@ -13,9 +13,10 @@ from flashclaim.core import broker, metrics, tracing
 from flashclaim.core.db import create_pool
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.results import ResultStore, redis_client
-from flashclaim.core.settings import Settings
+from flashclaim.core.settings import Settings, proxy_networks
 from gateway.admission import Admission
 from gateway.claims import Claims
+from gateway.clientaddress import client_address
 from gateway.coalescer import Coalescer
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
@@ -30,6 +31,7 @@ from gateway.state import (
     CLAIMS,
     LIMITER,
     METRICS,
+    PROXIES,
     READINESS,
     REDIS,
     REPOSITORY,
@@ -43,7 +45,10 @@ async def _rate_limit(request: web.Request, handler: Handler) -> web.StreamRespo
     """Per-client token bucket on the public API, when configured (off by default)."""
     limiter = request.app.get(LIMITER)
     if limiter is not None and request.path.startswith("/api/"):
-        await limiter.check(request.remote or "unknown")
+        proxies = request.app[PROXIES]
+        await limiter.check(
+            client_address(request.remote, request.headers.getall("X-Forwarded-For", []), proxies)
+        )
     return await handler(request)
 
 
@@ -54,6 +59,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.insert(0, tracing_middleware)
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
+    app[PROXIES] = proxy_networks(settings.trusted_proxies)
     app[READINESS] = {}
     app[METRICS] = metrics.GatewayMetrics(settings.metrics_enabled)
     # An unset secret is drawn by the process that starts the gateway workers and

@@ -9,6 +9,7 @@ without patching ``os.environ``; reading the prefixed names is the few lines bel
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -55,6 +56,18 @@ def _hosts(url: str) -> str:
     if url:
         split_hosts(url)  # ValueError: pydantic reports it against the variable
     return url
+
+
+def proxy_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``TRUSTED_PROXIES``: addresses or networks, comma-separated (``10.0.0.0/8, ::1``)."""
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
+    )
+
+
+def _proxies(text: str) -> str:
+    proxy_networks(text)  # ValueError: pydantic reports it against the variable
+    return text
 
 
 def _default_instance_id() -> str:
@@ -144,9 +157,13 @@ class Settings(BaseModel):
     delivery_limit: Positive = 5
     # Claims one gateway process holds at once; beyond that it answers 503 at once.
     max_in_flight_claims: Positive = 10_000
-    # Per-client token bucket in Redis (client = remote address); 0 turns it off.
+    # Per-client token bucket in Redis (client = the remote address, or the one a trusted
+    # proxy names); 0 turns it off.
     rate_limit_per_second: NonNegativeNumber = 0.0
     rate_limit_burst: NonNegative = 0
+    # Proxies (an ingress, a load balancer) whose X-Forwarded-For names the client:
+    # addresses or networks, comma-separated. Empty: the peer is the client.
+    trusted_proxies: Annotated[str, AfterValidator(_proxies)] = ""
     # Broker circuit breaker: consecutive failed publishes that open it, and how long
     # it stays open (answering 503 at once) before a publish is tried again.
     breaker_failure_threshold: Positive = 5

@@ -206,6 +206,37 @@ async def test_rate_limit_answers_429_per_client(
             assert r.status == 200
 
 
+async def test_behind_a_trusted_proxy_the_rate_limit_is_per_forwarded_client(
+    services: Services, http: aiohttp.ClientSession, coupon_name: str
+) -> None:
+    """Behind an ingress every request comes from the ingress's address: with it in
+    TRUSTED_PROXIES each client it names has a bucket of its own, and a client that is not
+    a trusted proxy cannot pick its bucket by writing X-Forwarded-For."""
+    await services.start_gateway(
+        rate_limit_per_second=0.1, rate_limit_burst=2, trusted_proxies="127.0.0.1/32"
+    )
+    url = f"{services.base_url}/api/coupons/{coupon_name}"
+
+    async def statuses(session: aiohttp.ClientSession, forwarded: str, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            async with session.get(url, headers={"X-Forwarded-For": forwarded}) as r:
+                out.append(r.status)
+        return out
+
+    # Through the "ingress" (127.0.0.1, trusted): one bucket per forwarded client.
+    assert await statuses(http, "203.0.113.1", 3) == [404, 404, 429]
+    assert await statuses(http, "203.0.113.2", 3) == [404, 404, 429]
+    # A spoofed first entry is not believed: the ingress's own entry (the last) counts.
+    assert await statuses(http, "198.51.100.9, 203.0.113.1", 1) == [429]
+    # From an address that is not a trusted proxy, X-Forwarded-For is ignored: each new
+    # forged value still lands in that address's one bucket.
+    direct = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=direct) as stranger:
+        seen = [(await statuses(stranger, f"192.0.2.{i}", 1))[0] for i in range(3)]
+    assert seen == [404, 404, 429]
+
+
 def any_alive(pids: set[int]) -> bool:
     return any(os.path.exists(f"/proc/{pid}") for pid in pids)
 
