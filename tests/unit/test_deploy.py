@@ -92,6 +92,87 @@ def test_compose_runs_a_supported_rabbitmq() -> None:
     assert int(rabbitmq.split(":")[1].split(".")[0]) >= 4, rabbitmq
 
 
+def _compose() -> dict[str, Any]:
+    import yaml
+
+    result = subprocess.run(
+        ["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return dict(yaml.safe_load(result.stdout))
+
+
+def test_compose_waits_for_a_database_that_takes_tcp_connections() -> None:
+    """The postgres image's first start runs a setup server on the socket only: a socket
+    check passes while TCP is refused, so the check is over TCP, and `schema apply`
+    waits (bounded) for a database it cannot reach yet."""
+    services = _compose()["services"]
+    check = services["postgres"]["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "pg_isready"] and "-h" in check, check
+    assert check[check.index("-h") + 1] in ("127.0.0.1", "localhost"), check
+    command = services["schema"]["command"]
+    assert command[:2] == ["schema", "apply"] and "--wait" in command, command
+    assert float(command[command.index("--wait") + 1]) >= 60
+
+
+def test_compose_keeps_the_brokers_node_across_recreation() -> None:
+    """RabbitMQ's node is rabbit@<hostname>, its data in the volume that node's: without
+    a fixed hostname a recreated container is a new node, and the queues are gone."""
+    rabbitmq = _compose()["services"]["rabbitmq"]
+    assert rabbitmq.get("hostname") == "rabbitmq"
+    assert any(v.split(":")[1] == "/var/lib/rabbitmq" for v in rabbitmq["volumes"])
+
+
+def test_compose_images_are_current_and_pinned_exactly() -> None:
+    raw = (ROOT / "docker-compose.yml").read_text()
+    assert not re.search(r"^version:", raw, re.M), "the `version` key is obsolete"
+    services = _compose()["services"]
+    images = {name: s["image"] for name, s in services.items()}
+    for name, image in images.items():
+        if "build" in services[name]:
+            assert image == "flashclaim:latest", (name, image)
+            continue
+        tag = image.rsplit(":", 1)[1]
+        # An exact release (major.minor.patch; PostgreSQL's are major.minor), perhaps a
+        # variant, never a moving tag (`4.2-management`, `7.0`, `latest`).
+        exact = r"\d+\.\d+(-[a-z]+)?" if name == "postgres" else r"v?\d+\.\d+\.\d+(-[a-z]+)?"
+        assert re.fullmatch(exact, tag), (name, image)
+
+    def major_minor(name: str) -> tuple[int, ...]:
+        version = images[name].rsplit(":", 1)[1].lstrip("v").split("-")[0]
+        return tuple(int(p) for p in version.split(".")[:2])
+
+    # Supported series (README, "Docker Compose", says how to bump them).
+    assert major_minor("postgres") >= (17, 0)
+    assert major_minor("rabbitmq") >= (4, 3)
+    assert major_minor("redis") >= (8, 0)
+    assert major_minor("prometheus") >= (3, 5)
+    assert major_minor("grafana") >= (12, 0)
+
+
+def test_compose_log_agent_reads_only_this_projects_containers() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        assert service.get("labels", {}).get("io.flashclaim.project") == "flashclaim", name
+    alloy = (ROOT / "deploy/alloy/config.alloy").read_text()
+    assert 'values = ["io.flashclaim.project=flashclaim"]' in alloy
+
+
+def test_the_build_context_leaves_local_state_out() -> None:
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", ".stack"} <= ignored, ignored
+    # What the Dockerfile copies is not ignored.
+    copied = re.findall(
+        r"^COPY (?!--from)(.+) \S+$", (ROOT / "deploy/Dockerfile").read_text(), re.M
+    )
+    for sources in copied:
+        for source in sources.split():
+            assert source not in ignored, source
+
+
 # -- the image ----------------------------------------------------------------------
 
 
