@@ -4,6 +4,7 @@ the broker starts and moved to another node when its own goes away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -102,6 +103,11 @@ class ClusterConnection(RobustConnection):
         return f"{self.url.host}:{self.url.port}"
 
 
+async def _close_quietly(connection: AbstractRobustConnection) -> None:
+    with contextlib.suppress(Exception):
+        await connection.close()
+
+
 async def connect(url: str, name: str, wait_seconds: float = 60.0) -> AbstractRobustConnection:
     """A connection that reconnects by itself and restores its channels, exchanges,
     queues and consumers. ``url`` may name several nodes of a cluster
@@ -122,7 +128,14 @@ async def connect(url: str, name: str, wait_seconds: float = 60.0) -> AbstractRo
             connection = ClusterConnection(
                 addresses, client_properties={"connection_name": name}, reconnect_interval=1.0
             )
-            await connection.connect(timeout=CONNECT_TIMEOUT_SECONDS)
+            try:
+                await connection.connect(timeout=CONNECT_TIMEOUT_SECONDS)
+            except BaseException:
+                # Closed here, not left to aio-pika's __del__: that schedules close() on
+                # whatever loop runs when the object is collected, or, with none
+                # running, leaves the coroutine never awaited.
+                await asyncio.shield(_close_quietly(connection))
+                raise
             return connection
     raise AssertionError("unreachable")  # pragma: no cover
 

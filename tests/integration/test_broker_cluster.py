@@ -6,6 +6,7 @@ consumers with it. Each "node" here is a proxy to the suite's broker that the te
 from __future__ import annotations
 
 import asyncio
+import gc
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -48,6 +49,13 @@ async def test_when_no_address_answers_the_first_connection_fails(nodes: list[Pr
         node.cut()
     with pytest.raises(ConnectionError):
         await broker.connect(cluster_url(*(n.port for n in nodes)), "test", wait_seconds=1)
+    # Every failed attempt's connection is closed, not left for aio-pika's __del__ to
+    # schedule a close() on whatever loop runs when it is collected (or, with none
+    # running, to warn of a coroutine never awaited).
+    left_open = [
+        c for c in gc.get_objects() if isinstance(c, broker.ClusterConnection) and not c.is_closed
+    ]
+    assert left_open == []
 
 
 async def test_a_connection_moves_to_the_next_node_and_keeps_its_consumer(
