@@ -72,15 +72,10 @@ def _relay(settings: Settings, args: argparse.Namespace) -> int:
 
 def _schema(settings: Settings, args: argparse.Namespace) -> int:
     import psycopg
-    from tenacity import (
-        RetryCallState,
-        Retrying,
-        retry_if_exception_type,
-        stop_after_delay,
-        wait_exponential,
-    )
+    from tenacity import RetryCallState
 
     from flashclaim.core.db import migrate, pending_migrations
+    from flashclaim.core.retry import outage_wait
 
     def waiting(state: RetryCallState) -> None:
         # A progress line a try: a container started with its database shows why it waits.
@@ -94,14 +89,8 @@ def _schema(settings: Settings, args: argparse.Namespace) -> int:
         )
 
     # An unreachable database is waited for up to --wait seconds (a server that is still
-    # starting: Compose, a Kubernetes Job next to a new cluster), backing off to 5 s.
-    patience = Retrying(
-        retry=retry_if_exception_type(psycopg.OperationalError),
-        wait=wait_exponential(multiplier=0.25, max=5.0),
-        stop=stop_after_delay(args.wait),
-        before_sleep=waiting,
-        reraise=True,
-    )
+    # starting: Compose, a Kubernetes Job next to a new cluster).
+    patience = outage_wait(args.wait, waiting)
     try:
         if args.action == "status":
             pending = patience(pending_migrations, settings.database_url)

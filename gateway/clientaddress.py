@@ -15,32 +15,36 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from flashclaim.core.settings import ProxyNetwork
 
 
-def _trusted(address: str, proxies: Sequence[Network]) -> bool:
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(address)
     except ValueError:
-        return False
-    return any(ip in network for network in proxies)
+        return None
+
+
+def _trusted(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, proxies: Sequence[ProxyNetwork]
+) -> bool:
+    return ip is not None and any(ip in network for network in proxies)
 
 
 def client_address(
-    peer: str | None, forwarded_for: Sequence[str], proxies: Sequence[Network]
+    peer: str | None, forwarded_for: Sequence[str], proxies: Sequence[ProxyNetwork]
 ) -> str:
     """The client of a request from ``peer`` carrying the ``X-Forwarded-For`` header
     values ``forwarded_for`` (in order), behind ``proxies``."""
     client = peer or "unknown"
-    if not proxies or not _trusted(client, proxies):
+    if not _trusted(_parse(client), proxies):
         return client
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        ip = _parse(hop)
+        if ip is None:
             return client
         client = hop
-        if not _trusted(hop, proxies):
+        if not _trusted(ip, proxies):
             return client
     return client

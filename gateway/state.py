@@ -9,9 +9,8 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from flashclaim.core.metrics import GatewayMetrics
-from flashclaim.core.settings import Settings
+from flashclaim.core.settings import ProxyNetwork, Settings
 from gateway.claims import Claims
-from gateway.clientaddress import Network
 from gateway.idempotency import RequestIds
 from gateway.ratelimit import RateLimiter
 from gateway.repository import Repository
@@ -25,7 +24,7 @@ CLAIMS = web.AppKey("claims", Claims)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 # TRUSTED_PROXIES, parsed: whose X-Forwarded-For names the client (gateway/clientaddress.py).
-PROXIES = web.AppKey("proxies", tuple[Network, ...])
+PROXIES = web.AppKey("proxies", tuple[ProxyNetwork, ...])
 
 # What a request's handling learns, for its log line, its span and its metrics.
 REQUEST_ID = web.RequestKey("request_id", str)  # the HTTP request's (X-Request-Id)

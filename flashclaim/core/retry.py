@@ -22,6 +22,7 @@ from psycopg_pool import PoolTimeout
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    Retrying,
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
@@ -116,5 +117,18 @@ def outage_retry(
         wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
         stop=lambda state: stop.is_set(),
         before_sleep=on_outage,
+        reraise=True,
+    )
+
+
+def outage_wait(max_seconds: float, before_sleep: Callable[[RetryCallState], None]) -> Retrying:
+    """Wait up to ``max_seconds`` for a database that cannot be reached yet (a server
+    still starting beside a one-shot command: ``flashclaim schema apply --wait``),
+    backing off to 5 s; ``before_sleep`` reports each pause. Synchronous."""
+    return Retrying(
+        retry=retry_if_exception(is_outage),
+        wait=wait_exponential_jitter(initial=0.25, max=5.0, jitter=0.1),
+        stop=stop_after_delay(max_seconds),
+        before_sleep=before_sleep,
         reraise=True,
     )

@@ -58,7 +58,10 @@ def _hosts(url: str) -> str:
     return url
 
 
-def proxy_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def proxy_networks(text: str) -> tuple[ProxyNetwork, ...]:
     """``TRUSTED_PROXIES``: addresses or networks, comma-separated (``10.0.0.0/8, ::1``)."""
     return tuple(
         ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
