@@ -171,10 +171,6 @@ class Container:
         (state,) = json.loads(podman("container", "inspect", self.name).stdout)
         return dict(state)
 
-    @property
-    def running(self) -> bool:
-        return bool(self.inspect()["State"]["Running"])
-
     def health(self) -> str:
         state = self.inspect()["State"]
         return str((state.get("Health") or state.get("Healthcheck") or {}).get("Status", ""))
@@ -249,9 +245,14 @@ class Deployment:
         env.update({k: str(v) for k, v in ports.items()})
         return env
 
-    def _options(self, service: str, ports: Mapping[str, int], name: str) -> list[str]:
+    def _options(
+        self, service: str, ports: Mapping[str, int], name: str, once: bool = False
+    ) -> list[str]:
+        """`podman run`'s options for ``service``; ``once``: removed when it exits,
+        not restarted (a one-shot run)."""
         declared = self.declared[service]
-        options = ["--name", name, "--network=host", *LIMITS, f"--restart={declared.restart}"]
+        restart = "--rm" if once else f"--restart={declared.restart}"
+        options = ["--name", name, "--network=host", *LIMITS, restart]
         if declared.user:
             options.append(f"--user={declared.user}")
         if declared.healthcheck:
@@ -265,10 +266,8 @@ class Deployment:
     ) -> subprocess.CompletedProcess[str]:
         """A one-shot service (``schema``) or a command of the image, to its exit."""
         name = f"fc-{self.tag}-{service}-once-{uuid.uuid4().hex[:4]}"
-        declared = self.declared[service]
-        options = self._options(service, {}, name)
-        options[options.index(f"--restart={declared.restart}")] = "--rm"
-        args = list(command) or declared.command
+        options = self._options(service, {}, name, once=True)
+        args = list(command) or self.declared[service].command
         return podman("run", *options, self.image, *args, timeout=timeout, check=False)
 
     def start(self, service: str, ports: Mapping[str, int], suffix: str = "") -> Container:

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
-import threading
+import socket
+import subprocess
+import sys
+import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -24,11 +29,6 @@ import aio_pika
 import aiohttp
 import psycopg
 import pytest
-from aiohttp import web
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from packaging.requirements import Requirement
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -55,46 +55,33 @@ SERVICES = ("consumer", "relay", "gateway")
 
 
 class SpanSink:
-    """An OTLP/HTTP receiver standing in for Jaeger: the spans each service sends."""
+    """The benchmark's OTLP/HTTP receiver (bench/otlp_sink.py), standing in for Jaeger:
+    the spans each service sends."""
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.by_service: Counter[str] = Counter()
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-
-    async def _traces(self, request: web.Request) -> web.Response:
-        export = ExportTraceServiceRequest()
-        export.ParseFromString(await request.read())
-        for resource in export.resource_spans:
-            names = [
-                a.value.string_value
-                for a in resource.resource.attributes
-                if a.key == "service.name"
-            ]
-            spans = sum(len(scope.spans) for scope in resource.scope_spans)
-            self.by_service[names[0] if names else "?"] += spans
-        return web.Response(
-            body=ExportTraceServiceResponse().SerializeToString(),
-            content_type="application/x-protobuf",
+        self._proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "otlp_sink.py"), "--port", str(self.port)],
+            stderr=subprocess.DEVNULL,
         )
+        for _ in range(100):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the OTLP receiver did not start")
 
-    async def _start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/traces", self._traces)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+    @property
+    def by_service(self) -> Counter[str]:
+        url = f"http://127.0.0.1:{self.port}/spans"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return Counter(json.loads(response.read())["by_service"])
 
     def close(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._proc.terminate()
+        self._proc.wait(10)
 
 
 @dataclass
@@ -314,12 +301,11 @@ async def test_the_contract_scenarios_and_a_burst_through_the_gateway_container(
         await connection.close()
     # Traced end to end (Compose points OTLP at Jaeger; here at a receiver of the test's).
     for _ in range(60):
-        if all(running.spans.by_service[f"flashclaim-{s}"] for s in SERVICES):
+        spans = await asyncio.to_thread(lambda: running.spans.by_service)
+        if all(spans[f"flashclaim-{s}"] for s in SERVICES):
             break
         await asyncio.sleep(0.5)
-    assert all(running.spans.by_service[f"flashclaim-{s}"] for s in SERVICES), (
-        running.spans.by_service
-    )
+    assert all(spans[f"flashclaim-{s}"] for s in SERVICES), spans
 
 
 async def test_stopping_the_gateway_under_load_answers_every_claim_it_accepted(
@@ -371,24 +357,19 @@ async def test_stopping_the_gateway_under_load_answers_every_claim_it_accepted(
     assert len(answers) >= 600 and unanswered, (len(answers), len(unanswered))
     assert set(answers.values()) <= {200, 202}, Counter(answers.values())
 
-    with psycopg.connect(running.settings.database_url) as conn:
-        holders = {
-            r[0]
-            for r in conn.execute("SELECT user_id FROM claims WHERE coupon_name = %s", (coupon,))
-        }
+    def holding() -> set[str]:
+        with psycopg.connect(running.settings.database_url) as conn:
+            rows = conn.execute("SELECT user_id FROM claims WHERE coupon_name = %s", (coupon,))
+            return {r[0] for r in rows}
+
+    holders = holding()
     answered = {u for u, status in answers.items() if status == 200}
     # 202s were accepted and are applied later by the consumer: wait for them.
     pending = {u for u, status in answers.items() if status == 202}
     async with asyncio.timeout(60):
         while not pending <= holders:
             await asyncio.sleep(0.2)
-            with psycopg.connect(running.settings.database_url) as conn:
-                holders = {
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT user_id FROM claims WHERE coupon_name = %s", (coupon,)
-                    )
-                }
+            holders = holding()
     # Every holder was answered (no claim applied for a request cut off), every 200 holds.
     assert holders == answered | pending, (
         sorted(holders - answered - pending)[:10],
