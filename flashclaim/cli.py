@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flashclaim.ops import claim_story
 
     claim_story.add_parser(sub)
+    from flashclaim.devtools import tokens
+
+    tokens.add_parser(sub)
 
     p = _command(sub, "audit", _audit, "check the database's invariants; exit 1 on a violation")
     p.add_argument(

@@ -7,7 +7,7 @@ import logging
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from gateway.state import CLAIM_ID, COUPON, ERROR, OUTCOME, REQUEST_ID
+from gateway.state import CLAIM_ID, COUPON, ERROR, OUTCOME, PRINCIPAL, REQUEST_ID
 
 
 class CanonicalAccessLogger(AbstractAccessLogger):
@@ -21,6 +21,8 @@ class CanonicalAccessLogger(AbstractAccessLogger):
             "status": response.status,
             "duration_ms": round(time * 1000, 2),
         }
+        if PRINCIPAL in request:  # the token's user (never the token)
+            fields["user"] = request[PRINCIPAL].user_id
         for key, name in (
             (CLAIM_ID, "claim_id"),
             (COUPON, "coupon"),

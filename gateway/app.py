@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aio_pika.abc import AbstractRobustConnection
@@ -15,22 +16,25 @@ from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings, proxy_networks
 from gateway.admission import Admission
+from gateway.auth import Authenticator, bearer_token
 from gateway.claims import Claims
 from gateway.clientaddress import client_address
 from gateway.coalescer import Coalescer
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
 from gateway.idempotency import RequestIds, random_secret
-from gateway.middleware import errors_middleware, tracing_middleware
+from gateway.middleware import errors_middleware, hide_server_version, tracing_middleware
 from gateway.publisher import ClaimPublisher
 from gateway.ratelimit import RateLimiter
 from gateway.replies import ReplyListener
 from gateway.repository import Repository
 from gateway.state import (
     AMQP,
+    AUTH,
     CLAIMS,
     LIMITER,
     METRICS,
+    PRINCIPAL,
     PROXIES,
     READINESS,
     REDIS,
@@ -39,26 +43,48 @@ from gateway.state import (
     SETTINGS,
 )
 
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The public API's bearer token, when authentication is on (gateway/auth.py)."""
+    auth = request.app.get(AUTH)
+    if auth is not None and request.path.startswith("/api/"):
+        token = bearer_token(request.headers.getall("Authorization", []))
+        request[PRINCIPAL] = await auth.principal(token)
+    return await handler(request)
+
 
 @web.middleware
 async def _rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Per-client token bucket on the public API, when configured (off by default)."""
+    """A token bucket per user on the public API when configured (off by default): the
+    token's user when there is one, else the client's address."""
     limiter = request.app.get(LIMITER)
     if limiter is not None and request.path.startswith("/api/"):
-        proxies = request.app[PROXIES]
-        await limiter.check(
-            client_address(request.remote, request.headers.getall("X-Forwarded-For", []), proxies)
-        )
+        principal = request.get(PRINCIPAL)
+        if principal is not None:
+            await limiter.check(f"user:{principal.user_id}")
+        else:
+            proxies = request.app[PROXIES]
+            forwarded = request.headers.getall("X-Forwarded-For", [])
+            await limiter.check(f"address:{client_address(request.remote, forwarded, proxies)}")
     return await handler(request)
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway; nothing connects until the app starts."""
-    middlewares = [errors_middleware, _rate_limit]
+    middlewares = [errors_middleware, _authenticate, _rate_limit]
     if tracing.enabled():
         middlewares.insert(0, tracing_middleware)
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
+    hide_server_version()
+    auth = Authenticator.of(settings)
+    if auth is not None:
+        app[AUTH] = auth
+    else:
+        log.warning("the public API is open: anyone who reaches it may claim as any user")
     app[PROXIES] = proxy_networks(settings.trusted_proxies)
     app[READINESS] = {}
     app[METRICS] = metrics.GatewayMetrics(settings.metrics_enabled)

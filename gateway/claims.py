@@ -54,7 +54,7 @@ class Claims:
         self._in_flight = 0
         # Request ids this process answered 202 for, so that GET /api/claims/{id} says
         # "pending" (not 404) even while Redis, which normally keeps that mark, is away.
-        self._accepted: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._accepted: OrderedDict[uuid.UUID, str] = OrderedDict()  # id -> its user
         self._finals = finals
         self._fast_answers = FastAnswerWriter(results.store_fast)
         self._metrics = metrics or GatewayMetrics(enabled=False)
@@ -127,7 +127,7 @@ class Claims:
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, result)
         if result is None:
-            await self._mark_pending(command.request_id)
+            await self._mark_pending(command)
             return self._answered(None, "round_trip")
         if self._finals is not None:
             self._finals.learn(result)
@@ -177,20 +177,22 @@ class Claims:
             log.warning("result lookup failed", extra={"error": repr(exc)})
             return None
 
-    async def is_pending(self, request_id: uuid.UUID) -> bool:
-        if request_id in self._accepted:
-            return True
+    async def pending_owner(self, request_id: uuid.UUID) -> str | None:
+        """The user of a claim answered 202 and not yet decided, or ``None``. An empty
+        string: pending, its user not recorded (a mark from before users were kept)."""
+        if (owner := self._accepted.get(request_id)) is not None:
+            return owner
         try:
-            return await self._results.is_pending(request_id)
+            return await self._results.pending_owner(request_id)
         except Exception:
-            return False
+            return None
 
-    async def _mark_pending(self, request_id: uuid.UUID) -> None:
-        self._accepted[request_id] = None
+    async def _mark_pending(self, command: ClaimCommand) -> None:
+        self._accepted[command.request_id] = command.user_id
         while len(self._accepted) > ACCEPTED_MEMORY:
             self._accepted.popitem(last=False)
         try:
-            await self._results.mark_pending(request_id)
+            await self._results.mark_pending(command.request_id, command.user_id)
         except Exception as exc:
             log.warning("pending mark failed", extra={"error": repr(exc)})
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from flashclaim.core import metrics
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.messages import ClaimCommand, ClaimResult
-from gateway import validation
+from gateway import auth, validation
 from gateway.jsonresponse import json_response
 from gateway.middleware import error_response
 from gateway.state import (
@@ -19,9 +19,11 @@ from gateway.state import (
     COUPON,
     METRICS,
     OUTCOME,
+    PRINCIPAL,
     READINESS,
     REPOSITORY,
     REQUEST_IDS,
+    SETTINGS,
 )
 
 routes = web.RouteTableDef()
@@ -29,6 +31,7 @@ routes = web.RouteTableDef()
 
 @routes.post("/api/coupons")
 async def create_coupon(request: web.Request) -> web.Response:
+    auth.require_scope(request.get(PRINCIPAL), request.app[SETTINGS].auth_create_scope)
     body = await validation.json_object(request)
     name = validation.name(body.get("name"), "name")
     amount = validation.amount(body.get("amount"))
@@ -46,7 +49,9 @@ async def get_coupon(request: web.Request) -> web.Response:
 @routes.post("/api/coupons/claim")
 async def claim(request: web.Request) -> web.Response:
     body = await validation.json_object(request)
-    user_id = validation.name(body.get("user_id"), "user_id")
+    # With tokens on, the claim is the token's user's: a body naming another is refused
+    # here, before anything is published.
+    user_id = auth.require_user(request.get(PRINCIPAL), body.get("user_id"))
     coupon_name = validation.name(body.get("coupon_name"), "coupon_name")
     key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
     ids = request.app[REQUEST_IDS]
@@ -76,22 +81,35 @@ async def get_claim(request: web.Request) -> web.Response:
         request_id = uuid.UUID(request.match_info["request_id"])
     except ValueError:
         return error_response(404, "claim_not_found", "no such claim request")
+    # With tokens on, a claim is shown only to its own user; to anyone else it does not
+    # exist (404, as for an id never seen: no one learns which ids are in use).
+    principal = request.get(PRINCIPAL)
+
+    def visible(user_id: str | None) -> bool:
+        return principal is None or user_id == principal.user_id
+
+    async def pending() -> bool:
+        owner = await service.pending_owner(request_id)
+        return owner is not None and visible(owner)
+
     service = request.app[CLAIMS]
     result = await service.lookup(request_id)
-    if result is not None:
+    if result is not None and visible(result.user_id):
         return result_response(result)
     try:
-        status, result = await request.app[REPOSITORY].recorded_result(request_id)
+        status, owner, result = await request.app[REPOSITORY].recorded_result(request_id)
     except DependencyUnavailable:
-        if await service.is_pending(request_id):
+        if await pending():
             return pending_response(request_id)
         raise
+    if not visible(owner):
+        status, result = "UNKNOWN", None
     if result is not None:
         return result_response(result)
     if status == "FAILED":
         # Dead-lettered: kept for an operator to replay, after which it gets its answer.
         return pending_response(request_id, "dead_lettered")
-    if status == "PENDING" or await service.is_pending(request_id):
+    if status == "PENDING" or await pending():
         return pending_response(request_id)
     return error_response(
         404, "claim_not_found", "no such claim request", request_id=str(request_id)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.typedefs import Handler
 
 from flashclaim.core import logs, tracing
@@ -20,9 +20,11 @@ from flashclaim.core.errors import (
     CouponNotFound,
     DependencyUnavailable,
     FlashclaimError,
+    Forbidden,
     InvalidInput,
     Overloaded,
     RateLimited,
+    Unauthenticated,
 )
 from gateway.idempotency import IdempotencyKeyReused
 from gateway.jsonresponse import json_response
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 # The one table from the project's exceptions to HTTP answers.
 ERRORS: dict[type[FlashclaimError], tuple[int, str]] = {
     InvalidInput: (400, "invalid_request"),
+    Unauthenticated: (401, "invalid_token"),
+    Forbidden: (403, "forbidden"),
     CouponExists: (409, "coupon_exists"),
     CouponNotFound: (404, "coupon_not_found"),
     IdempotencyKeyReused: (422, "idempotency_key_reused"),
@@ -104,6 +108,27 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
 
 
+def _challenge(exc: FlashclaimError) -> str | None:
+    """RFC 6750's ``WWW-Authenticate`` of a refusal for want of a token or a scope. The
+    messages are this module's own fixed texts (no quote in them), never the token."""
+    if isinstance(exc, Unauthenticated):
+        text = str(exc).replace('"', "'")
+        return f'Bearer realm="flashclaim", error="invalid_token", error_description="{text}"'
+    if isinstance(exc, Forbidden) and exc.scope is not None:
+        return f'Bearer realm="flashclaim", error="insufficient_scope", scope="{exc.scope}"'
+    return None
+
+
+def hide_server_version() -> None:
+    """Every response says ``Server: flashclaim``, not the Python and aiohttp versions.
+
+    aiohttp fills the header from its module's ``SERVER_SOFTWARE`` when a response has
+    none, including the answers its HTTP parser gives before any middleware or signal
+    runs (a malformed request line): setting it there is the one place that covers all.
+    """
+    web_response.SERVER_SOFTWARE = "flashclaim"  # type: ignore[attr-defined]
+
+
 async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID] = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
@@ -122,6 +147,8 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
         response = error_response(
             status, code, str(exc), getattr(exc, "retry_after", None), **extra
         )
+        if challenge := _challenge(exc):
+            response.headers["WWW-Authenticate"] = challenge
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

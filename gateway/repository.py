@@ -51,15 +51,20 @@ class Repository:
     async def _read_coupon(self, name: str) -> dict[str, Any] | None:
         return await self._fetchone(queries()["get_coupon"], {"name": name})
 
-    async def recorded_result(self, request_id: uuid.UUID) -> tuple[str, ClaimResult | None]:
-        """``(inbox status, result)``; status ``"UNKNOWN"`` when the inbox has no row."""
+    async def recorded_result(
+        self, request_id: uuid.UUID
+    ) -> tuple[str, str | None, ClaimResult | None]:
+        """``(inbox status, the claim's user, result)``; status ``"UNKNOWN"`` when the
+        inbox has no row."""
         row = await self._fetchone(queries()["inbox_result"], {"message_id": request_id})
         if row is None:
-            return "UNKNOWN", None
+            return "UNKNOWN", None, None
         if row["status"] != "PROCESSED":
-            return row["status"], None
-        return row["status"], ClaimResult.of_answer(
-            request_id, row["result_status"], row["result_body"]
+            return row["status"], row["user_id"], None
+        return (
+            row["status"],
+            row["user_id"],
+            ClaimResult.of_answer(request_id, row["result_status"], row["result_body"]),
         )
 
     async def ping(self) -> None:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.settings import ProxyNetwork, Settings
+from gateway.auth import Authenticator, Principal
 from gateway.claims import Claims
 from gateway.idempotency import RequestIds
 from gateway.ratelimit import RateLimiter
@@ -19,6 +20,8 @@ SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
 AMQP = web.AppKey("amqp", AbstractRobustConnection)
 LIMITER = web.AppKey("limiter", RateLimiter)
+# Bearer tokens on the public API (absent: authentication is off).
+AUTH = web.AppKey("auth", Authenticator)
 REPOSITORY = web.AppKey("repository", Repository)
 CLAIMS = web.AppKey("claims", Claims)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
@@ -33,5 +36,6 @@ COUPON = web.RequestKey("coupon", str)
 OUTCOME = web.RequestKey("outcome", str)
 ERROR = web.RequestKey("error", str)
 ERROR_CODE = web.RequestKey("error_code", str)
+PRINCIPAL = web.RequestKey("principal", Principal)  # the token's caller, when checked
 # Named checks behind /readyz: each returns None or raises.
 READINESS = web.AppKey("readiness", dict[str, Callable[[], Awaitable[None]]])

@@ -48,3 +48,18 @@ class CouponExists(FlashclaimError):
 
 class CouponNotFound(FlashclaimError):
     """No coupon has this name."""
+
+
+class Unauthenticated(FlashclaimError):
+    """The request carries no valid bearer token (missing, malformed, expired, ...)."""
+
+
+class Forbidden(FlashclaimError):
+    """The caller is known but may not do this (another user's claim, a missing scope).
+
+    ``scope``: the scope that was missing, when that is the reason.
+    """
+
+    def __init__(self, message: str, scope: str | None = None) -> None:
+        super().__init__(message)
+        self.scope = scope

@@ -108,7 +108,7 @@ FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e (doc, ord)
 ORDER BY e.ord;
 
 -- name: inbox_result
-SELECT status, result_status, result_body
+SELECT status, result_status, result_body, payload ->> 'user_id' AS user_id
 FROM inbox
 WHERE message_id = %(message_id)s;
 

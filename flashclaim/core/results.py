@@ -205,8 +205,15 @@ class ResultStore:
         _, recorded = await pipe.execute()
         return bytes(recorded) if recorded is not None else claim
 
-    async def mark_pending(self, request_id: uuid.UUID) -> None:
-        await self.redis.set(self.pending_key(request_id), b"1", ex=self.ttl_seconds)
+    async def mark_pending(self, request_id: uuid.UUID, user_id: str) -> None:
+        """Remember a claim answered ``202`` (and whose it is) until its result comes."""
+        await self.redis.set(self.pending_key(request_id), user_id.encode(), ex=self.ttl_seconds)
 
-    async def is_pending(self, request_id: uuid.UUID) -> bool:
-        return bool(await self.redis.exists(self.pending_key(request_id)))
+    async def pending_owner(self, request_id: uuid.UUID) -> str | None:
+        """The user of a claim marked pending, or ``None``."""
+        raw = await self.redis.get(self.pending_key(request_id))
+        if raw is None:
+            return None
+        # "1": a mark made before the user was kept in it, owner unknown.
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return "" if text == "1" else text

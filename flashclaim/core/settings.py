@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 PREFIX = "FLASHCLAIM_"
 ADMIN_TOKEN_MIN_LENGTH = 32
 IDEMPOTENCY_SECRET_MIN = 32
+AUTH_SECRET_MIN = 32
 # Settings where an empty value is a choice (turn the feature off), not "use the default".
 _EMPTY_MEANS_OFF = frozenset({"amqp_management_url"})
 
@@ -70,6 +72,21 @@ def proxy_networks(text: str) -> tuple[ProxyNetwork, ...]:
 
 def _proxies(text: str) -> str:
     proxy_networks(text)  # ValueError: pydantic reports it against the variable
+    return text
+
+
+# What a JWKS key may sign with: asymmetric algorithms only (HS256 takes the shared secret).
+JWKS_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
+
+
+def algorithm_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _algorithms(text: str) -> str:
+    unknown = [a for a in algorithm_list(text) if a not in JWKS_ALGORITHMS]
+    if unknown or not algorithm_list(text):
+        raise ValueError(f"accepted algorithms are some of {', '.join(JWKS_ALGORITHMS)}")
     return text
 
 
@@ -164,6 +181,25 @@ class Settings(BaseModel):
     # proxy names); 0 turns it off.
     rate_limit_per_second: NonNegativeNumber = 0.0
     rate_limit_burst: NonNegative = 0
+    # Bearer tokens on the public API (gateway/auth.py), on when AUTH_JWKS or
+    # AUTH_HS256_SECRET is set. AUTH_JWKS: a JWKS document's path, or an http(s) URL
+    # fetched and cached for AUTH_JWKS_TTL_SECONDS, fetched again when a token names a
+    # key it lacks, never more often than every AUTH_JWKS_REFRESH_SECONDS.
+    # AUTH_HS256_SECRET: a shared secret (HS256), for development only.
+    auth_jwks: str = ""
+    auth_hs256_secret: SecretStr = SecretStr("")
+    # The algorithms a JWKS key may sign with (comma-separated); the token's header
+    # only picks among them.
+    auth_algorithms: Annotated[str, AfterValidator(_algorithms)] = "RS256,ES256,EdDSA"
+    auth_issuer: str = ""
+    auth_audience: str = ""
+    auth_leeway_seconds: Annotated[float, Field(ge=0, le=300, allow_inf_nan=False)] = 30.0
+    # The claim naming the user: a claim's user_id is its value.
+    auth_user_claim: str = Field("sub", min_length=1)
+    # The scope (or role) that creating a coupon needs.
+    auth_create_scope: str = Field("coupons:write", min_length=1)
+    auth_jwks_ttl_seconds: PositiveSeconds = 300.0
+    auth_jwks_refresh_seconds: PositiveSeconds = 5.0
     # Proxies (an ingress, a load balancer) whose X-Forwarded-For names the client:
     # addresses or networks, comma-separated. Empty: the peer is the client.
     trusted_proxies: Annotated[str, AfterValidator(_proxies)] = ""
@@ -216,12 +252,25 @@ class Settings(BaseModel):
                 f"{PREFIX}ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_LENGTH} characters"
                 " (e.g. `openssl rand -hex 32`)"
             )
+        hs256 = self.auth_hs256_secret.get_secret_value()
+        if hs256 and len(hs256) < AUTH_SECRET_MIN:
+            raise ValueError(
+                f"{PREFIX}AUTH_HS256_SECRET must be at least {AUTH_SECRET_MIN} characters"
+            )
+        if self.auth_enabled and not (self.auth_issuer and self.auth_audience):
+            raise ValueError(
+                f"{PREFIX}AUTH_ISSUER and {PREFIX}AUTH_AUDIENCE are needed with bearer tokens"
+            )
         secret = self.idempotency_secret.get_secret_value()
         if secret and len(secret) < IDEMPOTENCY_SECRET_MIN:
             raise ValueError(
                 f"{PREFIX}IDEMPOTENCY_SECRET must be at least {IDEMPOTENCY_SECRET_MIN} characters"
             )
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_jwks or self.auth_hs256_secret.get_secret_value())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -231,6 +280,9 @@ class Settings(BaseModel):
         values: dict[str, object] = {}
         for name in cls.model_fields:
             raw = env.get(PREFIX + name.upper())
+            path = env.get(PREFIX + name.upper() + "_FILE")
+            if path:
+                raw = _from_file(name, path, raw)
             if raw is None or (raw == "" and name not in _EMPTY_MEANS_OFF):
                 continue
             values[name] = raw
@@ -260,6 +312,18 @@ class Settings(BaseModel):
         return Topology(self.namespace, self.delivery_limit, self.partitions)
 
 
+def _from_file(name: str, path: str, value: str | None) -> str:
+    """``FLASHCLAIM_<NAME>_FILE``: the setting is the file's content (a secret mounted by
+    Docker or Kubernetes), without its final line break."""
+    variable = PREFIX + name.upper()
+    if value is not None:
+        raise ConfigError(f"{variable} and {variable}_FILE are both set: set one")
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{variable}_FILE={path!r}: {exc.__class__.__name__}") from None
+
+
 def _explain(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
@@ -268,9 +332,10 @@ def _explain(exc: ValidationError) -> str:
             problems.append(message)
             continue
         name = str(error["loc"][0])
-        shown = (
-            "(hidden)" if name in ("admin_token", "idempotency_secret") else repr(error["input"])
+        secret = name in Settings.model_fields and (
+            Settings.model_fields[name].annotation is SecretStr
         )
+        shown = "(hidden)" if secret else repr(error["input"])
         if name.endswith("_url"):  # the password of a URL is not shown either
             shown = re.sub(r"(://[^/?#@:]*:)[^/?#]*@", r"\1***@", shown)
         if error["type"] == "extra_forbidden":

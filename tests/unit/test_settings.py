@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flashclaim.core.errors import ConfigError
@@ -94,3 +96,31 @@ def test_settings_given_to_a_process_are_read_back_unchanged() -> None:
     assert environ(http_port=1, admin_token=None) == {"FLASHCLAIM_HTTP_PORT": "1"}
     with pytest.raises(TypeError, match="no such setting: htp_port"):
         environ(htp_port=1)
+
+
+def test_a_secret_can_come_from_a_file(tmp_path: Path) -> None:
+    """``FLASHCLAIM_<NAME>_FILE``, as Docker and Kubernetes mount secrets: the file's
+    content, without its final line break; both forms at once is an error."""
+    token = tmp_path / "admin-token"
+    token.write_text("t" * 40 + "\n")
+    url = tmp_path / "database-url"
+    url.write_text("postgresql://svc:pw@db:5432/flashclaim")
+    settings = Settings.from_env(
+        {
+            "FLASHCLAIM_ADMIN_TOKEN_FILE": str(token),
+            "FLASHCLAIM_DATABASE_URL_FILE": str(url),
+        }
+    )
+    assert settings.admin_token.get_secret_value() == "t" * 40
+    assert settings.database_url == "postgresql://svc:pw@db:5432/flashclaim"
+    with pytest.raises(ConfigError, match="ADMIN_TOKEN and FLASHCLAIM_ADMIN_TOKEN_FILE"):
+        Settings.from_env(
+            {"FLASHCLAIM_ADMIN_TOKEN": "u" * 40, "FLASHCLAIM_ADMIN_TOKEN_FILE": str(token)}
+        )
+    with pytest.raises(ConfigError, match=r"FLASHCLAIM_ADMIN_TOKEN_FILE=.*FileNotFoundError"):
+        Settings.from_env({"FLASHCLAIM_ADMIN_TOKEN_FILE": str(tmp_path / "absent")})
+    # A secret read from a file that is too short is reported without its content.
+    token.write_text("short")
+    with pytest.raises(ConfigError) as short:
+        Settings.from_env({"FLASHCLAIM_ADMIN_TOKEN_FILE": str(token)})
+    assert "short" not in str(short.value)
