@@ -75,6 +75,7 @@ def _schema(settings: Settings, args: argparse.Namespace) -> int:
     from tenacity import RetryCallState
 
     from flashclaim.core.db import migrate, pending_migrations
+    from flashclaim.core.privileges import grant_services
     from flashclaim.core.retry import outage_wait
 
     def waiting(state: RetryCallState) -> None:
@@ -97,12 +98,16 @@ def _schema(settings: Settings, args: argparse.Namespace) -> int:
             print("up to date" if not pending else "pending: " + ", ".join(pending))
             return 0 if not pending else 1
         applied = patience(migrate, settings.database_url)
+        for role in args.grant_to:
+            grant_services(settings.database_url, role)
     except psycopg.OperationalError as exc:
         waited = f" (waited {args.wait:g} s)" if args.wait else ""
         reason = " ".join(str(exc).split())
         print(f"flashclaim schema: cannot reach the database{waited}: {reason}", file=sys.stderr)
         return 2
     print(("applied " + ", ".join(applied)) if applied else "schema up to date", file=sys.stderr)
+    if args.grant_to:
+        print(f"services' privileges granted to {', '.join(args.grant_to)}", file=sys.stderr)
     return 0
 
 
@@ -251,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="wait this long for an unreachable database, backing off (default: 0, "
             "try once); exit 2 if it is still unreachable",
         )
+        if action == "apply":
+            p.add_argument(
+                "--grant-to",
+                action="append",
+                default=[],
+                metavar="ROLE",
+                help="give this role the services' privileges (rows, no DDL) once applied;"
+                " run as the tables' owner (repeat for several)",
+            )
 
     topology = sub.add_parser("topology", help="RabbitMQ exchanges, queues and policies")
     actions = topology.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -8,9 +8,12 @@ are not started: the given one is used instead.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -19,13 +22,19 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import psycopg
+import redis
+from psycopg import sql
 
+from flashclaim.core.privileges import broker_permissions, grant_services, redis_acl_setuser
 from flashclaim.core.settings import Settings, environ, variable
 
 
@@ -240,7 +249,18 @@ class Postgres(Server):
 
     @property
     def url(self) -> str:
+        """The database's owner (migrations run as it)."""
         return f"postgresql://flashclaim@127.0.0.1:{self.port}/flashclaim"
+
+    def service_url(self, account: str) -> str:
+        """The services' role: its privileges granted once the schema is migrated
+        (flashclaim/core/privileges.py); made here if missing (local: trust, no password)."""
+        admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (account,)).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(account)))
+        grant_services(self.url, account)
+        return f"postgresql://{account}@127.0.0.1:{self.port}/flashclaim"
 
     def _writable_root(self, preferred: Path) -> Path:
         if self.user is None:
@@ -406,6 +426,34 @@ class RabbitMQ(Server):
     def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> None:
         super().stop(timeout, sig)
 
+    def service_url(self, account: str, password: str, namespace: str) -> str:
+        """The services' user, made or reset through the management API (as the
+        administrator ``guest``): no tag, permissions on ``namespace`` only."""
+        quoted = urllib.parse.quote(account, safe="")
+        self._management("PUT", f"users/{quoted}", {"password": password, "tags": ""})
+        self._management("PUT", f"permissions/%2F/{quoted}", broker_permissions(namespace))
+        return f"amqp://{quoted}:{urllib.parse.quote(password, safe='')}@127.0.0.1:{self.port}/"
+
+    def _management(self, method: str, path: str, body: object, timeout: float = 60) -> None:
+        request = urllib.request.Request(
+            f"{self.management_url}api/{path}",
+            data=json.dumps(body).encode(),
+            method=method,
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Basic " + base64.b64encode(b"guest:guest").decode(),
+            },
+        )
+        deadline = time.monotonic() + timeout
+        while True:  # the management API starts a moment after the AMQP port
+            try:
+                with urllib.request.urlopen(request, timeout=10):
+                    return
+            except (urllib.error.URLError, ConnectionError) as exc:
+                if isinstance(exc, urllib.error.HTTPError) or time.monotonic() > deadline:
+                    raise StackError(f"RabbitMQ management API: {method} {path}: {exc}") from exc
+                time.sleep(0.5)
+
     def flush_metadata(self) -> None:
         """Write the broker's own metadata tables (Erlang DETS, saved every few seconds)
         to disk now. RabbitMQ 3.10's quorum queues (Ra 2.2) keep a queue's registration
@@ -475,8 +523,23 @@ class Redis(Server):
         )
         wait_for_port(self.port, 30, self.proc, self.name)
 
+    def service_url(self, account: str, password: str, namespace: str) -> str:
+        """The services' ACL user, made or reset: flashclaim's commands, on keys and
+        channels of ``namespace`` only."""
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+        try:
+            client.execute_command(*redis_acl_setuser(account, password, namespace))  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        user, secret = (urllib.parse.quote(v, safe="") for v in (account, password))
+        return f"redis://{user}:{secret}@127.0.0.1:{self.port}/0"
+
 
 RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+# The services' account on each server of the local stack (loopback only, so a fixed
+# password): what they may do is flashclaim/core/privileges.py's.
+SERVICE_ACCOUNT = "flashclaim_app"
+SERVICE_PASSWORD = "flashclaim_app"
 
 
 def reserve_ports(ports: Ports) -> None:
@@ -554,6 +617,26 @@ class Stack:
             ),
         )
 
+    def service_urls(self, namespace: str) -> dict[str, str]:
+        """The services' settings: on each server this stack owns, an account of least
+        privilege (flashclaim/core/privileges.py), made or reset here; a server given
+        by URL is used as given. Call it once the schema is migrated. The broker's
+        policies are then an administrator's to set (``apply_policies``): the services'
+        user has no management API."""
+        values: dict[str, object] = {}
+        if self.postgres is not None:
+            values["database_url"] = self.postgres.service_url(SERVICE_ACCOUNT)
+        if self.rabbitmq is not None:
+            values["amqp_url"] = self.rabbitmq.service_url(
+                SERVICE_ACCOUNT, SERVICE_PASSWORD, namespace
+            )
+            values["amqp_management_url"] = ""
+        if self.redis is not None:
+            values["redis_url"] = self.redis.service_url(
+                SERVICE_ACCOUNT, SERVICE_PASSWORD, namespace
+            )
+        return {**self.urls(), **environ(**values)}
+
     def start(self) -> None:
         reserve_ports(self.ports)
         # Servers and services an earlier run left behind (it was killed before it
@@ -584,6 +667,7 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
     """``make run``: the servers, the schema, then the gateway and consumers under
     supervisord (flashclaim/devtools/supervision.py), until Ctrl-C or SIGTERM."""
     from flashclaim.core.db import migrate
+    from flashclaim.core.policies import apply_configured
     from flashclaim.devtools import supervision
     from flashclaim.devtools.processes import StopRequest, terminate
     from flashclaim.devtools.prometheus import Prometheus, Targets
@@ -596,9 +680,17 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         print(f"flashclaim: starting servers in {stack.root} ...", file=sys.stderr, flush=True)
         stack.start()
         # Two gateway processes share the port unless told otherwise (2-core machines).
-        env = {**environ(gateway_workers=2), **os.environ, **stack.urls()}
+        owner = Settings.from_env({**environ(gateway_workers=2), **os.environ, **stack.urls()})
+        # As the owner and the administrator: the schema, then the broker's policies.
+        migrate(owner.database_url)
+        asyncio.run(apply_configured(owner))
+        # The services run with accounts of least privilege.
+        env = {
+            **environ(gateway_workers=2),
+            **os.environ,
+            **stack.service_urls(owner.namespace),
+        }
         settings = Settings.from_env(env)
-        migrate(settings.database_url)
         grace = settings.shutdown_grace_seconds
         conf = supervision.config(stack.root, consumers, env, grace, stack.ports.metrics)
         supervisor = subprocess.Popen(supervision.command(conf), env=env, start_new_session=True)

@@ -3,6 +3,7 @@ scenarios pass against it over HTTP, and SIGTERM stops all of it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 
 from flashclaim.devtools import supervision
-from flashclaim.devtools.devstack import PROFILES
+from flashclaim.devtools.devstack import PROFILES, SERVICE_ACCOUNT, Ports
 from tests.acceptance.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +118,7 @@ def test_stack_runs_the_scenarios_and_stops_cleanly(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         assert (pending, bool(sent)) == (0, True)
+        assert_services_use_their_own_accounts(PROFILES["stacktest"])
         summary = (tmp_path / "stack.log").read_text()
         assert f"http://127.0.0.1:{port}/api/coupons" in summary
         assert "RabbitMQ UI" in summary
@@ -151,6 +154,32 @@ def test_stack_runs_the_scenarios_and_stops_cleanly(tmp_path: Path) -> None:
         listening(p)
         for p in (port, ports.postgres, ports.amqp, ports.redis, ports.prometheus_server)
     )
+
+
+def assert_services_use_their_own_accounts(ports: Ports) -> None:
+    """Every connection of the services, on each server, is the services' account of
+    least privilege (flashclaim/core/privileges.py), not an owner or administrator."""
+    admin = f"postgresql://postgres@127.0.0.1:{ports.postgres}/postgres"
+    with psycopg.connect(admin) as conn:
+        roles = conn.execute(
+            "SELECT DISTINCT usename FROM pg_stat_activity"
+            " WHERE application_name LIKE 'flashclaim-%%'"
+        ).fetchall()
+    assert roles == [(SERVICE_ACCOUNT,)]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{ports.management}/api/connections",
+        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        users = {c["user"] for c in json.loads(r.read())}
+    assert users == {SERVICE_ACCOUNT}
+    client = redis.Redis(port=ports.redis)
+    try:
+        # Every client but this one (the default user, an administrator's).
+        others = [c for c in client.client_list() if c["id"] != str(client.client_id())]
+    finally:
+        client.close()
+    assert others and {c["user"] for c in others} == {SERVICE_ACCOUNT}
 
 
 def start_stack(port: int, log: Path, after: int = 1) -> subprocess.Popen[bytes]:
