@@ -181,8 +181,12 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
 
 def _scenarios(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim.devtools import scenarios
+    from flashclaim.devtools.tokens import credentials_from
 
-    reports = asyncio.run(scenarios.run_all(args.url.rstrip("/"), burst=args.burst))
+    credentials = credentials_from(settings, args.token_key)
+    reports = asyncio.run(
+        scenarios.run_all(args.url.rstrip("/"), burst=args.burst, credentials=credentials)
+    )
     for report in reports:
         print(report.summary())
     failed = [r for r in reports if r.violations]
@@ -377,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--burst", type=int, default=2000, help="claims in the burst (stock 100)")
+    p.add_argument(
+        "--token-key",
+        metavar="FILE",
+        help="a gateway with bearer tokens on: sign each user's token with this private key"
+        " (`flashclaim token keys`); with FLASHCLAIM_AUTH_HS256_SECRET set, that secret",
+    )
     return parser
 
 

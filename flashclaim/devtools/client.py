@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from flashclaim.devtools.tokens import Credentials, headers_of
+
 FINAL = frozenset({200, 400, 404, 409, 422})
 
 
@@ -45,15 +47,18 @@ class ClaimClient:
         base_url: str,
         deadline: float = 60.0,
         poll_interval: float = 0.2,
+        credentials: Credentials | None = None,
     ) -> None:
         self._http = http
+        self._credentials = credentials
         self._base = base_url.rstrip("/")
         self._deadline = deadline
         self._poll = poll_interval
 
     async def claim(self, user_id: str, coupon_name: str, key: str | None = None) -> Answer:
         """The claim's final answer, retrying and following 202s until the deadline."""
-        headers = {"Idempotency-Key": key or uuid.uuid4().hex}
+        token = headers_of(self._credentials, user_id)
+        headers = {"Idempotency-Key": key or uuid.uuid4().hex, **token}
         payload = {"user_id": user_id, "coupon_name": coupon_name}
         answer = Answer(user_id, coupon_name, 0, {})
         started = time.monotonic()
@@ -71,7 +76,7 @@ class ClaimClient:
                             location = r.headers["Location"]
                             answer.pending = True
                 else:
-                    async with self._http.get(f"{self._base}{location}") as r:
+                    async with self._http.get(f"{self._base}{location}", headers=token) as r:
                         status, body = r.status, await r.json(content_type=None)
                         retry_after = r.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError, ValueError):

@@ -9,7 +9,7 @@ names each promise with whether it held.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ async def check(
     finals: Iterable[Final],
     coupons: Iterable[str],
     seen: Iterable[int] = (),
+    headers: Mapping[str, str] | None = None,
 ) -> Verdict:
     """``seen``: every status received on the way (interim ones included), when known;
     a 5xx among them breaks "no server error" even if a retry then succeeded. (503 is
@@ -63,7 +64,7 @@ async def check(
             winners[f.coupon].append(f.user)
     states: dict[str, dict[str, Any]] = {}
     for name in coupons:
-        async with http.get(f"{base.rstrip('/')}/api/coupons/{name}") as r:
+        async with http.get(f"{base.rstrip('/')}/api/coupons/{name}", headers=headers) as r:
             states[name] = await r.json(content_type=None) if r.status == 200 else {}
     holders = {name: list(s.get("claimed_by", [])) for name, s in states.items()}
     checks = {

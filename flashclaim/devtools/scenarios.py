@@ -17,6 +17,7 @@ import aiohttp
 
 from flashclaim.devtools import promises
 from flashclaim.devtools.client import ClaimClient
+from flashclaim.devtools.tokens import Credentials, headers_of
 
 
 @dataclass
@@ -52,16 +53,26 @@ async def _json(response: aiohttp.ClientResponse) -> Any:
 
 
 async def _run(
-    http: aiohttp.ClientSession, base: str, name: str, stock: int, users: list[str], timeout: float
+    http: aiohttp.ClientSession,
+    base: str,
+    name: str,
+    stock: int,
+    users: list[str],
+    timeout: float,
+    credentials: Credentials | None,
 ) -> ScenarioReport:
     coupon = f"{name.upper().replace('-', '_')}_{uuid.uuid4().hex[:10]}"
     report = ScenarioReport(name, coupon)
-    async with http.post(f"{base}/api/coupons", json={"name": coupon, "amount": stock}) as r:
+    async with http.post(
+        f"{base}/api/coupons",
+        json={"name": coupon, "amount": stock},
+        headers=headers_of(credentials),
+    ) as r:
         if r.status != 201:
             report.violations.append(f"coupon creation answered {r.status}: {await r.text()}")
             return report
     started = time.monotonic()
-    client = ClaimClient(http, base, deadline=timeout)
+    client = ClaimClient(http, base, deadline=timeout, credentials=credentials)
     answers = await asyncio.gather(*(client.claim(u, coupon) for u in users))
     report.seconds = time.monotonic() - started
     for answer in answers:
@@ -77,6 +88,7 @@ async def _run(
         (promises.Final(a.user_id, a.coupon_name, a.status) for a in answers),
         [coupon],
         seen=report.seen.elements(),
+        headers=headers_of(credentials),
     )
     report.coupon_state = verdict.coupons[coupon]
     report.violations.extend(verdict.broken)
@@ -84,11 +96,16 @@ async def _run(
 
 
 async def flash_sale(
-    http: aiohttp.ClientSession, base: str, users: int = 50, stock: int = 5, timeout: float = 60
+    http: aiohttp.ClientSession,
+    base: str,
+    users: int = 50,
+    stock: int = 5,
+    timeout: float = 60,
+    credentials: Credentials | None = None,
 ) -> ScenarioReport:
     """N different users race for S coupons: exactly S win, the rest are told sold out."""
     names = [f"user_{i:05d}" for i in range(users)]
-    report = await _run(http, base, "flash-sale", stock, names, timeout)
+    report = await _run(http, base, "flash-sale", stock, names, timeout, credentials)
     winners = min(users, stock)
     report.check(report.statuses[200] == winners, f"expected {winners} winners")
     report.check(
@@ -103,20 +120,28 @@ async def double_dip(
     attempts: int = 10,
     stock: int = 100,
     timeout: float = 60,
+    credentials: Credentials | None = None,
 ) -> ScenarioReport:
     """One user claims the same coupon N times at once: one 200, the rest 409."""
-    report = await _run(http, base, "double-dip", stock, ["user_12345"] * attempts, timeout)
+    report = await _run(
+        http, base, "double-dip", stock, ["user_12345"] * attempts, timeout, credentials
+    )
     report.check(report.statuses[200] == 1, "expected exactly one success")
     report.check(report.statuses[409] == attempts - 1, f"expected {attempts - 1} x 409")
     return report
 
 
-async def run_all(base: str, burst: int = 2000, burst_stock: int = 100) -> list[ScenarioReport]:
+async def run_all(
+    base: str,
+    burst: int = 2000,
+    burst_stock: int = 100,
+    credentials: Credentials | None = None,
+) -> list[ScenarioReport]:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         return [
-            await flash_sale(http, base),
-            await double_dip(http, base),
-            await flash_sale(http, base, users=burst, stock=burst_stock),
+            await flash_sale(http, base, credentials=credentials),
+            await double_dip(http, base, credentials=credentials),
+            await flash_sale(http, base, users=burst, stock=burst_stock, credentials=credentials),
         ]

@@ -142,6 +142,48 @@ class Signer:
         return jwt.encode(payload, self.key, algorithm=self.alg, headers=headers)
 
 
+class Credentials:
+    """Bearer tokens for clients of a gateway with authentication on: each user's own
+    (minted once, kept), and a merchant's that may create coupons."""
+
+    def __init__(self, signer: Signer, create_scope: str = "coupons:write", ttl: float = 3600):
+        self._signer = signer
+        self._scope = create_scope
+        self._ttl = ttl
+        self._tokens: dict[str, str] = {}
+
+    def user(self, user_id: str) -> dict[str, str]:
+        token = self._tokens.get(user_id)
+        if token is None:
+            token = self._tokens[user_id] = self._signer.token(user_id, ttl=self._ttl)
+        return {"Authorization": f"Bearer {token}"}
+
+    def merchant(self) -> dict[str, str]:
+        token = self._tokens.get("\0merchant")
+        if token is None:
+            token = self._signer.token("merchant", [self._scope], ttl=self._ttl)
+            self._tokens["\0merchant"] = token
+        return {"Authorization": f"Bearer {token}"}
+
+
+def headers_of(credentials: Credentials | None, user_id: str | None = None) -> dict[str, str]:
+    """The Authorization header a client sends (none when authentication is off): the
+    user's, or the merchant's when no user is named."""
+    if credentials is None:
+        return {}
+    return credentials.user(user_id) if user_id is not None else credentials.merchant()
+
+
+def credentials_from(settings: Settings, key_file: str | None) -> Credentials | None:
+    """Tokens signed with ``key_file`` (or the HS256 secret) for ``settings``' issuer
+    and audience; ``None`` when neither is given (authentication off)."""
+    if not key_file and not settings.auth_hs256_secret.get_secret_value():
+        return None
+    if not (settings.auth_issuer and settings.auth_audience):
+        raise ConfigError("set FLASHCLAIM_AUTH_ISSUER and FLASHCLAIM_AUTH_AUDIENCE for tokens")
+    return Credentials(Signer.from_settings(settings, key_file), settings.auth_create_scope)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     token = sub.add_parser("token", help="signing keys and bearer tokens for development")
     actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -149,6 +191,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--dir", required=True, help="where the keys and jwks.json are kept")
     p.add_argument("--alg", default="EdDSA", choices=ALGORITHMS)
     p.add_argument("--kid", help="the key's id (default: the date and a random suffix)")
+    p.add_argument(
+        "--if-absent",
+        action="store_true",
+        help="do nothing if <dir>/jwks.json exists (a container's first start makes them)",
+    )
     p.set_defaults(func=_keys, service="token")
     p = actions.add_parser("mint", help="print a signed token for a user")
     p.add_argument("--key", help="a private key made by `token keys` (default: HS256 secret)")
@@ -163,6 +210,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    if args.if_absent and (Path(args.dir) / "jwks.json").exists():
+        print(f"public keys  {Path(args.dir) / 'jwks.json'}  (kept)")
+        return 0
     path = make_keys(Path(args.dir), args.alg, args.kid)
     print(f"private key  {path}")
     print(f"public keys  {path.parent / 'jwks.json'}  (FLASHCLAIM_AUTH_JWKS)")

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from flashclaim.core.settings import Settings, environ
 from flashclaim.devtools import processes
 from flashclaim.devtools.devstack import Stack
+from flashclaim.devtools.tokens import Credentials
 from tests.conftest import make_settings
 
 LOGS = Path(__file__).resolve().parents[2] / ".stack" / "test" / "services"
@@ -49,6 +50,8 @@ class Services:
     settings: Settings
     port: int = field(default_factory=free_port)
     gateway_overrides: dict[str, Any] = field(default_factory=dict)
+    # Tokens for a gateway with authentication on (None: it is off).
+    credentials: Credentials | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property

@@ -17,6 +17,7 @@ import psycopg
 from flashclaim.core.settings import Settings
 from flashclaim.devtools import promises
 from flashclaim.devtools.client import Answer, ClaimClient
+from flashclaim.devtools.tokens import headers_of
 from tests.acceptance.conftest import Services, service_env
 
 
@@ -39,7 +40,9 @@ class Load:
         self.names = [f"LOAD_{tag}_{i:02d}" for i in range(self.coupons)]
         for name in self.names:
             async with self.http.post(
-                f"{self.services.base_url}/api/coupons", json={"name": name, "amount": self.stock}
+                f"{self.services.base_url}/api/coupons",
+                json={"name": name, "amount": self.stock},
+                headers=headers_of(self.services.credentials),
             ) as r:
                 assert r.status == 201, await r.text()
         rng = random.Random(self.seed)
@@ -47,7 +50,9 @@ class Load:
             (f"user_{rng.randrange(self.users):04d}", rng.choice(self.names))
             for _ in range(self.claims)
         ]
-        client = ClaimClient(self.http, self.services.base_url, deadline=150)
+        client = ClaimClient(
+            self.http, self.services.base_url, deadline=150, credentials=self.services.credentials
+        )
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(user: str, coupon: str) -> Answer:
@@ -81,6 +86,7 @@ async def verify(settings: Settings, load: Load, answers: list[Answer]) -> None:
         (promises.Final(a.user_id, a.coupon_name, a.status) for a in answers),
         load.names,
         seen=(s for a in answers for s in a.seen),
+        headers=headers_of(load.services.credentials),
     )
     assert verdict.ok, verdict.broken
     assert {a.status for a in answers} <= {200, 400, 409}, {a.status for a in answers}

@@ -95,6 +95,7 @@ class Declared:
     stop_grace: float
     depends_on: dict[str, str]  # service -> condition
     healthcheck: HealthCheck | None
+    volumes: list[str]  # Compose's short form: "source:target[:mode]"
 
 
 def _image_healthcheck(image: str) -> dict[str, Any]:
@@ -147,6 +148,7 @@ def declared_services(image: str = IMAGE) -> dict[str, Declared]:
                 for k, v in (service.get("depends_on") or {}).items()
             },
             healthcheck=check,
+            volumes=[str(v) for v in service.get("volumes", [])],
         )
     return services
 
@@ -259,7 +261,26 @@ class Deployment:
             options += declared.healthcheck.run_options()
         for key, value in self.environment(service, ports).items():
             options += ["--env", f"{key}={value}"]
+        for volume in declared.volumes:
+            options += ["--volume", self.volume(volume)]
         return options
+
+    def volume(self, declared: str) -> str:
+        """A Compose volume as podman's: a named one is this deployment's own podman
+        volume (made empty at first use, filled from the image's folder as Docker does);
+        a host path is mounted as it is."""
+        source, _, rest = declared.partition(":")
+        if source.startswith(("/", ".")):
+            return declared
+        return f"{self.volume_name(source)}:{rest}"
+
+    def volume_name(self, source: str) -> str:
+        return f"fc-{self.tag}-{source}"
+
+    def volume_path(self, source: str) -> Path:
+        """Where a named volume's files are on this machine."""
+        inspected = podman("volume", "inspect", self.volume_name(source)).stdout
+        return Path(json.loads(inspected)[0]["Mountpoint"])
 
     def run_once(
         self, service: str, *command: str, timeout: float = 300
@@ -283,6 +304,10 @@ class Deployment:
     def remove_all(self) -> None:
         for container in self.containers:
             container.remove()
+        names = podman("volume", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+        for name in names:
+            if name.startswith(f"fc-{self.tag}-"):
+                podman("volume", "rm", "-f", name, check=False)
 
 
 def images_match(compose_image: str, built: str = IMAGE) -> bool:

@@ -29,12 +29,15 @@ import aio_pika
 import aiohttp
 import psycopg
 import pytest
+import redis
+import yaml
 from packaging.requirements import Requirement
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from flashclaim.core.settings import Settings
 from flashclaim.devtools import scenarios
 from flashclaim.devtools.devstack import Stack
+from flashclaim.devtools.tokens import Credentials, Signer, headers_of
 from tests.acceptance.conftest import Services, free_port
 from tests.acceptance.load import Load, verify
 from tests.image.containers import (
@@ -91,6 +94,7 @@ class Running:
     containers: dict[str, Container]
     ports: dict[str, dict[str, int]]
     spans: SpanSink
+    credentials: Credentials | None = None
     healthy_after: dict[str, float] = field(default_factory=dict)
     events: aio_pika.abc.AbstractQueue | None = None
 
@@ -101,13 +105,44 @@ class Running:
     @property
     def services(self) -> Services:
         """What the acceptance tests' load and checks need: the settings and the URL."""
-        return Services(self.settings, port=self.ports["gateway"]["FLASHCLAIM_HTTP_PORT"])
+        return Services(
+            self.settings,
+            port=self.ports["gateway"]["FLASHCLAIM_HTTP_PORT"],
+            credentials=self.credentials,
+        )
 
     def audit(self) -> str:
         """`flashclaim audit`, run from the image like the other commands."""
         result = self.deployment.run_once("schema", "audit", "--pending-older-than", "300")
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
+
+
+def _add_redis_users(stack: Stack) -> None:
+    """The users Compose's Redis starts with (its command's `--user` directives), but
+    the default user's: the suite's own clients are the default user."""
+    assert stack.redis is not None
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    command = compose["services"]["redis"]["command"]
+    client = redis.Redis(port=stack.redis.port)
+    try:
+        for directive in " ".join(command).split(" --user ")[1:]:
+            user, *rules = directive.split(" ")
+            if user != "default":
+                client.execute_command("ACL", "SETUSER", user, "reset", *rules)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+def _credentials(deployment: Deployment) -> Credentials:
+    """Tokens for the gateway container: signed with the key its `keys` service made,
+    for the issuer and audience it is configured with."""
+    env = deployment.environment("gateway", {})
+    folder = deployment.volume_path("authkeys")
+    signer = Signer.from_file(
+        folder / "compose-dev.pem", env["FLASHCLAIM_AUTH_ISSUER"], env["FLASHCLAIM_AUTH_AUDIENCE"]
+    )
+    return Credentials(signer)
 
 
 def _import_broker_definitions(stack: Stack) -> None:
@@ -138,7 +173,7 @@ def _import_broker_definitions(stack: Stack) -> None:
 @pytest.fixture(scope="module")
 def declared() -> dict[str, Declared]:
     services = declared_services()
-    assert set(services) == {"schema", *SERVICES}, services
+    assert set(services) == {"schema", "keys", *SERVICES}, services
     for service in services.values():
         assert images_match(service.image), (service.service, service.image, IMAGE)
     return services
@@ -156,17 +191,20 @@ def running(stack: Stack, declared: dict[str, Declared]) -> Iterator[Running]:
     admin = make_conninfo(urls.database_url, user="postgres", dbname="postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{database}" OWNER flashclaim')
+        # What Compose's PostgreSQL runs at its first start: the services' role.
+        conn.execute((ROOT / "deploy/postgres/service-role.sql").read_text())
     _import_broker_definitions(stack)
+    _add_redis_users(stack)
     spans = SpanSink()
     pg = conninfo_to_dict(urls.database_url)
     amqp = urllib.parse.urlsplit(urls.amqp_url)
     management = urllib.parse.urlsplit(stack.rabbitmq.management_url)
-    redis = urllib.parse.urlsplit(urls.redis_url)
+    redis_url = urllib.parse.urlsplit(urls.redis_url)
     addresses = {
         "postgres:5432/flashclaim": f"127.0.0.1:{pg['port']}/{database}",
         "rabbitmq:5672": f"127.0.0.1:{amqp.port}",
         "rabbitmq:15672": f"127.0.0.1:{management.port}",
-        "redis:6379": f"127.0.0.1:{redis.port}",
+        "redis:6379": f"127.0.0.1:{redis_url.port}",
         "jaeger:4318": f"127.0.0.1:{spans.port}",
     }
     deployment = Deployment(declared, addresses)
@@ -188,8 +226,16 @@ def running(stack: Stack, declared: dict[str, Declared]) -> Iterator[Running]:
         schema = deployment.run_once("schema")
         assert schema.returncode == 0, schema.stdout + schema.stderr
         assert "applied " in schema.stderr, schema.stderr
+        assert "granted to flashclaim_app" in schema.stderr, schema.stderr
+        # The gateway's keys, made by their one-shot service (kept at a second run).
+        assert declared["gateway"].depends_on["keys"] == "service_completed_successfully"
+        for _ in range(2):
+            keys = deployment.run_once("keys")
+            assert keys.returncode == 0, keys.stdout + keys.stderr
+        assert "(kept)" in keys.stdout, keys.stdout
         containers = {s: deployment.start(s, ports[s]) for s in SERVICES}
-        yield Running(deployment, settings, containers, ports, spans)
+        credentials = _credentials(deployment)
+        yield Running(deployment, settings, containers, ports, spans, credentials)
     finally:
         for container in deployment.containers:
             log = ROOT / ".stack" / "test" / "services" / f"{container.name}.log"
@@ -259,15 +305,19 @@ async def test_the_contract_scenarios_and_a_burst_through_the_gateway_container(
     # The relay's events: a queue of ours on the events exchange, bound before the sales.
     connection = await aio_pika.connect(running.settings.amqp_url)
     channel = await connection.channel()
-    events = await channel.declare_queue(f"image-test-{uuid.uuid4().hex[:6]}", exclusive=True)
+    # Named in the services' namespace: their user, the test's too, may use no other.
+    events = await channel.declare_queue(
+        f"{running.settings.namespace}.image-test-{uuid.uuid4().hex[:6]}", exclusive=True
+    )
     await events.bind(running.settings.topology().events_exchange, "coupon.#")
     try:
-        flash = await scenarios.flash_sale(http, running.base_url, users=50, stock=5)
+        auth = {"credentials": running.credentials}
+        flash = await scenarios.flash_sale(http, running.base_url, users=50, stock=5, **auth)
         assert flash.violations == [] and dict(flash.statuses) == {200: 5, 400: 45}, flash
-        dip = await scenarios.double_dip(http, running.base_url, attempts=10, stock=100)
+        dip = await scenarios.double_dip(http, running.base_url, attempts=10, stock=100, **auth)
         assert dip.violations == [] and dict(dip.statuses) == {200: 1, 409: 9}, dip
         assert dip.coupon_state["remaining_amount"] == 99
-        burst = await scenarios.flash_sale(http, running.base_url, users=2000, stock=100)
+        burst = await scenarios.flash_sale(http, running.base_url, users=2000, stock=100, **auth)
         assert burst.violations == [], burst.violations
         assert (burst.statuses[200], burst.statuses[400]) == (100, 1900), burst.statuses
         for report in (flash, dip, burst):
@@ -315,7 +365,9 @@ async def test_stopping_the_gateway_under_load_answers_every_claim_it_accepted(
     took is answered before it exits; whoever got no answer holds no claim."""
     coupon = f"STOP_GW_{uuid.uuid4().hex[:8]}"
     async with http.post(
-        f"{running.base_url}/api/coupons", json={"name": coupon, "amount": 100_000}
+        f"{running.base_url}/api/coupons",
+        json={"name": coupon, "amount": 100_000},
+        headers=headers_of(running.credentials),
     ) as r:
         assert r.status == 201
     gateway = running.containers["gateway"]
@@ -330,6 +382,7 @@ async def test_stopping_the_gateway_under_load_answers_every_claim_it_accepted(
             async with http.post(
                 f"{running.base_url}/api/coupons/claim",
                 json={"user_id": user, "coupon_name": coupon},
+                headers=headers_of(running.credentials, user),
             ) as r:
                 answers[user] = r.status
                 await r.read()
@@ -379,7 +432,9 @@ async def test_stopping_the_gateway_under_load_answers_every_claim_it_accepted(
     # The same container, started again, serves.
     await asyncio.to_thread(gateway.start)
     await asyncio.to_thread(gateway.until_healthy)
-    report = await scenarios.flash_sale(http, running.base_url, users=20, stock=3)
+    report = await scenarios.flash_sale(
+        http, running.base_url, users=20, stock=3, credentials=running.credentials
+    )
     assert report.violations == [] and dict(report.statuses) == {200: 3, 400: 17}
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flashclaim.core.privileges import broker_permissions, redis_acl_rules
 from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import free_port
 
@@ -37,6 +38,7 @@ def test_compose_runs_every_service_the_stack_needs() -> None:
         "rabbitmq",
         "redis",
         "schema",
+        "keys",
         "gateway",
         "consumer",
         "relay",
@@ -518,7 +520,55 @@ def test_the_compose_broker_loads_the_topology_the_code_declares() -> None:
     shipped = json.loads((ROOT / "deploy/rabbitmq/definitions.json").read_text())
     expected = definitions(Settings().topology(), broker_major_version=4)
     assert {k: shipped[k] for k in expected} == expected
-    assert [u["name"] for u in shipped["users"]] == ["flashclaim"]
+    # The services' user is no administrator, and may use its namespace only.
+    users = {u["name"]: u["tags"] for u in shipped["users"]}
+    assert users == {"admin": ["administrator"], "flashclaim_app": []}
+    permissions = {p.pop("user"): p for p in shipped["permissions"]}
+    assert permissions["flashclaim_app"] == {"vhost": "/", **broker_permissions("flashclaim")}
+
+
+def _resolved_compose() -> dict[str, Any]:
+    import yaml
+
+    resolved = subprocess.run(
+        ["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return dict(yaml.safe_load(resolved.stdout)["services"])
+
+
+def test_compose_services_use_the_accounts_of_least_privilege() -> None:
+    services = _resolved_compose()
+    for name in ("consumer", "relay", "gateway", "keys"):
+        env = services[name]["environment"]
+        for variable in ("DATABASE_URL", "AMQP_URL", "REDIS_URL"):
+            if f"FLASHCLAIM_{variable}" in env:
+                assert "://flashclaim_app:" in env[f"FLASHCLAIM_{variable}"], (name, variable)
+        assert env.get("FLASHCLAIM_AMQP_MANAGEMENT_URL", "") == "", name
+    # The schema is the owner's, which grants the services' role its rows.
+    schema = services["schema"]
+    assert "://flashclaim:" in schema["environment"]["FLASHCLAIM_DATABASE_URL"]
+    assert schema["command"][-2:] == ["--grant-to", "flashclaim_app"]
+    postgres = services["postgres"]
+    assert any("service-role.sql:/docker-entrypoint-initdb.d/" in v for v in postgres["volumes"])
+    # Redis: the services' user has exactly flashclaim/core/privileges.py's rules.
+    command = services["redis"]["command"]
+    directives = {
+        d.split(" ")[0]: d.split(" ")[1:] for d in " ".join(command).split(" --user ")[1:]
+    }
+    assert directives["default"] == ["off"]
+    assert directives["flashclaim_app"] == ["on", ">flashclaim_app", *redis_acl_rules("flashclaim")]
+    assert "flashclaim_app" in services["redis"]["healthcheck"]["test"]
+
+
+def test_compose_gateway_takes_bearer_tokens_from_its_keys_service() -> None:
+    services = _resolved_compose()
+    gateway, keys = services["gateway"], services["keys"]
+    env = Settings.from_env(gateway["environment"])
+    assert env.auth_enabled and env.auth_jwks == "/keys/jwks.json"
+    assert gateway["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert gateway["volumes"] == ["authkeys:/keys:ro"] and keys["volumes"] == ["authkeys:/keys:rw"]
+    assert keys["command"][:4] == ["token", "keys", "--dir", "/keys"]
+    assert keys["environment"]["FLASHCLAIM_AUTH_ISSUER"] == env.auth_issuer
 
 
 def test_the_readme_instructions_match_the_files() -> None:
