@@ -56,7 +56,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         settings.db_pool_max_size,
         f"flashclaim-consumer-{settings.instance_id}",
     )
-    redis = redis_client(settings.redis_url)
+    redis = redis_client(settings.redis_url, settings.redis_sentinel_password.get_secret_value())
     connection: AbstractRobustConnection | None = None
     figures = metrics.ConsumerMetrics(settings.metrics_enabled)
     endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)

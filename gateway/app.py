@@ -114,7 +114,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    client = redis_client(s.redis_url)
+    client = redis_client(s.redis_url, s.redis_sentinel_password.get_secret_value())
     app[REDIS] = client
     if s.rate_limit_per_second > 0:
         app[LIMITER] = RateLimiter(client, s.namespace, s.rate_limit_per_second, s.rate_limit_burst)

@@ -272,7 +272,7 @@ class Authenticator:
         except jwt.PyJWTError:
             raise Unauthenticated("malformed token") from None
         alg = header.get("alg")
-        if alg not in self._accepted:
+        if not isinstance(alg, str) or alg not in self._accepted:
             raise Unauthenticated("token algorithm not accepted")
         if alg == "HS256":
             key: Any = self._secret

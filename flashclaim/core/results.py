@@ -86,13 +86,16 @@ class _SentinelMaster(aioredis.Redis):
                 await client.aclose()
 
 
-def redis_client(url: str, max_connections: int = 64) -> aioredis.Redis:
+def redis_client(
+    url: str, sentinel_password: str = "", max_connections: int = 64
+) -> aioredis.Redis:
     """A Redis client whose requests wait (up to 2 s) for a free connection.
 
     The default pool refuses outright once it has opened its maximum of connections,
     which under a burst of claims turns into needless failures. A ``redis+sentinel://``
     URL asks Sentinel for the master, and again after a failover (the pool then
-    reconnects to the new master).
+    reconnects to the new master); the Sentinels take ``sentinel_password`` if given,
+    else the URL's password (the Sentinels know no ACL user: only a password).
     """
     if url.startswith(f"{SENTINEL_SCHEME}://"):
         address = SentinelAddress.parse(url)
@@ -100,8 +103,11 @@ def redis_client(url: str, max_connections: int = 64) -> aioredis.Redis:
             address.sentinels,
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
-            # The Sentinels themselves take the same password, if any.
-            sentinel_kwargs={"password": address.password} if address.password else None,
+            sentinel_kwargs=(
+                {"password": sentinel_password or address.password}
+                if sentinel_password or address.password
+                else None
+            ),
         )
         master: _SentinelMaster = sentinel.master_for(
             address.master,

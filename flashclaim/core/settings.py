@@ -113,6 +113,9 @@ class Settings(BaseModel):
     # flashclaim/core/policies.py).
     amqp_management_url: Annotated[str, AfterValidator(_hosts)] = "http://127.0.0.1:55673/"
     redis_url: str = "redis://127.0.0.1:56379/0"
+    # The Sentinels' password when REDIS_URL is a redis+sentinel:// URL whose user is not
+    # the default one (an ACL user: Sentinels have a password only). Empty: the URL's.
+    redis_sentinel_password: SecretStr = SecretStr("")
     # Prefix of every exchange, queue and Redis key, so that several deployments (or
     # test runs) can share one broker and one Redis.
     namespace: str = Field("flashclaim", pattern=r"^[A-Za-z0-9._-]+$")
@@ -312,6 +315,11 @@ class Settings(BaseModel):
         return Topology(self.namespace, self.delivery_limit, self.partitions)
 
 
+def without_password(url: str) -> str:
+    """``url`` with the password of its credentials shown as ``***``."""
+    return re.sub(r"(://[^/?#@:]*:)[^/?#]*@", r"\1***@", url)
+
+
 def _from_file(name: str, path: str, value: str | None) -> str:
     """``FLASHCLAIM_<NAME>_FILE``: the setting is the file's content (a secret mounted by
     Docker or Kubernetes), without its final line break."""
@@ -337,7 +345,7 @@ def _explain(exc: ValidationError) -> str:
         )
         shown = "(hidden)" if secret else repr(error["input"])
         if name.endswith("_url"):  # the password of a URL is not shown either
-            shown = re.sub(r"(://[^/?#@:]*:)[^/?#]*@", r"\1***@", shown)
+            shown = without_password(shown)
         if error["type"] == "extra_forbidden":
             problems.append(f"no such setting: {name}")
         else:

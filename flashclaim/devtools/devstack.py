@@ -35,7 +35,7 @@ import redis
 from psycopg import sql
 
 from flashclaim.core.privileges import broker_permissions, grant_services, redis_acl_setuser
-from flashclaim.core.settings import Settings, environ, variable
+from flashclaim.core.settings import Settings, environ, variable, without_password
 
 
 class StackError(RuntimeError):
@@ -741,13 +741,13 @@ def _print_summary(
         "",
         "flashclaim is running (Ctrl-C stops everything):",
         f"  API              http://127.0.0.1:{settings.http_port}/api/coupons",
-        f"  PostgreSQL       {settings.database_url}",
-        f"  RabbitMQ         {settings.amqp_url}",
+        f"  PostgreSQL       {without_password(settings.database_url)}",
+        f"  RabbitMQ         {without_password(settings.amqp_url)}",
     ]
     if stack.rabbitmq is not None:
         lines.append(f"  RabbitMQ UI      {stack.rabbitmq.management_url}  (guest / guest)")
     lines += [
-        f"  Redis            {settings.redis_url}",
+        f"  Redis            {without_password(settings.redis_url)}",
         f"  events           exchange {settings.topology().events_exchange} (topic; bind a"
         " queue to coupon.#)",
         f"  Prometheus       {prometheus}  (alerts: {prometheus}/alerts)",

@@ -88,7 +88,7 @@ async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) ->
         inbox = conn.execute(q["story_inbox"].encode(), params).fetchone()
         claim = conn.execute(q["story_claim"].encode(), params).fetchone()
         event = conn.execute(q["story_event"].encode(), params).fetchone()
-    client = redis_client(settings.redis_url)
+    client = redis_client(settings.redis_url, settings.redis_sentinel_password.get_secret_value())
     try:
         store = ResultStore(client, settings.namespace, settings.result_ttl_seconds)
         consumer_raw, fast_raw, pending_raw = await client.mget(

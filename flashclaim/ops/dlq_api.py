@@ -35,7 +35,7 @@ from flashclaim.core.signals import stop_event_on_signals
 from gateway import validation
 from gateway.access_log import CanonicalAccessLogger
 from gateway.jsonresponse import json_response
-from gateway.middleware import errors_middleware
+from gateway.middleware import errors_middleware, hide_server_version
 
 log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("admin_settings", Settings)
@@ -44,6 +44,7 @@ routes = web.RouteTableDef()
 
 
 def create_admin_app(settings: Settings) -> web.Application:
+    hide_server_version()
     app = web.Application(
         middlewares=[errors_middleware, _bearer_token], client_max_size=settings.max_body_bytes
     )

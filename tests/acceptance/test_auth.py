@@ -149,6 +149,13 @@ async def test_the_tokens_user_claims_and_only_that_user_sees_the_answer(
     # The gateway names no software version, and no token reaches its log.
     async with http.get(f"{api}/healthz") as response:
         assert response.headers["Server"] == "flashclaim"
+    # Nor does the answer of its HTTP parser to a request it cannot read.
+    reader, writer = await asyncio.open_connection("127.0.0.1", services.port)
+    writer.write(b"NOT AN HTTP REQUEST\r\n\r\n")
+    raw_answer = await reader.read()
+    writer.close()
+    assert raw_answer.startswith(b"HTTP/1.0 400") and b"Server: flashclaim\r\n" in raw_answer
+    assert b"aiohttp" not in raw_answer and b"Python" not in raw_answer
     logs = "".join(p.read_text() for p in LOGS.glob(f"{services.settings.namespace}-*.log"))
     assert '"user":"alice"' in logs  # access log lines name the token's user
     assert not any(t.split(".")[2] in logs for t in (merchant, alice, bob))

@@ -122,6 +122,8 @@ def test_stack_runs_the_scenarios_and_stops_cleanly(tmp_path: Path) -> None:
         summary = (tmp_path / "stack.log").read_text()
         assert f"http://127.0.0.1:{port}/api/coupons" in summary
         assert "RabbitMQ UI" in summary
+        # The services' URLs are shown without their passwords.
+        assert "amqp://flashclaim_app:***@" in summary and ":flashclaim_app@" not in summary
         # The stack's Prometheus scrapes every service: the gateway, both consumers,
         # the relay and RabbitMQ (twice: totals and per queue).
         prometheus = f"http://127.0.0.1:{PROFILES['stacktest'].prometheus_server}"

@@ -12,14 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 
+from flashclaim.core.privileges import redis_acl_setuser
 from flashclaim.core.results import SentinelAddress, redis_client
+from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
 from tests.acceptance.conftest import free_port
 
 
-@pytest.fixture
-def sentinel(stack: Stack, tmp_path: Path) -> Iterator[int]:
+def start_sentinel(
+    stack: Stack, tmp_path: Path, password: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
     """A Sentinel watching the suite's Redis as master ``flashclaim``; its port."""
     if stack.redis is None:
         pytest.skip("needs the suite's own Redis")
@@ -29,19 +34,57 @@ def sentinel(stack: Stack, tmp_path: Path) -> Iterator[int]:
     conf.write_text(
         f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
         f"sentinel monitor flashclaim 127.0.0.1 {stack.redis.port} 1\n"
+        + (f"requirepass {password}\n" if password else "")
     )
     proc = subprocess.Popen(
         [server, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, port
+
+
+@pytest.fixture
+def sentinel(stack: Stack, tmp_path: Path) -> Iterator[int]:
+    if stack.redis is None:
+        pytest.skip("needs the suite's own Redis")
+    proc, port = start_sentinel(stack, tmp_path)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_an_acl_user_behind_a_sentinel_with_its_own_password(
+    stack: Stack, tmp_path: Path, settings: Settings
+) -> None:
+    """Kubernetes' Redis: the services' ACL user on the master, the Sentinels guarded by
+    the default user's password (REDIS_SENTINEL_PASSWORD)."""
+    if stack.redis is None:
+        pytest.skip("needs the suite's own Redis")
+    proc, port = start_sentinel(stack, tmp_path, password="sentinel-secret")
+    user = f"acl-{settings.namespace}"
+    admin = aioredis.Redis(port=stack.redis.port)
+    await admin.execute_command(*redis_acl_setuser(user, "app-secret", settings.namespace))
+    url = f"redis+sentinel://{user}:app-secret@127.0.0.1:{port}/flashclaim/0"
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield port
+        client = redis_client(url, sentinel_password="sentinel-secret")
+        await client.set(f"{settings.namespace}:k", "v", ex=10)
+        assert await client.get(f"{settings.namespace}:k") == b"v"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await client.get("elsewhere")
+        await client.aclose()
+        # Without the Sentinel's own password, the URL's is tried there, and refused.
+        client = redis_client(url)
+        with pytest.raises(redis.exceptions.RedisError):
+            await client.ping()
+        await client.aclose()
     finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
         proc.terminate()
         proc.wait(10)
 

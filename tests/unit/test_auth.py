@@ -10,6 +10,7 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from flashclaim.core.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from flashclaim.core.settings import Settings
@@ -85,21 +86,26 @@ async def test_each_bad_token_is_refused_for_its_reason() -> None:
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": now + 60}
     unsigned = f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}."
-    cases = {
-        "malformed token": "not-a-token",
-        "token signature does not verify": other.token("alice"),
-        "token algorithm not accepted": unsigned,
-        "token expired": s.token("alice", ttl=-60),
-        "token not yet valid": s.token("alice", nbf=now + 600),
-        "token issuer not accepted": s.token("alice", iss="https://evil.example"),
-        "token audience not accepted": s.token("alice", aud="another-api"),
-        "unknown signing key": signer(kid="k9").token("alice"),
-        "token has no 'exp' claim": jwt.encode(
-            {k: v for k, v in claims.items() if k != "exp"}, s.key, "EdDSA", {"kid": "k1"}
+    cases = [
+        ("malformed token", "not-a-token"),
+        # A header whose alg is no string (a list cannot be looked up in a set).
+        ("token algorithm not accepted", f"{_b64({'alg': []})}.{_b64(claims)}."),
+        ("token signature does not verify", other.token("alice")),
+        ("token algorithm not accepted", unsigned),
+        ("token expired", s.token("alice", ttl=-60)),
+        ("token not yet valid", s.token("alice", nbf=now + 600)),
+        ("token issuer not accepted", s.token("alice", iss="https://evil.example")),
+        ("token audience not accepted", s.token("alice", aud="another-api")),
+        ("unknown signing key", signer(kid="k9").token("alice")),
+        (
+            "token has no 'exp' claim",
+            jwt.encode(
+                {k: v for k, v in claims.items() if k != "exp"}, s.key, "EdDSA", {"kid": "k1"}
+            ),
         ),
-        "token's 'sub' is not a user id": s.token("alice", sub="\n"),
-    }
-    for reason, token in cases.items():
+        ("token's 'sub' is not a user id", s.token("alice", sub="\n")),
+    ]
+    for reason, token in cases:
         assert await refused(auth, token) == reason, reason
     # Within the leeway, a token just expired or about to be valid still passes.
     assert (await auth.principal(s.token("alice", ttl=-10))).user_id == "alice"
@@ -112,10 +118,7 @@ async def test_the_algorithm_is_the_settings_choice_not_the_tokens() -> None:
     # HS256 signed with the RSA public key as the secret (the classic confusion): the
     # key verifies RSA only, and HS256 is not accepted without a shared secret at all.
     public = rsa.key.public_key().public_bytes(
-        encoding=__import__("cryptography").hazmat.primitives.serialization.Encoding.PEM,
-        format=__import__(
-            "cryptography"
-        ).hazmat.primitives.serialization.PublicFormat.SubjectPublicKeyInfo,
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     forged = _forge_hs256(public, {"kid": "r1"})
     assert await refused(authenticator(document), forged) == "token algorithm not accepted"

@@ -285,6 +285,8 @@ CUSTOM = {
     "Queue",
     "Binding",
     "Policy",
+    "User",
+    "Permission",
     "Cluster",
     "ScheduledBackup",
     "ObjectStore",
@@ -296,7 +298,10 @@ CUSTOM = {
 # Secrets the manifests read: made by an operator, or by the deployer (README).
 SECRETS = {
     "flashclaim-db-app",
-    "flashclaim-mq-default-user",
+    "flashclaim-db-service",
+    "flashclaim-mq-app",
+    "flashclaim-redis-app",
+    "flashclaim-redis-acl",
     "flashclaim-secrets",
     "flashclaim-redis-auth",
     "flashclaim-backup-s3",
@@ -356,15 +361,26 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
 
 def secret_names(node: Any) -> set[str]:
     """Every Secret a manifest reads (``secretKeyRef``, the backup's credentials, the
-    Redis operator's ``redisSecret``)."""
+    Redis operator's ``redisSecret`` and ACL file, CNPG's and the Topology Operator's
+    passwords)."""
     found: set[str] = set()
     if isinstance(node, dict):
         for key, value in node.items():
             if (
-                key in ("secretKeyRef", "accessKeyId", "secretAccessKey", "redisSecret")
+                key
+                in (
+                    "secretKeyRef",
+                    "accessKeyId",
+                    "secretAccessKey",
+                    "redisSecret",
+                    "passwordSecret",
+                    "importCredentialsSecret",
+                )
                 and "name" in value
             ):
                 found.add(value["name"])
+            if key == "acl" and "secret" in value:
+                found.add(value["secret"]["secretName"])
             found |= secret_names(value)
     elif isinstance(node, list):
         for item in node:
@@ -484,10 +500,34 @@ def test_the_kubernetes_workloads_keep_the_services_promises() -> None:
     assert redis["redisConfig"]["maxMemoryPercentOfLimit"] <= 80
     extra = docs[("ConfigMap", redis["redisConfig"]["additionalRedisConfig"])]["data"]
     assert "maxmemory-policy volatile-lru" in extra["redis-additional.conf"]
-    gateway_env = {e["name"]: e for e in probes["env"]}
-    assert gateway_env["FLASHCLAIM_REDIS_URL"]["value"].startswith(
-        "redis+sentinel://:$(REDIS_PASSWORD)@"
-    )
+    assert redis["acl"]["secret"]["secretName"] == "flashclaim-redis-acl"
+    # The services connect with their accounts of least privilege; only the schema Job
+    # uses the database's owner, and it grants the services' role.
+    services_role = database["managed"]["roles"][0]
+    assert (services_role["name"], services_role["login"]) == ("flashclaim_app", True)
+    assert "superuser" not in services_role and "createrole" not in services_role
+    for kind, name in workloads[:3]:
+        env = {
+            e["name"]: e
+            for e in docs[(kind, name)]["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        secret = env["FLASHCLAIM_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"]
+        assert secret == "flashclaim-db-service", name
+        assert env["AMQP_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "flashclaim-mq-app"
+        assert env["FLASHCLAIM_REDIS_URL"]["value"].startswith(
+            "redis+sentinel://flashclaim_app:$(REDIS_APP_PASSWORD)@"
+        ), name
+        assert "FLASHCLAIM_REDIS_SENTINEL_PASSWORD" in env, name
+    job = docs[("Job", "flashclaim-schema")]["spec"]["template"]["spec"]["containers"][0]
+    assert job["args"][-2:] == ["--grant-to", "flashclaim_app"]
+    assert job["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "flashclaim-db-app"
+    user = docs[("User", "flashclaim-app")]["spec"]
+    assert user["tags"] == [] and user["importCredentialsSecret"]["name"] == "flashclaim-mq-app"
+    permission = docs[("Permission", "flashclaim-app")]["spec"]
+    assert permission["permissions"] == broker_permissions(config["FLASHCLAIM_NAMESPACE"])
+    assert config["FLASHCLAIM_AMQP_MANAGEMENT_URL"] == ""
+    # Bearer tokens on, from the identity provider's JWKS.
+    assert Settings.from_env(config).auth_enabled
     queues = [d for (kind, _), d in docs.items() if kind == "Queue"]
     assert {q["spec"]["type"] for q in queues} == {"quorum"}
     # kube-prometheus-stack selects the monitors and the rules by its release label.
