@@ -198,14 +198,24 @@ def _loadtest(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flashclaim.devtools.loadtest import run_scenario
+    from flashclaim.devtools.tokens import credentials_from
 
+    credentials = credentials_from(settings, args.token_key)
     params = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "func", "service", "url", "report", "chart", "scenario", "quiet")
+        if k
+        not in (
+            *("command", "func", "service", "url", "report", "chart", "scenario", "quiet"),
+            "token_key",
+        )
         and v is not None
     }
-    report = asyncio.run(run_scenario(args.scenario, args.url, params, progress=not args.quiet))
+    report = asyncio.run(
+        run_scenario(
+            args.scenario, args.url, params, progress=not args.quiet, credentials=credentials
+        )
+    )
     print(report.summary())
     if args.report:
         report.write_json(Path(args.report))
@@ -316,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--chart", help="write a PNG chart of throughput and latency here")
     common.add_argument("--connections", type=int, default=512, help="HTTP connections")
     common.add_argument("--quiet", action="store_true", help="no progress line")
+    common.add_argument(
+        "--token-key",
+        metavar="FILE",
+        help="a gateway with bearer tokens on: sign each user's token with this private key"
+        " (with FLASHCLAIM_AUTH_HS256_SECRET set, that secret); one token a user, kept",
+    )
     s = scenarios.add_parser("flash-sale", parents=[common], help="N users race for S coupons")
     s.add_argument("--users", type=int, default=1000)
     s.add_argument("--stock", type=int, default=100)

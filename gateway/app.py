@@ -83,6 +83,8 @@ def create_app(settings: Settings) -> web.Application:
     auth = Authenticator.of(settings)
     if auth is not None:
         app[AUTH] = auth
+        if settings.auth_hs256_secret.get_secret_value():
+            log.warning("HS256 tokens are accepted (AUTH_HS256_SECRET): for development only")
     else:
         log.warning("the public API is open: anyone who reaches it may claim as any user")
     app[PROXIES] = proxy_networks(settings.trusted_proxies)

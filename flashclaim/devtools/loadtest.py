@@ -32,6 +32,7 @@ import aiohttp
 
 from flashclaim.devtools import promises
 from flashclaim.devtools.loadreport import Recorder, Report
+from flashclaim.devtools.tokens import Credentials, headers_of
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Run:
 
     http: aiohttp.ClientSession
     base: str
+    # Tokens, when the gateway checks them (one a user, minted at its first request).
+    credentials: Credentials | None = None
     recorder: Recorder = field(default_factory=Recorder)
     # (user, coupon) -> final statuses, one per request
     finals: list[tuple[str, str, int]] = field(default_factory=list)
@@ -47,7 +50,9 @@ class Run:
 
     async def create_coupon(self, name: str, amount: int) -> None:
         async with self.http.post(
-            f"{self.base}/api/coupons", json={"name": name, "amount": amount}
+            f"{self.base}/api/coupons",
+            json={"name": name, "amount": amount},
+            headers=headers_of(self.credentials),
         ) as r:
             if r.status != 201:
                 raise RuntimeError(f"creating coupon {name}: {r.status} {await r.text()}")
@@ -55,7 +60,9 @@ class Run:
     async def claim(self, user: str, coupon: str, scheduled: float) -> None:
         try:
             async with self.http.post(
-                f"{self.base}/api/coupons/claim", json={"user_id": user, "coupon_name": coupon}
+                f"{self.base}/api/coupons/claim",
+                json={"user_id": user, "coupon_name": coupon},
+                headers=headers_of(self.credentials, user),
             ) as r:
                 status = r.status
                 await r.read()
@@ -77,7 +84,9 @@ class Run:
     async def get(self, path: str, scheduled: float) -> None:
         """``GET path``, timed from ``scheduled``; only its status is kept."""
         try:
-            async with self.http.get(f"{self.base}{path}") as r:
+            async with self.http.get(
+                f"{self.base}{path}", headers=headers_of(self.credentials)
+            ) as r:
                 status = r.status
                 await r.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -92,7 +101,8 @@ class Run:
         while left and time.monotonic() < end:
             still = []
             for user, coupon, location in left:
-                async with self.http.get(f"{self.base}{location}") as r:
+                token = headers_of(self.credentials, user)
+                async with self.http.get(f"{self.base}{location}", headers=token) as r:
                     if r.status == 202 or r.status >= 500:
                         still.append((user, coupon, location))
                     else:
@@ -109,7 +119,11 @@ class Run:
         report.details["final_statuses"] = {str(k): v for k, v in sorted(statuses.items())}
         report.details["followed_202"] = len(self.pending)
         verdict = await promises.check(
-            self.http, self.base, (promises.Final(*f) for f in self.finals), coupons
+            self.http,
+            self.base,
+            (promises.Final(*f) for f in self.finals),
+            coupons,
+            headers=headers_of(self.credentials),
         )
         report.checks.update(verdict.checks)
         report.details["winners"] = sum(len(w) for w in verdict.winners.values())
@@ -169,12 +183,16 @@ async def _open_loop(
 
 
 async def run_scenario(
-    name: str, base: str, params: dict[str, Any], progress: bool = True
+    name: str,
+    base: str,
+    params: dict[str, Any],
+    progress: bool = True,
+    credentials: Credentials | None = None,
 ) -> Report:
     connector = aiohttp.TCPConnector(limit=params.get("connections", 512))
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        run = Run(http, base.rstrip("/"))
+        run = Run(http, base.rstrip("/"), credentials)
         tag = uuid.uuid4().hex[:8]
         coupons, body = await _prepare(run, name, tag, params)
         stop = asyncio.Event()

@@ -8,6 +8,9 @@ import asyncio
 import base64
 import itertools
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,13 +24,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashclaim.core.settings import Settings
+from flashclaim.core.settings import Settings, environ
 from flashclaim.devtools.tokens import Signer, jwks, new_private_key
 from gateway.auth import Authenticator
 from tests.acceptance.conftest import LOGS, Services, free_port, until_queued
 from tests.acceptance.test_fuzz import raw
 
 ISSUER, AUDIENCE = "https://id.flashclaim.test", "flashclaim-api"
+CLI = (sys.executable, "-m", "flashclaim.cli")
 WRITE = "coupons:write"
 
 
@@ -306,11 +310,15 @@ async def test_rate_limits_are_per_user_not_per_address(
 # Tokens made to be wrong: random bytes, JWS-shaped strings with odd headers, and real
 # signatures over odd claims.
 _segment = st.binary(max_size=80).map(lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode())
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
+    _containers,
     max_leaves=6,
 )
 _header = st.fixed_dictionaries(
@@ -392,9 +400,6 @@ def test_no_token_or_authorization_header_gets_a_5xx_or_a_dropped_connection(
 
 async def test_readme_example_token_is_made_from_a_local_key(tmp_path: Path) -> None:
     """`flashclaim token keys` and `token mint`, as the README runs them."""
-    import subprocess
-    import sys
-
     run = [sys.executable, "-m", "flashclaim.cli", "token"]
     made = await asyncio.to_thread(
         subprocess.run,
@@ -421,3 +426,48 @@ async def test_readme_example_token_is_made_from_a_local_key(tmp_path: Path) -> 
     assert auth is not None
     principal = await auth.principal(token)
     assert principal.user_id == "alice"
+
+
+async def test_the_scenarios_and_a_load_test_sign_each_users_token(
+    services: Services, tmp_path: Path
+) -> None:
+    """`flashclaim scenarios` and `flashclaim loadtest` against a gateway that checks
+    tokens, with `--token-key`: every claim is its user's, every answer the contract's."""
+    made = await asyncio.to_thread(
+        subprocess.run,
+        [*CLI, "token", "keys", "--dir", str(tmp_path), "--kid", "load-1"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    key = tmp_path / "load-1.pem"
+    auth = {"auth_jwks": str(tmp_path / "jwks.json"), "auth_issuer": ISSUER}
+    auth["auth_audience"] = AUDIENCE
+    services.start_consumer()
+    await services.start_gateway(**auth)
+    env = {**os.environ, **environ(**auth)}
+    common = ["--url", services.base_url, "--token-key", str(key)]
+    runs = [
+        ["scenarios", "--burst", "300"],
+        ["loadtest", "mixed", "--rate", "300", "--duration", "2", "--quiet"],
+    ]
+    for command in runs:
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [*CLI, *command, *common],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, made.stdout + result.stdout + result.stderr
+    # Without the key, the same run is refused at once: every request needs a token.
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [*CLI, "scenarios", "--url", services.base_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "401" in result.stdout, result.stdout + result.stderr
