@@ -91,7 +91,9 @@ def test_the_database_role_cannot_change_the_schema(least: Settings) -> None:
                 conn.execute(statement)
 
 
-async def test_the_broker_user_is_confined_to_its_namespace(least: Settings) -> None:
+async def test_the_broker_user_is_confined_to_its_namespace(
+    own_servers: Stack, least: Settings
+) -> None:
     connection = await aio_pika.connect(least.amqp_url)
     async with connection:
         channel = await connection.channel()
@@ -108,31 +110,26 @@ async def test_the_broker_user_is_confined_to_its_namespace(least: Settings) -> 
         topic = await channel.get_exchange("amq.topic", ensure=False)
         with pytest.raises(ChannelAccessRefused):
             await topic.publish(aio_pika.Message(b"x"), "k")
-    # Not an administrator, nor a user of the management API at all.
-    credentials = base64.b64encode(least.amqp_url.split("//")[1].split("@")[0].encode())
+    # Not an administrator, nor a user of the management API at all; the administrator's
+    # credentials are what it takes.
+    services_user = least.amqp_url.split("//")[1].split("@")[0]
+    assert await management_status(own_servers, services_user) == 401
+    assert await management_status(own_servers, "guest:guest") == 200
+
+
+async def management_status(stack: Stack, credentials: str) -> int:
+    """The status of the broker's management API's overview, asked with ``credentials``
+    (``user:password``)."""
+    assert stack.rabbitmq is not None
+    basic = base64.b64encode(credentials.encode()).decode()
     async with (
         aiohttp.ClientSession() as http,
         http.get(
-            f"{make_management_url(least)}api/overview",
-            headers={"Authorization": f"Basic {credentials.decode()}"},
+            f"{stack.rabbitmq.management_url}api/overview",
+            headers={"Authorization": f"Basic {basic}"},
         ) as response,
     ):
-        assert response.status == 401
-    # The administrator's credentials are what the management API takes.
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(
-            f"{make_management_url(least)}api/overview",
-            headers={"Authorization": f"Basic {base64.b64encode(b'guest:guest').decode()}"},
-        ) as response,
-    ):
-        assert response.status == 200
-
-
-def make_management_url(least: Settings) -> str:
-    from flashclaim.devtools.devstack import PROFILES
-
-    return f"http://127.0.0.1:{PROFILES['test'].management}/"
+        return response.status
 
 
 def test_the_redis_user_has_its_commands_on_its_keys_only(least: Settings) -> None:
