@@ -97,6 +97,13 @@ class GatewayWorker(GunicornUVLoopWebWorker):
         self.sockets = [*own, *inherited]
         super().init_process()
 
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: begin the shutdown protocol now. aiohttp's worker only notes the
+        signal and notices it at its next one-second heartbeat; waking that wait saves
+        up to a second of every stop (a rolling deploy, a scale-in)."""
+        super().handle_exit(sig, frame)
+        self._notify_waiter_done()
+
 
 class _JsonLogs(glogging.Logger):  # type: ignore[misc]
     """gunicorn's own messages (worker started, exited...) as JSON lines, through the
