@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
 from flashclaim.devtools.tokens import Credentials, headers_of
 
@@ -38,6 +39,27 @@ class Answer:
     def request_id(self) -> str | None:
         value = self.body.get("request_id")
         return value if isinstance(value, str) else None
+
+
+async def _body(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The answer's JSON object; anything else (an HTML error page, a JSON list, bytes
+    that are not JSON) as ``{"unparsed": <its start>}``, so that its status still counts."""
+    raw = await response.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        return data
+    return {"unparsed": raw[:200].decode("utf-8", "replace")}
+
+
+def _retry_delay(retry_after: str | None) -> float:
+    """``Retry-After`` in seconds (1 when absent or not a number), at most 2."""
+    try:
+        return min(max(float(retry_after or 1), 0.0), 2.0)
+    except ValueError:
+        return 1.0
 
 
 class ClaimClient:
@@ -70,21 +92,28 @@ class ClaimClient:
                     async with self._http.post(
                         f"{self._base}/api/coupons/claim", json=payload, headers=headers
                     ) as r:
-                        status, body = r.status, await r.json(content_type=None)
+                        status, body = r.status, await _body(r)
                         retry_after = r.headers.get("Retry-After")
                         if status == 202:
-                            location = r.headers["Location"]
+                            location = r.headers.get("Location")
                             answer.pending = True
                 else:
                     async with self._http.get(f"{self._base}{location}", headers=token) as r:
-                        status, body = r.status, await r.json(content_type=None)
+                        status, body = r.status, await _body(r)
                         retry_after = r.headers.get("Retry-After")
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+            except (aiohttp.ClientError, TimeoutError):
+                # No answer at all (refused, reset, timed out): retried with the same
+                # key, and counted, for the caller to judge (scenarios allow none).
                 answer.retries += 1
                 answer.connection_errors += 1
                 await asyncio.sleep(self._poll)
                 continue
+            # Every status is recorded as it came, whatever its body: a 500 with an HTML
+            # or plain-text page is a server error seen, not a connection error.
             answer.seen.append(status)
+            if status == 202 and location is None:
+                answer.status, answer.body = status, body  # a 202 without Location
+                break
             unseen = status == 404 and body.get("code") == "claim_not_found"
             if status in FINAL and not unseen:
                 answer.status, answer.body = status, body
@@ -92,7 +121,7 @@ class ClaimClient:
             if status in (429, 503) or status >= 500:
                 # Retried with the same key, which is safe; counted, and kept in `seen`.
                 answer.retries += 1
-                await asyncio.sleep(min(float(retry_after or 1), 2.0))
+                await asyncio.sleep(_retry_delay(retry_after))
             else:  # 202 (pending), or a claim not visible yet
                 await asyncio.sleep(self._poll)
         answer.latency = time.monotonic() - started

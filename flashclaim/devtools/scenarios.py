@@ -28,6 +28,8 @@ class ScenarioReport:
     winners: list[str] = field(default_factory=list)
     pending_followed: int = 0
     retried: int = 0
+    # Requests that got no answer at all (refused, reset, timed out), retried.
+    connection_errors: int = 0
     # Every status seen on the way, interim ones (202, 503...) included.
     seen: Counter[int] = field(default_factory=Counter)
     coupon_state: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +81,7 @@ async def _run(
         report.statuses[answer.status] += 1
         report.pending_followed += answer.pending
         report.retried += answer.retries
+        report.connection_errors += answer.connection_errors
         report.seen.update(answer.seen)
         if answer.status == 200:
             report.winners.append(answer.user_id)
@@ -92,6 +95,11 @@ async def _run(
     )
     report.coupon_state = verdict.coupons[coupon]
     report.violations.extend(verdict.broken)
+    # No fault is injected in a scenario: every request must get an HTTP answer.
+    report.check(
+        report.connection_errors == 0,
+        f"{report.connection_errors} requests got no HTTP answer (connection errors)",
+    )
     return report
 
 
