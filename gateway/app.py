@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 @web.middleware
 async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The public API's bearer token, when authentication is on (gateway/auth.py)."""
-    auth = request.app.get(AUTH)
-    if auth is not None and request.path.startswith("/api/"):
+    """The public API's bearer token (gateway/auth.py); in the chain only when
+    authentication is on, so that an open API pays nothing for it."""
+    if request.path.startswith("/api/"):
         token = bearer_token(request.headers.getall("Authorization", []))
-        request[PRINCIPAL] = await auth.principal(token)
+        request[PRINCIPAL] = await request.app[AUTH].principal(token)
     return await handler(request)
 
 
@@ -74,13 +74,13 @@ async def _rate_limit(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway; nothing connects until the app starts."""
-    middlewares = [errors_middleware, _authenticate, _rate_limit]
+    auth = Authenticator.of(settings)
+    middlewares = [errors_middleware, *([_authenticate] if auth else []), _rate_limit]
     if tracing.enabled():
         middlewares.insert(0, tracing_middleware)
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     hide_server_version()
-    auth = Authenticator.of(settings)
     if auth is not None:
         app[AUTH] = auth
         if settings.auth_hs256_secret.get_secret_value():

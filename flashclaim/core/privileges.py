@@ -41,28 +41,18 @@ def grant_services(conninfo: str, role: str) -> None:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
             raise ConfigError(f"no database role {role!r}: create it first (CREATE ROLE ... LOGIN)")
         who = sql.Identifier(role)
-        tables = conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> ALL(%s)",
-            (list(_MIGRATION_TABLES),),
-        ).fetchall()
-        bookkeeping = conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename = ANY(%s)",
-            (list(_MIGRATION_TABLES),),
-        ).fetchall()
+        public = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        tables = [name for (name,) in conn.execute(public)]
         with conn.transaction():
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(who))
             # PostgreSQL 15's default; older servers (and databases made from an old
             # template) let every role create in public (CVE-2018-1058).
             conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
             conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(who))
-            for (table,) in tables:
-                conn.execute(
-                    sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-                        sql.Identifier(table), who
-                    )
-                )
-            for (table,) in bookkeeping:
-                conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(table), who))
+            for table in tables:
+                rows = "SELECT" if table in _MIGRATION_TABLES else "SELECT, INSERT, UPDATE, DELETE"
+                grant = sql.SQL("GRANT {} ON {} TO {}")
+                conn.execute(grant.format(sql.SQL(rows), sql.Identifier(table), who))
             conn.execute(
                 sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {}").format(who)
             )

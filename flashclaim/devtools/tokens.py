@@ -151,6 +151,7 @@ class Credentials:
         self._scope = create_scope
         self._ttl = ttl
         self._tokens: dict[str, str] = {}
+        self._merchant: str | None = None
 
     def user(self, user_id: str) -> dict[str, str]:
         token = self._tokens.get(user_id)
@@ -159,11 +160,9 @@ class Credentials:
         return {"Authorization": f"Bearer {token}"}
 
     def merchant(self) -> dict[str, str]:
-        token = self._tokens.get("\0merchant")
-        if token is None:
-            token = self._signer.token("merchant", [self._scope], ttl=self._ttl)
-            self._tokens["\0merchant"] = token
-        return {"Authorization": f"Bearer {token}"}
+        if self._merchant is None:
+            self._merchant = self._signer.token("merchant", [self._scope], ttl=self._ttl)
+        return {"Authorization": f"Bearer {self._merchant}"}
 
 
 def headers_of(credentials: Credentials | None, user_id: str | None = None) -> dict[str, str]:
