@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -37,10 +38,14 @@ async def create_coupon(request: web.Request) -> web.Response:
     amount = validation.amount(body.get("amount"))
     request[COUPON] = name
     coupon = await request.app[REPOSITORY].create_coupon(name, amount)
-    return json_response(coupon, status=201, headers={"Location": f"/api/coupons/{name}"})
+    return json_response(
+        coupon, status=201, headers={"Location": f"/api/coupons/{quote(name, safe='')}"}
+    )
 
 
-@routes.get("/api/coupons/{name}")
+# Any segment: aiohttp's default pattern for {name} ([^{}/]+) would turn a name with a
+# brace into a 404 for the route; a name is checked by the rules, not by the router.
+@routes.get("/api/coupons/{name:[^/]+}")
 async def get_coupon(request: web.Request) -> web.Response:
     name = validation.name(request.match_info["name"], "name")
     return json_response(await request.app[REPOSITORY].get_coupon(name))

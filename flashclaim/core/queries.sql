@@ -140,17 +140,23 @@ FROM coupons c
 LEFT JOIN claims cl ON cl.coupon_name = c.name
 WHERE %(coupons)s::text[] IS NULL OR c.name = ANY(%(coupons)s::text[])
 GROUP BY c.name
-HAVING c.remaining_amount <> c.amount - count(cl.id) OR c.remaining_amount < 0
+HAVING c.remaining_amount <> c.amount - count(cl.id)
 ORDER BY c.name
 LIMIT 100;
 
--- name: audit_duplicate_holders
-SELECT coupon_name, user_id, count(*) AS claims
-FROM claims
-WHERE %(coupons)s::text[] IS NULL OR coupon_name = ANY(%(coupons)s::text[])
-GROUP BY coupon_name, user_id
-HAVING count(*) > 1
-LIMIT 100;
+-- name: audit_guarantees
+-- What the database itself guarantees (a user holds a coupon at most once; stock
+-- within 0..amount; a PROCESSED command has its answer) holds only while the
+-- constraints are there and validated. Counting duplicate holders or negative stock
+-- would find nothing while they are; their absence is the finding.
+SELECT expected.tbl AS "table", expected.name AS missing_constraint
+FROM (VALUES ('claims', 'claims_one_per_user'),
+             ('coupons', 'coupons_remaining_in_range'),
+             ('inbox', 'inbox_processed_has_result')) AS expected (tbl, name)
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_constraint c
+    WHERE c.conname = expected.name AND c.conrelid = expected.tbl::regclass AND c.convalidated
+);
 
 -- name: audit_claims_without_success
 -- Every claim row must come from a command whose recorded answer was 200.

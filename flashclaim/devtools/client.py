@@ -34,6 +34,11 @@ class Answer:
     # the same key would otherwise go unseen), and the connection errors.
     seen: list[int] = field(default_factory=list)
     connection_errors: int = 0
+    # Wall-clock times (time.time(), comparable with the servers' clocks on one machine):
+    # the first attempt, the final answer's arrival, and each connection error.
+    sent_at: float = 0.0
+    answered_at: float = 0.0
+    connection_errors_at: list[float] = field(default_factory=list)
 
     @property
     def request_id(self) -> str | None:
@@ -82,7 +87,7 @@ class ClaimClient:
         token = headers_of(self._credentials, user_id)
         headers = {"Idempotency-Key": key or uuid.uuid4().hex, **token}
         payload = {"user_id": user_id, "coupon_name": coupon_name}
-        answer = Answer(user_id, coupon_name, 0, {})
+        answer = Answer(user_id, coupon_name, 0, {}, sent_at=time.time())
         started = time.monotonic()
         end = started + self._deadline
         location: str | None = None
@@ -106,6 +111,7 @@ class ClaimClient:
                 # key, and counted, for the caller to judge (scenarios allow none).
                 answer.retries += 1
                 answer.connection_errors += 1
+                answer.connection_errors_at.append(time.time())
                 await asyncio.sleep(self._poll)
                 continue
             # Every status is recorded as it came, whatever its body: a 500 with an HTML
@@ -125,4 +131,5 @@ class ClaimClient:
             else:  # 202 (pending), or a claim not visible yet
                 await asyncio.sleep(self._poll)
         answer.latency = time.monotonic() - started
+        answer.answered_at = time.time()
         return answer

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -64,7 +65,7 @@ async def check(
             winners[f.coupon].append(f.user)
     states: dict[str, dict[str, Any]] = {}
     for name in coupons:
-        async with http.get(f"{base.rstrip('/')}/api/coupons/{name}", headers=headers) as r:
+        async with http.get(f"{base.rstrip('/')}/api/coupons/{quote(name, safe='')}", headers=headers) as r:
             states[name] = await r.json(content_type=None) if r.status == 200 else {}
     holders = {name: list(s.get("claimed_by", [])) for name, s in states.items()}
     checks = {

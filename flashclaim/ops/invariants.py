@@ -13,8 +13,11 @@ from flashclaim.core.db import queries
 
 # (query, what a row found by it means)
 CHECKS: tuple[tuple[str, str], ...] = (
-    ("audit_stock", "remaining_amount differs from amount - claims, or is negative"),
-    ("audit_duplicate_holders", "a user holds the same coupon more than once"),
+    ("audit_stock", "remaining_amount differs from amount - claims"),
+    (
+        "audit_guarantees",
+        "a constraint missing or not validated (one claim per user, stock in range, answers)",
+    ),
     ("audit_claims_without_success", "a claim whose command was not recorded as granted"),
     ("audit_success_without_claim", "a command recorded as granted without its claim"),
     ("audit_stale_pending", "a command left PENDING longer than the threshold"),

@@ -7,6 +7,7 @@ import asyncio
 import random
 import subprocess
 import sys
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,7 +23,36 @@ from tests.acceptance.conftest import Services, service_env
 
 
 @dataclass
+class Window:
+    """When a fault was on (wall-clock seconds): connection errors are allowed in it."""
+
+    start: float
+    end: float = float("inf")
+
+    def close(self) -> None:
+        self.end = time.time()
+
+    def reached(self, answers: list[Answer], delayed: bool = True) -> list[Answer]:
+        """The claims the fault surely reached: in flight when it began (sent before,
+        answered after), and if ``delayed``, delayed by it (a 202 followed, or a retry)."""
+        return [
+            a
+            for a in answers
+            if a.sent_at < self.start < a.answered_at
+            and (a.pending or a.retries or not delayed)
+        ]
+
+    def __contains__(self, moment: float) -> bool:
+        # A request cut by the fault may fail up to the client's timeout after it began.
+        return self.start <= moment <= self.end + 5
+
+
+@dataclass
 class Load:
+    """``coupons`` coupons: the first ``ample`` (half by default) with a stock of
+    ``users``, which no load can sell out (a user holds a coupon once), so that any
+    "sold out" on them is wrong; the others with ``stock``, which sell out."""
+
     services: Services
     http: aiohttp.ClientSession
     claims: int = 2500
@@ -31,17 +61,24 @@ class Load:
     users: int = 300
     concurrency: int = 64
     seed: int = 7
+    ample: int | None = None
     names: list[str] = field(default_factory=list)
+    stocks: dict[str, int] = field(default_factory=dict)
     done: int = 0
     task: asyncio.Future[list[Answer]] | None = None
 
     async def start(self) -> Load:
         tag = uuid.uuid4().hex[:8]
         self.names = [f"LOAD_{tag}_{i:02d}" for i in range(self.coupons)]
+        ample = self.coupons // 2 if self.ample is None else self.ample
+        self.stocks = {
+            name: max(self.users, self.stock) if i < ample else self.stock
+            for i, name in enumerate(self.names)
+        }
         for name in self.names:
             async with self.http.post(
                 f"{self.services.base_url}/api/coupons",
-                json={"name": name, "amount": self.stock},
+                json={"name": name, "amount": self.stocks[name]},
                 headers=headers_of(self.services.credentials),
             ) as r:
                 assert r.status == 201, await r.text()
@@ -77,9 +114,15 @@ class Load:
             return await self.task
 
 
-async def verify(settings: Settings, load: Load, answers: list[Answer]) -> None:
+async def verify(
+    settings: Settings, load: Load, answers: list[Answer], faults: tuple[Window, ...] = ()
+) -> None:
     """The promises every run keeps (flashclaim/devtools/promises.py, over HTTP), then
-    the database: answers and rows agree exactly, and the audit passes."""
+    the database: answers and rows agree exactly, each "sold out" came after the
+    coupon's last grant, no connection to the gateway failed outside ``faults``, and the
+    audit passes."""
+    stray = [t for a in answers for t in a.connection_errors_at if not any(t in w for w in faults)]
+    assert not stray, f"{len(stray)} connection errors outside any fault's window"
     verdict = await promises.check(
         load.http,
         load.services.base_url,
@@ -94,7 +137,8 @@ async def verify(settings: Settings, load: Load, answers: list[Answer]) -> None:
     granted = [a for a in answers if a.status == 200]
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
-            "SELECT coupon_name, user_id, message_id::text FROM claims WHERE coupon_name = ANY(%s)",
+            "SELECT coupon_name, user_id, message_id::text, extract(epoch FROM claimed_at)"
+            " FROM claims WHERE coupon_name = ANY(%s)",
             (load.names,),
         ).fetchall()
         stock = dict(
@@ -110,12 +154,21 @@ async def verify(settings: Settings, load: Load, answers: list[Answer]) -> None:
         if a.status == 409:
             assert (a.coupon_name, a.user_id) in holders, a
     for name in load.names:
-        assert stock[name] == load.stock - sum(1 for r in rows if r[0] == name) >= 0, name
-    # Sold-out answers only once the stock was really gone, and never to a holder.
+        assert stock[name] == load.stocks[name] - sum(1 for r in rows if r[0] == name) >= 0
+    # Sold-out answers only once the stock was really gone, and never to a holder: each
+    # arrived after the coupon's last grant began its transaction (claimed_at is the
+    # transaction's start, before its commit: an answer earlier than it was surely early).
+    last_grant = {name: 0.0 for name in load.names}
+    for name, _, _, at in rows:
+        last_grant[name] = max(last_grant[name], float(at))
     for a in answers:
         if a.status == 400:
             assert stock[a.coupon_name] == 0, a
             assert (a.coupon_name, a.user_id) not in holders, a
+            assert a.answered_at >= last_grant[a.coupon_name], (
+                f"{a}: sold out {last_grant[a.coupon_name] - a.answered_at:.3f} s"
+                " before the last grant"
+            )
     # Every answer is the one the inbox recorded for its request id. Those without an
     # inbox row were given by the gateway itself (gateway/finals.py), which may only say
     # "already claimed" to a holder and "sold out" to a non-holder of a sold-out coupon.

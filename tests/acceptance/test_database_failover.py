@@ -202,15 +202,12 @@ async def test_primary_killed_and_standby_promoted_mid_load(
         # What asynchronous replication costs: the commits the standby had not
         # received when the primary died, answered to their clients, are gone (their
         # messages were acknowledged: nothing brings them back). The new primary is
-        # consistent in itself: nobody holds a coupon twice, no coupon is oversold.
+        # consistent in itself: each coupon's stock is its amount less its claims. (That
+        # nobody holds a coupon twice and no stock is negative, its constraints say.)
         assert missing, "the standby fell behind, yet nothing answered was lost"
         with psycopg.connect(pair.url) as conn:
             assert conn.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM claims GROUP BY coupon_name, user_id"
-                " HAVING count(*) > 1) d"
-            ).fetchone() == (0,)
-            assert conn.execute(
-                "SELECT count(*) FROM coupons c WHERE remaining_amount < 0 OR"
+                "SELECT count(*) FROM coupons c WHERE"
                 " remaining_amount + (SELECT count(*) FROM claims WHERE coupon_name = c.name)"
                 " <> amount"
             ).fetchone() == (0,)

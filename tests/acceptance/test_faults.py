@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,10 +23,14 @@ import pytest
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
 from tests.acceptance.conftest import LOGS, Services, until_queued
-from tests.acceptance.load import Load, verify
+from tests.acceptance.load import Load, Window, verify
 
 # Short waits so that outages produce 202s, which the clients then follow.
 GATEWAY = {"claim_wait_seconds": 2, "breaker_recovery_seconds": 1}
+# Of the load's 64 claims in flight, at least this many must have been delayed by a
+# fault for it to count as having reached the load (half its coupons cannot sell out,
+# so about half the claims in flight need the servers).
+REACHED = 10
 
 
 async def redelivered(settings: Settings, timeout: float = 10) -> int:
@@ -99,6 +104,7 @@ async def test_rabbitmq_restarted_mid_load(
     try:
         await asyncio.sleep(GATEWAY["claim_wait_seconds"] + 0.5)  # waiting claims get 202
         assert restore.rabbitmq is not None
+        fault = Window(time.time())
         await asyncio.to_thread(restore.rabbitmq.stop)
         # While the broker is away, a claim is refused at once with a Retry-After.
         loop = asyncio.get_running_loop()
@@ -112,11 +118,12 @@ async def test_rabbitmq_restarted_mid_load(
             assert int(r.headers["Retry-After"]) >= 1
         assert loop.time() - asked < 0.5
         await asyncio.to_thread(restore.rabbitmq.start)
+        fault.close()
     finally:
         consumer.send_signal(signal.SIGCONT)
     answers = await load.finish()
     await verify(settings, load, answers)
-    assert any(a.pending for a in answers), "no queued claim waited through the restart"
+    assert len(fault.reached(answers)) >= REACHED, "the restart reached too few claims"
 
 
 async def test_postgres_stopped_for_ten_seconds_mid_load(
@@ -130,8 +137,8 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
         assert r.status == 201
     await load.reached(0.3)
     assert restore.postgres is not None
+    fault = Window(time.time())
     await asyncio.to_thread(restore.postgres.stop)
-    before = load.done
     # Coupon reads and writes need the database: 503, not a hang or a 500.
     async with http.get(f"{services.base_url}/api/coupons/{load.names[0]}") as r:
         assert (r.status, (await r.json())["code"]) == (503, "service_unavailable")
@@ -153,10 +160,12 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
             during.append(body["request_id"])
     await asyncio.sleep(8)
     await asyncio.to_thread(restore.postgres.start)
+    fault.close()
     answers = await load.finish()
     await verify(settings, load, answers)
-    assert any(a.pending for a in answers), "no claim waited for the database"
-    assert load.done > before
+    # Claims in flight when it stopped were answered only once it was back.
+    waited = [a for a in fault.reached(answers) if a.answered_at > fault.end]
+    assert len(waited) >= REACHED, "the outage reached too few claims"
     finals = []
     for rid in during:
         for _ in range(200):
@@ -203,12 +212,14 @@ async def test_server_crashes_mid_load(
         await asyncio.to_thread(victim.flush_metadata)
     load = await Load(services, http).start()
     await load.reached(0.3)
+    fault = Window(time.time())
     await asyncio.to_thread(victim.kill)
     await asyncio.sleep(3)
     await asyncio.to_thread(victim.start)
+    fault.close()
     answers = await load.finish()
     await verify(settings, load, answers)
-    assert any(a.pending or a.retries for a in answers), "the crash reached no claim"
+    assert len(fault.reached(answers)) >= REACHED, "the crash reached too few claims"
 
 
 async def test_redis_restarted_mid_load(
@@ -217,13 +228,16 @@ async def test_redis_restarted_mid_load(
     load = await started(services, http)
     await load.reached(0.3)
     assert restore.redis is not None
+    fault = Window(time.time())
     await asyncio.to_thread(restore.redis.stop)
     await asyncio.sleep(2)
     await asyncio.to_thread(restore.redis.start)
+    fault.close()
     answers = await load.finish()
     await verify(settings, load, answers)
-    # Without Redis no result reaches the gateway: claims in flight waited (202).
-    assert any(a.pending or a.retries for a in answers), "the restart reached no claim"
+    # Claims were in flight when it stopped. (A clean stop delays few of them: most
+    # were answered on either side of the two seconds; none lost or answered wrongly.)
+    assert len(fault.reached(answers, delayed=False)) >= REACHED, "no load when it stopped"
 
 
 async def test_malformed_message_mid_load_is_dead_lettered_without_delaying_others(

@@ -14,6 +14,7 @@ import signal
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -27,7 +28,7 @@ from flashclaim.core.db import queries
 from flashclaim.core.messages import ClaimCommand
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
-from tests.acceptance.conftest import Services
+from tests.acceptance.conftest import LOGS, Services
 from tests.acceptance.load import Load, verify
 
 
@@ -79,12 +80,52 @@ class Recorder:
                 await message.ack()
         return self.bodies
 
+    async def drain(self) -> list[dict[str, Any]]:
+        """Every delivery, once the queue is empty. Called when every outbox row is
+        SENT (confirmed, so in this queue): nothing can arrive after it."""
+        connection = await aio_pika.connect(self.settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(self.name, durable=True, passive=True)
+            while (message := await queue.get(fail=False)) is not None:
+                self.bodies.append(json.loads(message.body))
+                await message.ack()
+        return self.bodies
+
     async def close(self) -> None:
         connection = await aio_pika.connect(self.settings.amqp_url)
         async with connection:
             channel = await connection.channel()
             await channel.queue_delete(self.name)
             await channel.queue_delete(f"{self.settings.namespace}.events.example")
+
+
+async def queue_depth(settings: Settings, name: str) -> int:
+    """Messages ready in a queue (none is unacknowledged once its consumers are gone)."""
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, durable=True, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+def relay_log(settings: Settings) -> Path:
+    (log,) = LOGS.glob(f"{settings.namespace}-relay-*.log")
+    return log
+
+
+async def until_logged(log: Path, text: str, more: int, timeout: float = 30) -> None:
+    """Until ``text`` appears ``more`` more times in ``log`` than it does now (a
+    service's log file, polled: nothing to wait on)."""
+
+    def times() -> int:
+        return log.read_text().count(text)
+
+    now = times()
+    async with asyncio.timeout(timeout):
+        while True:
+            if await asyncio.to_thread(times) >= now + more:
+                return
+            await asyncio.sleep(0.05)
 
 
 def outbox_rows(settings: Settings) -> list[tuple[str, str, str, str | None]]:
@@ -162,9 +203,9 @@ async def test_a_load_announces_every_change_exactly_once(
     sold_out = {name for name, left in stock.items() if left == 0}
     assert sold_out, "the load should sell some coupons out"
     expected = len(stock) + len(claims) + len(sold_out)
-    bodies = await recorder.until(expected)
-    await asyncio.sleep(0.5)  # anything extra would have arrived by now
-    bodies = await recorder.until(expected)
+    await recorder.until(expected)
+    await until_all_sent(own_settings)
+    bodies = await recorder.drain()  # anything extra is in the queue by now
     assert len(bodies) == expected
     assert len({b["event_id"] for b in bodies}) == expected
     by_type = defaultdict(list)
@@ -182,12 +223,14 @@ async def test_a_load_announces_every_change_exactly_once(
         assert [b["sequence"] for b in mine] == sorted(b["sequence"] for b in mine)
         assert mine[0]["type"] == "coupon.created"
         left = [b["remaining_amount"] for b in mine if b["type"] == "coupon.claimed"]
-        assert left == list(range(load.stock - 1, load.stock - 1 - len(left), -1))
+        amount = load.stocks[name]
+        assert left == list(range(amount - 1, amount - 1 - len(left), -1))
         if name in sold_out:
             assert mine[-1]["type"] == "coupon.sold_out"
     await until_subscriber_has(own_settings, expected)
     assert subscriber_view(own_settings) == {
-        name: (load.stock, load.stock - left, left == 0) for name, left in stock.items()
+        name: (load.stocks[name], load.stocks[name] - left, left == 0)
+        for name, left in stock.items()
     }
     assert {r[2] for r in await until_all_sent(own_settings)} == {"SENT"}
 
@@ -212,7 +255,7 @@ async def test_a_relay_killed_after_publishing_republishes_and_the_subscriber_ap
     async with AsyncConnectionPool(own_settings.database_url, open=False) as pool:
         await create_and_claim(pool, {"KILLED": 5}, claims=3)
     expected = 1 + 3
-    services.start_subscriber(f"{own_settings.namespace}.events.example")
+    subscriber = services.start_subscriber(f"{own_settings.namespace}.events.example")
     relay = services.start_relay()
     first = await recorder.until(expected)
     with psycopg.connect(own_settings.database_url, autocommit=True) as conn:
@@ -240,7 +283,11 @@ async def test_a_relay_killed_after_publishing_republishes_and_the_subscriber_ap
     assert sorted(b["event_id"] for b in again[expected:]) == sorted(ids)
     await until_all_sent(own_settings)
     await until_subscriber_has(own_settings, expected)
-    await asyncio.sleep(0.5)  # the repeats reach the subscriber too
+    # The repeats reached the subscriber too: stopped, it hands back what it had not
+    # acknowledged, and its queue is empty.
+    subscriber.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(subscriber.wait, 10)
+    assert await queue_depth(own_settings, f"{own_settings.namespace}.events.example") == 0
     assert subscriber_seen(own_settings) == expected
     assert subscriber_view(own_settings) == {"KILLED": (5, 3, False)}
 
@@ -259,7 +306,8 @@ async def test_events_wait_for_a_broker_that_is_down(
         await asyncio.to_thread(restore.rabbitmq.stop)
         try:
             await create_and_claim(pool, {"DURING": 2}, claims=2)
-            await asyncio.sleep(2.0)
+            # The relay did try (it met the broker away, twice, after these rows).
+            await until_logged(relay_log(own_settings), "broker away; events wait", 2)
             rows = outbox_rows(own_settings)
             assert [r[2] for r in rows] == ["SENT", "PENDING", "PENDING", "PENDING", "PENDING"]
             with psycopg.connect(own_settings.database_url) as conn:
@@ -297,10 +345,9 @@ async def test_two_relays_share_the_rows_without_publishing_one_twice(
         await create_and_claim(pool, coupons, claims=100, one_transaction=True)
     expected = len(outbox_rows(own_settings))
     assert expected == 20 * (1 + 100 + 1)
-    bodies = await recorder.until(expected)
+    await recorder.until(expected)
     rows = await until_all_sent(own_settings)
-    await asyncio.sleep(0.5)
-    bodies = await recorder.until(expected)
+    bodies = await recorder.drain()
     assert len(bodies) == expected
     assert len({b["event_id"] for b in bodies}) == expected
     for name in coupons:

@@ -26,8 +26,9 @@ def audit(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# What the `broken` coupon's rows break (a duplicate holder cannot be written at all);
-# written behind the code's back, they have no events either.
+# What the `broken` coupon's rows break (a duplicate holder cannot be written while the
+# constraints hold: see the test of a missing one); written behind the code's back,
+# they have no events either.
 EVERY_VIOLATION_BUT_DUPLICATES = {
     "audit_stock",
     "audit_claims_without_success",
@@ -119,3 +120,29 @@ def test_audit_says_when_it_cannot_reach_the_database() -> None:
     )
     assert result.returncode == 2
     assert "cannot reach the database" in result.stderr
+
+
+def test_audit_finds_a_guarantee_gone_and_what_slipped_through(own_settings: Settings) -> None:
+    """Without its UNIQUE constraint a user can hold a coupon twice: the audit names the
+    missing constraint (and the stock that no longer adds up); with it back, it passes."""
+    url = own_settings.database_url
+    create_coupon_row(url, "TWICE", 5)
+    assert run_audit(url).ok
+    with psycopg.connect(url) as conn:
+        conn.execute("ALTER TABLE claims DROP CONSTRAINT claims_one_per_user")
+        for _ in range(2):
+            conn.execute(
+                "INSERT INTO claims (coupon_name, user_id, message_id) VALUES ('TWICE', 'u', %s)",
+                (uuid.uuid4(),),
+            )
+    report = run_audit(url)
+    assert report.violations["audit_guarantees"] == [
+        {"table": "claims", "missing_constraint": "claims_one_per_user"}
+    ]
+    assert [r["name"] for r in report.violations["audit_stock"]] == ["TWICE"]
+    with psycopg.connect(url) as conn:
+        conn.execute("DELETE FROM claims")
+        conn.execute(
+            "ALTER TABLE claims ADD CONSTRAINT claims_one_per_user UNIQUE (user_id, coupon_name)"
+        )
+    assert not run_audit(url).violations["audit_guarantees"]

@@ -95,6 +95,37 @@ async def next_dead_letter(
             await asyncio.sleep(0.1)
 
 
+async def until_tried(settings: Settings, sequence: str, times: int, timeout: float = 30) -> None:
+    """Until a trigger's counter (a sequence: not rolled back with the failed
+    transaction) shows it ran ``times`` times."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        async with asyncio.timeout(timeout):
+            while True:
+                row = conn.execute(f"SELECT last_value, is_called FROM {sequence}").fetchone()
+                if row and row[1] and row[0] >= times:
+                    return
+                await asyncio.sleep(0.05)
+
+
+async def until_consuming(settings: Settings, timeout: float = 30) -> None:
+    """Until every command queue has its consumer (the topology is declared by then).
+    A passive declaration of a queue not there yet closes its channel: one per try."""
+    async with await aio_pika.connect(settings.amqp_url) as connection, asyncio.timeout(timeout):
+        for name in settings.topology().claims_queues:
+            while True:
+                channel = await connection.channel()
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                    if queue.declaration_result.consumer_count:
+                        break
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    pass
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+                await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def subscribed(redis: aioredis.Redis) -> AsyncIterator[aioredis.client.PubSub]:
     pubsub = redis.pubsub()
@@ -258,8 +289,12 @@ async def test_database_errors_that_are_outages_hold_messages_without_spending_a
     trigger = f"outage_{coupon_name.lower()}"
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         conn.execute(f"""
+            CREATE SEQUENCE {trigger}_tries;
             CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN RAISE EXCEPTION 'simulated outage' USING ERRCODE = '{sqlstate}'; END $$;
+            BEGIN
+                PERFORM nextval('{trigger}_tries');  -- counted, whatever rolls back
+                RAISE EXCEPTION 'simulated outage' USING ERRCODE = '{sqlstate}';
+            END $$;
             CREATE TRIGGER {trigger} BEFORE INSERT ON claims FOR EACH ROW
             WHEN (NEW.coupon_name = '{coupon_name}') EXECUTE FUNCTION {trigger}();
         """)
@@ -268,7 +303,9 @@ async def test_database_errors_that_are_outages_hold_messages_without_spending_a
         async with subscribed(redis) as pubsub:
             await publish(broker, settings, command)
             consumers(1)
-            await asyncio.sleep(4.0)  # several attempts' worth of retries
+            # Positive evidence that the consumer kept trying: the trigger ran more
+            # times than MAX_ATTEMPTS would allow if each try were a failed attempt.
+            await until_tried(settings, f"{trigger}_tries", settings.max_attempts + 2)
             dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
             assert dlq.declaration_result.message_count == 0
             with psycopg.connect(settings.database_url) as conn:
@@ -286,6 +323,7 @@ async def test_database_errors_that_are_outages_hold_messages_without_spending_a
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             conn.execute(
                 f"DROP TRIGGER IF EXISTS {trigger} ON claims; DROP FUNCTION IF EXISTS {trigger}();"
+                f" DROP SEQUENCE IF EXISTS {trigger}_tries;"
             )
 
 
@@ -298,7 +336,7 @@ async def test_dead_letter_is_kept_when_the_dlq_was_deleted(
     """A dead letter that no queue takes is not counted as sent: the consumer declares
     the DLQ again and moves the message there."""
     consumers(1)
-    await asyncio.sleep(1.0)  # the consumer has declared the topology
+    await until_consuming(settings)  # its topology declared, it is subscribed
     await broker.queue_delete(settings.topology().claims_dlq)
     poison = ClaimCommand(uuid.uuid4(), "u", coupon_name, REPLIES)
     await publish(broker, settings, poison, body=b"{not json")
@@ -512,11 +550,14 @@ async def test_a_failing_claim_inside_a_message_fails_alone_and_its_replay_appli
             )
             assert [letter.message_id for letter in replayed] == [str(bad.request_id)]
             (reply,) = await collect_replies(pubsub, 1)
-        # A second replay of the same claim (an operator's mistake) changes nothing.
-        await publish(broker, settings, bad)
+            # A second replay of the same claim (an operator's mistake) changes nothing:
+            # it is answered again, from the inbox, with the same answer.
+            await publish(broker, settings, bad)
+            (again,) = await collect_replies(pubsub, 1)
     finally:
         await connection.close()
     assert (reply.request_id, reply.status) == (bad.request_id, 200)
+    assert again == reply
     with psycopg.connect(settings.database_url) as conn:
         for _ in range(50):
             status = conn.execute(
@@ -525,7 +566,6 @@ async def test_a_failing_claim_inside_a_message_fails_alone_and_its_replay_appli
             if status == ("PROCESSED",):
                 break
             await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)  # the second copy has been handled
         assert conn.execute(
             "SELECT count(*) FROM claims WHERE coupon_name = %s AND user_id = %s",
             (coupon_name, exploding_user),

@@ -70,13 +70,13 @@ def test_a_replay_starts_afresh_and_is_counted() -> None:
     headers = failure_headers(incoming, "failed", ValueError("boom"), "c", attempts=5)
     headers["x-death"] = [{"reason": "rejected", "count": 1}]
     headers["x-first-death-reason"] = "rejected"
+    before = dt.datetime.now(dt.UTC)
     once = replay_headers(headers)
-    assert once == {
-        "k": "v",
-        REPLAYS: 1,
-        "x-flashclaim-replayed-at": once["x-flashclaim-replayed-at"],
-    }
+    replayed_at = dt.datetime.fromisoformat(once.pop("x-flashclaim-replayed-at"))
+    assert before <= replayed_at <= dt.datetime.now(dt.UTC)
+    assert once == {"k": "v", REPLAYS: 1}  # the failure's and the broker's headers gone
     again = replay_headers({**failure_headers(incoming, "failed", ValueError(), "c"), **once})
+    once["x-flashclaim-replayed-at"] = replayed_at.isoformat()
     assert again[REPLAYS] == 2
     copy = copy_of(message.message_id, message.body, once, properties_of(incoming))
     assert (copy.message_id, copy.reply_to, copy.body) == ("m-1", message.reply_to, message.body)
