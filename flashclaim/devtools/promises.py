@@ -65,7 +65,9 @@ async def check(
             winners[f.coupon].append(f.user)
     states: dict[str, dict[str, Any]] = {}
     for name in coupons:
-        async with http.get(f"{base.rstrip('/')}/api/coupons/{quote(name, safe='')}", headers=headers) as r:
+        async with http.get(
+            f"{base.rstrip('/')}/api/coupons/{quote(name, safe='')}", headers=headers
+        ) as r:
             states[name] = await r.json(content_type=None) if r.status == 200 else {}
     holders = {name: list(s.get("claimed_by", [])) for name, s in states.items()}
     checks = {

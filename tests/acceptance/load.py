@@ -38,8 +38,7 @@ class Window:
         return [
             a
             for a in answers
-            if a.sent_at < self.start < a.answered_at
-            and (a.pending or a.retries or not delayed)
+            if a.sent_at < self.start < a.answered_at and (a.pending or a.retries or not delayed)
         ]
 
     def __contains__(self, moment: float) -> bool:
