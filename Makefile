@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run stop test test-cluster test-image image lint bench deps venv scenarios lock schema clean
+.PHONY: run stop test test-faults test-cluster test-image image lint bench deps venv scenarios lock schema clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
@@ -13,7 +13,13 @@ stop: venv  ## stop what a `make run` that was killed left running (pid files in
 	$(BIN)/flashclaim stack stop --profile run
 
 test: deps venv  ## the whole suite, against servers it starts on ports of its own
-	$(BIN)/pytest -m "not cluster and not image"
+	$(BIN)/pytest -m "not faults and not cluster and not image"
+
+# Faults injected under load (servers crashed, stopped, flushed, alarmed; processes
+# killed), on servers with durable settings: PostgreSQL with fsync on, so that a crash
+# proves what it seems to (about four minutes; CI runs it after `make test`).
+test-faults: deps venv
+	$(BIN)/pytest -m faults --durable-servers
 
 # Clustered faults: a node of a three-node RabbitMQ cluster killed, a PostgreSQL primary
 # lost and its standby promoted (about two minutes; CI runs it after `make test`).

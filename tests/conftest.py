@@ -7,9 +7,13 @@ FLASHCLAIM_AMQP_URL or FLASHCLAIM_REDIS_URL is set, that server is used instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import psycopg
@@ -19,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from flashclaim.core.db import migrate, queries
 from flashclaim.core.settings import PREFIX, Settings
-from flashclaim.devtools.devstack import ENV_URLS, Stack
+from flashclaim.devtools.devstack import ENV_URLS, PROFILES, Stack, leftovers, port_is_open
 
 ROOT = Path(__file__).resolve().parents[1]
 _URL_VARS = set(ENV_URLS.values())
@@ -30,6 +34,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--update-schema",
         action="store_true",
         help="write schema.sql from the migrations (what `make schema` runs)",
+    )
+    parser.addoption(
+        "--durable-servers",
+        action="store_true",
+        help="servers with durable settings (PostgreSQL fsync on): what `make test-faults` runs",
     )
 
 
@@ -45,14 +54,40 @@ def clean_environment() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def stack(clean_environment: None) -> Iterator[Stack]:
-    servers = Stack("test", root=ROOT / ".stack", fresh=True)
+def stack(clean_environment: None, pytestconfig: pytest.Config) -> Iterator[Stack]:
+    durable = bool(pytestconfig.getoption("--durable-servers"))
+    servers = Stack("test", root=ROOT / ".stack", fresh=True, durable=durable)
     servers.start()
     try:
         migrate(Settings.from_env(servers.urls()).database_url)
         yield servers
     finally:
         servers.stop()
+    left_behind(servers)
+
+
+def left_behind(servers: Stack) -> None:
+    """The session leaves nothing behind: no process of the suite's (a server's, a
+    service's, a `flashclaim stack` of test_stack's) still running, no port of the
+    test profile still bound. Those found are ended, and the session fails."""
+    profiles = [PROFILES["test"], PROFILES["stacktest"]]
+    ports = [p for ports in profiles for p in astuple(ports)]
+    roots = [ROOT / ".stack" / "test", ROOT / ".stack" / "stacktest"]
+    roots += [s.pgroot for s in [servers.postgres] if s is not None]
+    found: list[tuple[int, str]] = []
+    for _ in range(50):  # a process just stopped may take a moment to go
+        found = leftovers(roots, ports)
+        if not found:
+            break
+        time.sleep(0.1)
+    for pid, _ in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    bound = (
+        [p for p in astuple(PROFILES["test"]) if port_is_open(p)] if not servers.external else []
+    )
+    assert not found, f"processes the suite left running: {found}"
+    assert not bound, f"ports of the test profile still bound: {bound}"
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -108,6 +108,62 @@ def _start_time(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (its children, theirs, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def leftovers(roots: Iterable[Path], ports: Iterable[int]) -> list[tuple[int, str]]:
+    """Processes still running that belong to the stacks under ``roots`` or serve or
+    use one of ``ports`` (their command line or working folder is under a root, or a
+    FLASHCLAIM_* variable of their environment names a port): (pid, command line).
+    This process and its ancestors are not counted."""
+    marks = [str(r) for r in roots]
+    port_marks = [f":{p}" for p in ports]
+    mine = {os.getpid(), *_ancestors(os.getpid())}
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        if pid in mine:
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        ours = [e.decode(errors="replace") for e in environ if e.startswith(b"FLASHCLAIM_")]
+        # A PostgreSQL backend's command line is its title; its folder is the data's.
+        if any(m in cmdline or cwd.startswith(m) for m in marks) or any(
+            m + "/" in e or e.endswith(m) or m + "," in e for e in ours for m in port_marks
+        ):
+            found.append((pid, cmdline.strip()))
+    return found
+
+
+def _ancestors(pid: int) -> list[int]:
+    found = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            break
+        found.append(pid)
+    return found
 
 
 def record_pid(root: Path, name: str, pid: int) -> None:
@@ -219,8 +275,15 @@ class Server:
         """SIGKILL to the server and every process it started, as a crash would (a
         RabbitMQ node is a shell script's child: killing only the script is no crash)."""
         if self.proc is not None and self.proc.poll() is None:
+            # PostgreSQL's backends each lead a process group of their own: found by
+            # parentage, and killed too (even a stopped one, which would never notice
+            # its postmaster gone).
+            below = _descendants(self.proc.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in below:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait()
         deadline = time.monotonic() + 10
         while port_is_open(self.port) and time.monotonic() < deadline:
@@ -580,7 +643,10 @@ class Stack:
         root: Path | None = None,
         environ: Mapping[str, str] | None = None,
         fresh: bool = False,
+        durable: bool = False,
     ) -> None:
+        """``durable``: the test profile's servers with the durable settings of `run`
+        (PostgreSQL with fsync on), for the tests that crash them."""
         env = os.environ if environ is None else environ
         self._environ = dict(env)
         self.ports = PROFILES[profile]
@@ -588,15 +654,18 @@ class Stack:
         if fresh and self.root.exists():
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        fast = profile == "test"  # benchmarks keep the durable settings of `run`
+        fast = profile == "test" and not durable  # benchmarks keep `run`'s durable settings
         self.external = {k: env[v] for k, v in ENV_URLS.items() if env.get(v)}
         self.postgres = (
             None if "postgres" in self.external else Postgres(self.root, self.ports.postgres, fast)
         )
         if fresh and self.postgres is not None and self.postgres.pgroot != self.root / "postgres":
             shutil.rmtree(self.postgres.data, ignore_errors=True)
+        # RabbitMQ's `fast` is only fresher statistics (nothing of durability).
         self.rabbitmq = (
-            None if "rabbitmq" in self.external else RabbitMQ(self.root, self.ports, fast)
+            None
+            if "rabbitmq" in self.external
+            else RabbitMQ(self.root, self.ports, profile == "test")
         )
         self.redis = None if "redis" in self.external else Redis(self.root, self.ports.redis, fast)
 

@@ -141,6 +141,7 @@ class Services:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGCONT)  # one a test froze acts on it too
         for proc in self.procs:
             try:
                 proc.wait(15)

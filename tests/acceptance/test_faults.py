@@ -25,6 +25,8 @@ from flashclaim.devtools.devstack import Stack
 from tests.acceptance.conftest import LOGS, Services, until_queued
 from tests.acceptance.load import Load, Window, verify
 
+pytestmark = pytest.mark.faults
+
 # Short waits so that outages produce 202s, which the clients then follow.
 GATEWAY = {"claim_wait_seconds": 2, "breaker_recovery_seconds": 1}
 # Of the load's 64 claims in flight, at least this many must have been delayed by a
