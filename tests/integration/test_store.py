@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.store import Delivery, apply_batch
@@ -106,3 +107,47 @@ async def test_service_connections_plan_each_statement_for_the_tables_as_they_ar
             assert await cur.fetchone() == ("force_custom_plan",)
     finally:
         await pool.close()
+
+
+async def test_two_consumers_over_coupons_in_opposite_orders_neither_deadlock_nor_oversell(
+    settings: Settings, pool: AsyncConnectionPool
+) -> None:
+    """Two batches over the same coupons, one in the opposite order of the other, both
+    stopped by a lock a third session holds on the middle coupon, then let go at once:
+    each locks its coupons in name order, so neither holds one the other is waiting for
+    (locked in arrival order, the first would hold the lower half and the second the
+    upper: a deadlock, which PostgreSQL would break by failing one). Both commit, and
+    stock and holders add up."""
+    coupons = [f"ORDER_{uuid.uuid4().hex[:8]}_{i:02d}" for i in range(9)]
+    for name in coupons:
+        create_coupon_row(settings.database_url, name, 30)
+    users = ["a", "b", "shared"]
+    forward = [delivery(u, c) for c in coupons for u in users]
+    backward = [delivery(u, c) for c in reversed(coupons) for u in reversed(users)]
+    url = settings.database_url
+    async with (
+        await psycopg.AsyncConnection.connect(url) as holder,
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as watcher,
+    ):
+        await holder.execute("SELECT 1 FROM coupons WHERE name = %s FOR UPDATE", (coupons[4],))
+        batches = [asyncio.create_task(apply(pool, b)) for b in (forward, backward)]
+        async with asyncio.timeout(10):
+            while await waiting_for_locks(watcher) < 2:  # noqa: ASYNC110 - polled
+                await asyncio.sleep(0.02)
+        await holder.commit()
+    first, second = await asyncio.gather(*batches)
+    assert first.granted + second.granted == len(coupons) * len(users)
+    for name in coupons:
+        remaining, holders = await coupon_state(pool, name)
+        assert sorted(holders) == sorted(users) and remaining == 30 - len(users)
+
+
+async def waiting_for_locks(conn: psycopg.AsyncConnection) -> int:  # type: ignore[type-arg]
+    """Sessions waiting for a lock now (asked outside a transaction: within one,
+    pg_stat_activity is read once)."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND datname = current_database()"
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
