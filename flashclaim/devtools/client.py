@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,16 +72,25 @@ class ClaimClient:
     def __init__(
         self,
         http: aiohttp.ClientSession,
-        base_url: str,
+        base_url: str | Sequence[str],
         deadline: float = 60.0,
         poll_interval: float = 0.2,
         credentials: Credentials | None = None,
+        attempt_timeout: float | None = None,
     ) -> None:
+        """``base_url``: one gateway, or several: a request that gets no answer (refused,
+        reset, or none within ``attempt_timeout``) is sent again to the next, with the
+        same key."""
         self._http = http
         self._credentials = credentials
-        self._base = base_url.rstrip("/")
+        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        self._bases = [b.rstrip("/") for b in bases]
+        self._preferred = 0  # where claims go first: moved on by a request unanswered
         self._deadline = deadline
         self._poll = poll_interval
+        self._timeout = (
+            aiohttp.ClientTimeout(total=attempt_timeout) if attempt_timeout is not None else None
+        )
 
     async def claim(self, user_id: str, coupon_name: str, key: str | None = None) -> Answer:
         """The claim's final answer, retrying and following 202s until the deadline."""
@@ -91,11 +101,14 @@ class ClaimClient:
         started = time.monotonic()
         end = started + self._deadline
         location: str | None = None
+        turn = self._preferred  # the gateway asked: the next after a request unanswered
+        timeout = self._timeout or self._http.timeout
         while time.monotonic() < end:
+            base = self._bases[turn % len(self._bases)]
             try:
                 if location is None:
                     async with self._http.post(
-                        f"{self._base}/api/coupons/claim", json=payload, headers=headers
+                        f"{base}/api/coupons/claim", json=payload, headers=headers, timeout=timeout
                     ) as r:
                         status, body = r.status, await _body(r)
                         retry_after = r.headers.get("Retry-After")
@@ -103,7 +116,9 @@ class ClaimClient:
                             location = r.headers.get("Location")
                             answer.pending = True
                 else:
-                    async with self._http.get(f"{self._base}{location}", headers=token) as r:
+                    async with self._http.get(
+                        f"{base}{location}", headers=token, timeout=timeout
+                    ) as r:
                         status, body = r.status, await _body(r)
                         retry_after = r.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError):
@@ -112,6 +127,9 @@ class ClaimClient:
                 answer.retries += 1
                 answer.connection_errors += 1
                 answer.connection_errors_at.append(time.time())
+                if self._preferred == turn % len(self._bases):
+                    self._preferred = (turn + 1) % len(self._bases)
+                turn += 1
                 await asyncio.sleep(self._poll)
                 continue
             # Every status is recorded as it came, whatever its body: a 500 with an HTML

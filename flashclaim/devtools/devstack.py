@@ -110,7 +110,7 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (its children, theirs, ...), from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -278,7 +278,7 @@ class Server:
             # PostgreSQL's backends each lead a process group of their own: found by
             # parentage, and killed too (even a stopped one, which would never notice
             # its postmaster gone).
-            below = _descendants(self.proc.pid)
+            below = descendants(self.proc.pid)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             for pid in below:

@@ -151,6 +151,23 @@ class Services:
         self.procs.clear()
 
 
+async def until_logged(
+    log: Path, text: str, more: int, timeout: float = 30, since_now: bool = True
+) -> None:
+    """Until ``text`` appears ``more`` more times in ``log`` than it does now (or, not
+    ``since_now``, ``more`` times in all): a service's log file, polled."""
+
+    def times() -> int:
+        return log.read_text().count(text) if log.exists() else 0
+
+    now = times() if since_now else 0
+    async with asyncio.timeout(timeout):
+        while True:
+            if await asyncio.to_thread(times) >= now + more:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def until_queued(settings: Settings, expected: int, timeout: float = 10) -> int:
     """Until the command queues hold ``expected`` ready messages (or the timeout);
     the count last seen."""

@@ -61,6 +61,10 @@ class Load:
     concurrency: int = 64
     seed: int = 7
     ample: int | None = None
+    # More gateways to send claims to (a claim that gets no answer from one goes to the
+    # next, with its key), and how long an attempt may take before it is given up.
+    also: list[str] = field(default_factory=list)
+    attempt_timeout: float | None = None
     names: list[str] = field(default_factory=list)
     stocks: dict[str, int] = field(default_factory=dict)
     done: int = 0
@@ -87,7 +91,11 @@ class Load:
             for _ in range(self.claims)
         ]
         client = ClaimClient(
-            self.http, self.services.base_url, deadline=150, credentials=self.services.credentials
+            self.http,
+            [self.services.base_url, *self.also],
+            deadline=150,
+            credentials=self.services.credentials,
+            attempt_timeout=self.attempt_timeout,
         )
         gate = asyncio.Semaphore(self.concurrency)
 
@@ -114,17 +122,21 @@ class Load:
 
 
 async def verify(
-    settings: Settings, load: Load, answers: list[Answer], faults: tuple[Window, ...] = ()
+    settings: Settings,
+    load: Load,
+    answers: list[Answer],
+    faults: tuple[Window, ...] = (),
+    base_url: str | None = None,
 ) -> None:
     """The promises every run keeps (flashclaim/devtools/promises.py, over HTTP), then
     the database: answers and rows agree exactly, each "sold out" came after the
     coupon's last grant, no connection to the gateway failed outside ``faults``, and the
-    audit passes."""
+    audit passes. ``base_url``: the gateway to read the coupons from."""
     stray = [t for a in answers for t in a.connection_errors_at if not any(t in w for w in faults)]
     assert not stray, f"{len(stray)} connection errors outside any fault's window"
     verdict = await promises.check(
         load.http,
-        load.services.base_url,
+        base_url or load.services.base_url,  # a gateway still up
         (promises.Final(a.user_id, a.coupon_name, a.status) for a in answers),
         load.names,
         seen=(s for a in answers for s in a.seen),

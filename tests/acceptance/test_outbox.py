@@ -28,7 +28,7 @@ from flashclaim.core.db import queries
 from flashclaim.core.messages import ClaimCommand
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
-from tests.acceptance.conftest import LOGS, Services
+from tests.acceptance.conftest import LOGS, Services, until_logged
 from tests.acceptance.load import Load, verify
 
 
@@ -111,21 +111,6 @@ async def queue_depth(settings: Settings, name: str) -> int:
 def relay_log(settings: Settings) -> Path:
     (log,) = LOGS.glob(f"{settings.namespace}-relay-*.log")
     return log
-
-
-async def until_logged(log: Path, text: str, more: int, timeout: float = 30) -> None:
-    """Until ``text`` appears ``more`` more times in ``log`` than it does now (a
-    service's log file, polled: nothing to wait on)."""
-
-    def times() -> int:
-        return log.read_text().count(text)
-
-    now = times()
-    async with asyncio.timeout(timeout):
-        while True:
-            if await asyncio.to_thread(times) >= now + more:
-                return
-            await asyncio.sleep(0.05)
 
 
 def outbox_rows(settings: Settings) -> list[tuple[str, str, str, str | None]]:
