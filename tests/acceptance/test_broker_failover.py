@@ -26,7 +26,7 @@ import pytest
 
 from flashclaim.devtools.devstack import Ports, RabbitMQ, Stack
 from tests.acceptance.conftest import Services, free_port
-from tests.acceptance.load import verify
+from tests.acceptance.load import Window, verify
 from tests.acceptance.probes import mid_load
 from tests.conftest import make_settings
 
@@ -236,6 +236,60 @@ async def test_the_node_leading_the_queues_killed_mid_load(
     # oversold or stuck (the audit); no command was dead-lettered on the way.
     await verify(services.settings, load, answers)
     async with await aio_pika.connect(others[0].url) as connection:
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(topology.claims_dlq, passive=True)
+        assert dlq.declaration_result.message_count == 0
+
+
+async def test_two_nodes_of_three_lost_then_back_mid_load(
+    broker_cluster: Cluster, cluster_services: Services, http: aiohttp.ClientSession
+) -> None:
+    """Two of the three nodes killed -9 mid-load: the queues have no majority left, so
+    nothing can be confirmed or delivered. New claims are refused (503), none accepted
+    and then lost; once the two nodes are back the queues elect a leader again, every
+    accepted claim gets its final answer, and the audit holds."""
+    services = cluster_services
+    topology = services.settings.topology()
+    queues = [*topology.claims_queues, topology.claims_dlq]
+    first, *others = broker_cluster.nodes
+    every = {n.node for n in broker_cluster.nodes}
+
+    async def replicated() -> bool:
+        views = [await queue_view(http, first, q) for q in queues]
+        return all(set(v.get("online", [])) == every for v in views)
+
+    await until(replicated, 30, "every queue has a member online on every node")
+    for node in broker_cluster.nodes:  # see RabbitMQ.flush_metadata
+        await asyncio.to_thread(node.flush_metadata)
+    load, probing = await mid_load(services, http)
+    await asyncio.sleep(0.5)
+    window = Window(time.time())
+    await asyncio.gather(*(asyncio.to_thread(n.kill) for n in others))
+    await asyncio.sleep(5)  # without a majority, for longer than a publish may wait
+    await asyncio.gather(*(asyncio.to_thread(n.start) for n in others))
+
+    async def led() -> bool:
+        views = [await queue_view(http, first, q) for q in queues]
+        return all(v.get("leader") in every and set(v.get("online", [])) == every for v in views)
+
+    back = await until(led, 90, "every queue led again, with its three members")
+    window.close()
+    answers = await load.finish()
+    await asyncio.sleep(1)
+    reads, claims = await probing.stop()
+    print(
+        f"\nbroker quorum lost: two nodes of three killed -9 for 5 s; queues led again"
+        f" {back:.1f} s after their restart; clients saw: claims {claims.count(503)} x 503"
+        f" over {claims.span(503):.1f} s, {claims.count(202)} x 202; load: "
+        f"{sum(1 for a in answers if 503 in a.seen)} of {len(answers)} claims retried"
+    )
+    assert {s for *_, s in claims.calls} <= {200, 202, 503}
+    assert reads.count(503) == 0  # reads need the database only
+    assert claims.count(503) > 0, "no claim was refused while the queues had no majority"
+    refused = [a for a in answers if 503 in a.seen and a.sent_at < window.end]
+    assert len(refused) >= 10, "the load hardly met the lost majority"
+    await verify(services.settings, load, answers)
+    async with await aio_pika.connect(first.url) as connection:
         channel = await connection.channel()
         dlq = await channel.declare_queue(topology.claims_dlq, passive=True)
         assert dlq.declaration_result.message_count == 0
