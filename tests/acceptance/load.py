@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -119,6 +120,18 @@ class Load:
         assert self.task is not None
         async with asyncio.timeout(timeout):
             return await self.task
+
+
+async def faulted(
+    load: Load, inject: Callable[[], Awaitable[object]], at: float = 0.3
+) -> tuple[list[Answer], Window]:
+    """Once ``at`` of the load has its answer, ``inject`` (the fault, and its end): the
+    answers, and when the fault was on."""
+    await load.reached(at)
+    window = Window(time.time())
+    await inject()
+    window.close()
+    return await load.finish(), window
 
 
 async def verify(

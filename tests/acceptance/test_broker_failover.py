@@ -115,6 +115,14 @@ async def queue_view(http: aiohttp.ClientSession, node: RabbitMQ, name: str) -> 
     return view
 
 
+async def members_online(
+    http: aiohttp.ClientSession, node: RabbitMQ, queues: list[str], every: set[str]
+) -> bool:
+    """Each queue has a member online on each of ``every`` node (seen from ``node``)."""
+    views = [await queue_view(http, node, q) for q in queues]
+    return all(set(v.get("online", [])) == every for v in views)
+
+
 async def connected_to(http: aiohttp.ClientSession, node: RabbitMQ, tag: str) -> dict[str, str]:
     """The node of each connection whose name has ``tag`` (``gateway <instance id>``...),
     as the cluster (seen from ``node``) knows them."""
@@ -158,8 +166,7 @@ async def test_the_node_leading_the_queues_killed_mid_load(
     tag = topology.namespace  # in the instance ids, so in the connections' names
 
     async def replicated() -> bool:
-        views = [await queue_view(http, first, q) for q in queues]
-        return all(set(v.get("online", [])) == every for v in views)
+        return await members_online(http, first, queues, every)
 
     # The consumer declared the queues through its connection to the first node listed:
     # each has a member on every node, and the first node leads them all.
@@ -203,8 +210,7 @@ async def test_the_node_leading_the_queues_killed_mid_load(
     async def rejoined() -> bool:
         if broker_cluster.running(others[0]) != every:
             return False
-        views = [await queue_view(http, others[0], q) for q in queues]
-        return all(set(v.get("online", [])) == every for v in views)
+        return await members_online(http, others[0], queues, every)
 
     rejoin = await until(rejoined, 90, "the restarted node back in the cluster and its queues")
     print(
@@ -255,8 +261,7 @@ async def test_two_nodes_of_three_lost_then_back_mid_load(
     every = {n.node for n in broker_cluster.nodes}
 
     async def replicated() -> bool:
-        views = [await queue_view(http, first, q) for q in queues]
-        return all(set(v.get("online", [])) == every for v in views)
+        return await members_online(http, first, queues, every)
 
     await until(replicated, 30, "every queue has a member online on every node")
     for node in broker_cluster.nodes:  # see RabbitMQ.flush_metadata

@@ -20,7 +20,7 @@ import pytest
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import descendants
 from tests.acceptance.conftest import LOGS, Services, until_logged
-from tests.acceptance.load import Load, Window, verify
+from tests.acceptance.load import Load, Window, faulted, verify
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.faults
@@ -94,13 +94,13 @@ async def test_the_consumers_link_to_postgres_stalled_mid_transaction(
         services.start_consumer(database_url=url)
         await services.start_gateway(**GATEWAY)
         load = await Load(services, http).start()
-        await load.reached(0.3)
-        window = Window(time.time())
-        proxy.stall()
-        await asyncio.sleep(5)
-        proxy.flow()
-        window.close()
-        answers = await load.finish()
+
+        async def stall() -> None:
+            proxy.stall()
+            await asyncio.sleep(5)
+            proxy.flow()
+
+        answers, window = await faulted(load, stall)
         await verify(settings, load, answers)
         assert len(window.reached(answers)) >= REACHED
     finally:

@@ -6,7 +6,6 @@ by the full audit."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -17,7 +16,7 @@ import redis.asyncio as aioredis
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import RabbitMQ, Stack
 from tests.acceptance.conftest import Services
-from tests.acceptance.load import Load, Window, verify
+from tests.acceptance.load import Load, faulted, verify
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.faults
@@ -45,14 +44,15 @@ async def test_redis_flushed_while_connected_mid_load(
     services.start_consumer()
     await services.start_gateway(**GATEWAY)
     load = await Load(services, http).start()
-    await load.reached(0.3)
-    window = Window(time.time())
-    keys = await redis.dbsize()
-    await redis.flushall()
-    window.close()
-    answers = await load.finish()
+    held = []
+
+    async def flush() -> None:
+        held.append(await redis.dbsize())
+        await redis.flushall()
+
+    answers, window = await faulted(load, flush)
     await verify(settings, load, answers)
-    assert keys > 100, f"only {keys} keys were lost"  # what the load held there
+    assert held[0] > 100, f"only {held[0]} keys were lost"  # what the load held there
     assert len(window.reached(answers, delayed=False)) >= REACHED
 
 
@@ -65,17 +65,18 @@ async def test_redis_evicting_at_a_tiny_maxmemory_mid_load(
     services.start_consumer()
     await services.start_gateway(**GATEWAY)
     load = await Load(services, http).start()
-    await load.reached(0.3)
-    used = int((await redis.info("memory"))["used_memory"])
-    window = Window(time.time())
-    await redis.config_set("maxmemory", max(used // 2, 1))
-    await asyncio.sleep(3)
-    evicted = int((await redis.info("stats"))["evicted_keys"])
-    await redis.config_set("maxmemory", "256mb")
-    window.close()
-    answers = await load.finish()
+    evicted = []
+
+    async def squeeze() -> None:
+        used = int((await redis.info("memory"))["used_memory"])
+        await redis.config_set("maxmemory", max(used // 2, 1))
+        await asyncio.sleep(3)
+        evicted.append(int((await redis.info("stats"))["evicted_keys"]))
+        await redis.config_set("maxmemory", "256mb")
+
+    answers, window = await faulted(load, squeeze)
     await verify(settings, load, answers)
-    assert evicted > 0, "nothing was evicted"
+    assert evicted[0] > 0, "nothing was evicted"
     assert len(window.reached(answers, delayed=False)) >= REACHED
 
 
@@ -124,13 +125,13 @@ async def test_a_gateway_cut_from_redis_alone_mid_load(
         services.start_consumer()
         await services.start_gateway(redis_url=url, **GATEWAY)
         load = await Load(services, http).start()
-        await load.reached(0.3)
-        window = Window(time.time())
-        proxy.cut()
-        await asyncio.sleep(3)
-        proxy.restore()
-        window.close()
-        answers = await load.finish()
+
+        async def cut() -> None:
+            proxy.cut()
+            await asyncio.sleep(3)
+            proxy.restore()
+
+        answers, window = await faulted(load, cut)
         await verify(settings, load, answers)
         assert len(window.reached(answers)) >= REACHED
     finally:
@@ -162,17 +163,17 @@ async def test_a_rabbitmq_resource_alarm_blocks_publishers_mid_load(
     services.start_consumer()
     await services.start_gateway(publish_timeout_seconds=1, **GATEWAY)
     load = await Load(services, http).start()
-    await load.reached(0.3)
-    window = Window(time.time())
-    try:
-        await asyncio.to_thread(broker.ctl, *raise_alarm)
-        await until_alarm(broker, alarm, True)
-        await asyncio.sleep(4)
-    finally:
-        await asyncio.to_thread(broker.ctl, *clear_alarm)
-    await until_alarm(broker, alarm, False)
-    window.close()
-    answers = await load.finish()
+
+    async def alarmed() -> None:
+        try:
+            await asyncio.to_thread(broker.ctl, *raise_alarm)
+            await until_alarm(broker, alarm, True)
+            await asyncio.sleep(4)
+        finally:
+            await asyncio.to_thread(broker.ctl, *clear_alarm)
+        await until_alarm(broker, alarm, False)
+
+    answers, window = await faulted(load, alarmed)
     await verify(settings, load, answers)
     refused = [a for a in answers if 503 in a.seen and a.sent_at < window.end]
     assert len(refused) >= REACHED, f"only {len(refused)} claims met the alarm"
