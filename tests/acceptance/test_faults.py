@@ -361,3 +361,17 @@ async def test_consumer_killed_between_commit_and_ack_answers_once_from_the_inbo
             "SELECT message_id::text FROM claims WHERE coupon_name = %s", (coupon_name,)
         ).fetchall()
     assert sorted(r[0] for r in rows) == sorted(b["request_id"] for s, b in answers if s == 200)
+
+
+def test_the_crashed_database_is_a_durable_one(settings: Settings) -> None:
+    """What the crashes above prove holds for a PostgreSQL that syncs its writes (the
+    rest of the suite runs it without, for speed)."""
+    with psycopg.connect(settings.database_url) as conn:
+        settings_now = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings"
+                " WHERE name IN ('fsync', 'full_page_writes', 'synchronous_commit')"
+            ).fetchall()
+        )
+    durable = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "on"}
+    assert settings_now == durable, "run with --durable-servers, as make test-faults does"
