@@ -302,8 +302,11 @@ def _bin(pattern: str, name: str) -> str:
 class Postgres(Server):
     name = "postgres"
 
-    def __init__(self, root: Path, port: int, fast: bool) -> None:
+    def __init__(self, root: Path, port: int, fast: bool, commit_times: bool = False) -> None:
+        """``commit_times``: track each transaction's commit time (for the tests, which
+        check when a claim was committed against when its answers were given)."""
         super().__init__(root, port, fast)
+        self.commit_times = commit_times
         self.bindir = Path(_bin("/usr/lib/postgresql/*/bin/postgres", "postgres")).parent
         # PostgreSQL refuses to run as root: run it as the 'postgres' account instead.
         self.user = "postgres" if os.geteuid() == 0 else None
@@ -363,6 +366,8 @@ class Postgres(Server):
         ]
         if self.fast:
             settings += ["-c", "fsync=off", "-c", "full_page_writes=off"]
+        if self.commit_times:
+            settings += ["-c", "track_commit_timestamp=on"]
         self._spawn(
             [
                 str(self.bindir / "postgres"),
@@ -657,7 +662,9 @@ class Stack:
         fast = profile == "test" and not durable  # benchmarks keep `run`'s durable settings
         self.external = {k: env[v] for k, v in ENV_URLS.items() if env.get(v)}
         self.postgres = (
-            None if "postgres" in self.external else Postgres(self.root, self.ports.postgres, fast)
+            None
+            if "postgres" in self.external
+            else Postgres(self.root, self.ports.postgres, fast, commit_times=profile == "test")
         )
         if fresh and self.postgres is not None and self.postgres.pgroot != self.root / "postgres":
             shutil.rmtree(self.postgres.data, ignore_errors=True)
