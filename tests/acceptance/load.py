@@ -29,17 +29,25 @@ class Window:
 
     start: float
     end: float = float("inf")
+    # When the fault had taken effect (a server stopped takes a moment to go): claims
+    # in flight then are the ones it reached. The start, until told.
+    effective: float = 0.0
+
+    def hit(self) -> None:
+        self.effective = time.time()
 
     def close(self) -> None:
         self.end = time.time()
 
     def reached(self, answers: list[Answer], delayed: bool = True) -> list[Answer]:
-        """The claims the fault surely reached: in flight when it began (sent before,
-        answered after), and if ``delayed``, delayed by it (a 202 followed, or a retry)."""
+        """The claims the fault surely reached: in flight when it had taken effect
+        (sent before, answered after), and if ``delayed``, delayed by it (a 202
+        followed, or a retry)."""
+        moment = self.effective or self.start
         return [
             a
             for a in answers
-            if a.sent_at < self.start < a.answered_at and (a.pending or a.retries or not delayed)
+            if a.sent_at < moment < a.answered_at and (a.pending or a.retries or not delayed)
         ]
 
     def __contains__(self, moment: float) -> bool:
@@ -123,13 +131,14 @@ class Load:
 
 
 async def faulted(
-    load: Load, inject: Callable[[], Awaitable[object]], at: float = 0.3
+    load: Load, inject: Callable[[Window], Awaitable[object]], at: float = 0.3
 ) -> tuple[list[Answer], Window]:
-    """Once ``at`` of the load has its answer, ``inject`` (the fault, and its end): the
-    answers, and when the fault was on."""
+    """Once ``at`` of the load has its answer, ``inject`` (the fault, marking the window
+    ``hit`` once it has taken effect, and its end): the answers, and when the fault was
+    on."""
     await load.reached(at)
     window = Window(time.time())
-    await inject()
+    await inject(window)
     window.close()
     return await load.finish(), window
 

@@ -270,6 +270,7 @@ async def test_two_nodes_of_three_lost_then_back_mid_load(
     await asyncio.sleep(0.5)
     window = Window(time.time())
     await asyncio.gather(*(asyncio.to_thread(n.kill) for n in others))
+    window.hit()
     await asyncio.sleep(5)  # without a majority, for longer than a publish may wait
     await asyncio.gather(*(asyncio.to_thread(n.start) for n in others))
 

@@ -108,6 +108,7 @@ async def test_rabbitmq_restarted_mid_load(
         assert restore.rabbitmq is not None
         fault = Window(time.time())
         await asyncio.to_thread(restore.rabbitmq.stop)
+        fault.hit()
         # While the broker is away, a claim is refused at once with a Retry-After.
         loop = asyncio.get_running_loop()
         asked = loop.time()
@@ -141,6 +142,7 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
     assert restore.postgres is not None
     fault = Window(time.time())
     await asyncio.to_thread(restore.postgres.stop)
+    fault.hit()
     # Coupon reads and writes need the database: 503, not a hang or a 500.
     async with http.get(f"{services.base_url}/api/coupons/{load.names[0]}") as r:
         assert (r.status, (await r.json())["code"]) == (503, "service_unavailable")
@@ -216,6 +218,7 @@ async def test_server_crashes_mid_load(
     await load.reached(0.3)
     fault = Window(time.time())
     await asyncio.to_thread(victim.kill)
+    fault.hit()
     await asyncio.sleep(3)
     await asyncio.to_thread(victim.start)
     fault.close()
@@ -232,6 +235,7 @@ async def test_redis_restarted_mid_load(
     assert restore.redis is not None
     fault = Window(time.time())
     await asyncio.to_thread(restore.redis.stop)
+    fault.hit()
     await asyncio.sleep(2)
     await asyncio.to_thread(restore.redis.start)
     fault.close()

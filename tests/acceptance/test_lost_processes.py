@@ -68,8 +68,10 @@ async def test_a_gateway_lost_mid_load_its_clients_retry_on_the_other_with_their
     if fault == "kill":
         signal_all(gateway, signal.SIGKILL)
         await asyncio.to_thread(victim.wait)
+        window.hit()
     else:
         signal_all(gateway, signal.SIGSTOP)
+        window.hit()
         await asyncio.sleep(6)
         signal_all(gateway, signal.SIGCONT)
     window.close()
@@ -95,8 +97,9 @@ async def test_the_consumers_link_to_postgres_stalled_mid_transaction(
         await services.start_gateway(**GATEWAY)
         load = await Load(services, http).start()
 
-        async def stall() -> None:
+        async def stall(window: Window) -> None:
             proxy.stall()
+            window.hit()
             await asyncio.sleep(5)
             proxy.flow()
 

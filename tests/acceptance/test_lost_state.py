@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import RabbitMQ, Stack
 from tests.acceptance.conftest import Services
-from tests.acceptance.load import Load, faulted, verify
+from tests.acceptance.load import Load, Window, faulted, verify
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.faults
@@ -46,9 +46,10 @@ async def test_redis_flushed_while_connected_mid_load(
     load = await Load(services, http).start()
     held = []
 
-    async def flush() -> None:
+    async def flush(window: Window) -> None:
         held.append(await redis.dbsize())
         await redis.flushall()
+        window.hit()
 
     answers, window = await faulted(load, flush)
     await verify(settings, load, answers)
@@ -67,9 +68,10 @@ async def test_redis_evicting_at_a_tiny_maxmemory_mid_load(
     load = await Load(services, http).start()
     evicted = []
 
-    async def squeeze() -> None:
+    async def squeeze(window: Window) -> None:
         used = int((await redis.info("memory"))["used_memory"])
         await redis.config_set("maxmemory", max(used // 2, 1))
+        window.hit()
         await asyncio.sleep(3)
         evicted.append(int((await redis.info("stats"))["evicted_keys"]))
         await redis.config_set("maxmemory", "256mb")
@@ -126,8 +128,9 @@ async def test_a_gateway_cut_from_redis_alone_mid_load(
         await services.start_gateway(redis_url=url, **GATEWAY)
         load = await Load(services, http).start()
 
-        async def cut() -> None:
+        async def cut(window: Window) -> None:
             proxy.cut()
+            window.hit()
             await asyncio.sleep(3)
             proxy.restore()
 
@@ -164,10 +167,11 @@ async def test_a_rabbitmq_resource_alarm_blocks_publishers_mid_load(
     await services.start_gateway(publish_timeout_seconds=1, **GATEWAY)
     load = await Load(services, http).start()
 
-    async def alarmed() -> None:
+    async def alarmed(window: Window) -> None:
         try:
             await asyncio.to_thread(broker.ctl, *raise_alarm)
             await until_alarm(broker, alarm, True)
+            window.hit()
             await asyncio.sleep(4)
         finally:
             await asyncio.to_thread(broker.ctl, *clear_alarm)
