@@ -100,25 +100,29 @@ def port_is_open(port: int) -> bool:
     return False
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, then the
+    parent's pid...); ``None`` if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (with the pid, a process's identity: a pid
     reused by another process has another start time); ``None`` if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (its children, theirs, ...), from /proc."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _stat(proc.name)
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -157,11 +161,8 @@ def leftovers(roots: Iterable[Path], ports: Iterable[int]) -> list[tuple[int, st
 
 def _ancestors(pid: int) -> list[int]:
     found = []
-    while pid > 1:
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            break
+    while pid > 1 and (fields := _stat(pid)):
+        pid = int(fields[1])
         found.append(pid)
     return found
 

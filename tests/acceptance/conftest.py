@@ -18,6 +18,7 @@ import aio_pika
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from flashclaim.core.settings import Settings, environ
 from flashclaim.devtools import processes
@@ -166,6 +167,35 @@ async def until_logged(
             if await asyncio.to_thread(times) >= now + more:
                 return
             await asyncio.sleep(0.05)
+
+
+async def queue_depth(settings: Settings, name: str) -> int:
+    """Messages ready in a queue (none is unacknowledged once its consumers are gone)."""
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, durable=True, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
+    async with http.get(url) as r:
+        assert r.status == 200, url
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
 async def until_queued(settings: Settings, expected: int, timeout: float = 10) -> int:

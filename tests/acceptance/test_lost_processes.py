@@ -12,14 +12,13 @@ import signal
 import time
 from collections.abc import Iterator
 
-import aio_pika
 import aiohttp
 import psycopg
 import pytest
 
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import descendants
-from tests.acceptance.conftest import LOGS, Services, until_logged
+from tests.acceptance.conftest import LOGS, Services, queue_depth, scrape, total, until_logged
 from tests.acceptance.load import Load, Window, faulted, verify
 from tests.proxy import Proxy
 
@@ -169,14 +168,8 @@ async def test_consumer_sigterm_while_the_database_is_unreachable_exits_within_t
 
 async def claims_served(http: aiohttp.ClientSession, gateway: Services) -> int:
     """Claims a gateway answered, from its /metrics."""
-    async with http.get(f"{gateway.base_url}/metrics") as r:
-        text = await r.text()
-    return sum(
-        int(float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if line.startswith("flashclaim_http_requests_total{")
-        and 'route="/api/coupons/claim"' in line
-    )
+    samples = await scrape(http, f"{gateway.base_url}/metrics")
+    return int(total(samples, "flashclaim_http_requests_total", route="/api/coupons/claim"))
 
 
 def signal_all(pids: list[int], sig: int) -> None:
@@ -186,7 +179,4 @@ def signal_all(pids: list[int], sig: int) -> None:
 
 
 async def dead_letters(settings: Settings) -> int:
-    async with await aio_pika.connect(settings.amqp_url) as connection:
-        channel = await connection.channel()
-        dlq = await channel.declare_queue(settings.topology().claims_dlq, passive=True)
-        return int(dlq.declaration_result.message_count or 0)
+    return await queue_depth(settings, settings.topology().claims_dlq)

@@ -13,35 +13,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import PROFILES, Stack
 from flashclaim.devtools.prometheus import DASHBOARD, DEPLOY, RULES, Prometheus, Targets
-from tests.acceptance.conftest import Services, free_port
+from tests.acceptance.conftest import Samples, Services, free_port, scrape, total
 from tests.conftest import create_coupon_row
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 STOCK = 10
 CLAIMS = 40
-
-
-async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
-    async with http.get(url) as r:
-        assert r.status == 200, url
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = await r.text()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
 def series(samples: Samples, name: str) -> list[frozenset[tuple[str, str]]]:

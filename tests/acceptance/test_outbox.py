@@ -28,7 +28,7 @@ from flashclaim.core.db import queries
 from flashclaim.core.messages import ClaimCommand
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
-from tests.acceptance.conftest import LOGS, Services, until_logged
+from tests.acceptance.conftest import LOGS, Services, queue_depth, until_logged
 from tests.acceptance.load import Load, verify
 
 
@@ -98,14 +98,6 @@ class Recorder:
             channel = await connection.channel()
             await channel.queue_delete(self.name)
             await channel.queue_delete(f"{self.settings.namespace}.events.example")
-
-
-async def queue_depth(settings: Settings, name: str) -> int:
-    """Messages ready in a queue (none is unacknowledged once its consumers are gone)."""
-    async with await aio_pika.connect(settings.amqp_url) as connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(name, durable=True, passive=True)
-        return int(queue.declaration_result.message_count or 0)
 
 
 def relay_log(settings: Settings) -> Path:
