@@ -29,6 +29,7 @@ from aiohttp import web
 from aiohttp.worker import GunicornUVLoopWebWorker
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
+from gunicorn.errors import HaltServer
 
 from flashclaim.core import metrics, tracing
 from flashclaim.core.settings import Settings
@@ -177,6 +178,10 @@ def serve(settings: Settings) -> int:
         GatewayServer(settings).run()
     except SystemExit as exc:
         return int(exc.code or 0)
+    except HaltServer as exc:
+        # A second worker failing to boot while the arbiter halts for the first: gunicorn
+        # raises the halt again from its stop and lets it out (exit 1, a traceback).
+        return int(exc.exit_status)
     finally:
         if settings.metrics_enabled and not given:
             shutil.rmtree(folder, ignore_errors=True)
