@@ -5,13 +5,20 @@ The consumer publishes a copy to the dead-letter exchange with headers saying wh
 original: the command is in the work queue or in the DLQ at every moment, never in
 neither. The publish is mandatory and its channel raises on a return: a copy that no
 queue took (the DLQ or its binding is missing) is a failure, not a success. Then the
-topology is declared again (which restores the DLQ) and the copy sent once more; if that
-fails too, the original is rejected and the broker dead-letters it itself (``x-death``
-reason ``rejected``), holding it under its at-least-once dead-letter strategy until the
-DLQ takes it. One claim of a message that carries several is dead-lettered alone, as a
-message of its own; if the DLQ cannot take it, the whole message goes back to its queue.
-Commands the broker dead-letters on its own (``x-death`` reason
-``delivery_limit``) carry only ``x-death``. The headers and the copy are built by
+topology is declared again (which restores the DLQ) and the copy sent once more.
+
+Two cases:
+
+- a message that cannot even be decoded (:meth:`DeadLetterPublisher.send`) goes as it
+  is; if the DLQ does not take it, it is rejected and the broker dead-letters it itself
+  (``x-death`` reason ``rejected``), holding it under its at-least-once dead-letter
+  strategy until the DLQ takes it;
+- a claim (:meth:`DeadLetterPublisher.send_claim`), poison or failed for good, goes
+  alone, as a message of its own, whether its message carries one claim or several; if
+  the DLQ does not take it, the consumer requeues the message (consumer/worker.py).
+
+Commands the broker dead-letters on its own (``x-death`` reason ``delivery_limit``)
+carry only ``x-death``. The headers and the copy are built by
 flashclaim/core/deadletters.py, which also reads them back for the operators.
 """
 
@@ -43,14 +50,10 @@ class DeadLetterPublisher:
         self._repair = repair
 
     async def send(
-        self,
-        message: AbstractIncomingMessage,
-        reason: str,
-        error: BaseException,
-        attempts: int | None = None,
+        self, message: AbstractIncomingMessage, reason: str, error: BaseException
     ) -> None:
-        """Move ``message`` to the DLQ; ``attempts`` are its failed attempts so far."""
-        headers = failure_headers(message, reason, error, self._service, attempts)
+        """Move ``message`` to the DLQ as it is, and settle it."""
+        headers = failure_headers(message, reason, error, self._service)
         copy = copy_of(message.message_id, message.body, headers, properties_of(message))
         if await self._published(copy, message.message_id):
             await message.ack()
@@ -67,11 +70,11 @@ class DeadLetterPublisher:
         error: BaseException,
         attempts: int | None = None,
     ) -> bool:
-        """Dead-letter one claim of a message that carries several, alone (``claim_id``
-        and its version 1 ``body``), with the carrying message's headers and properties;
-        the message itself is not settled here. ``False`` if the DLQ could not take it:
-        the caller returns the whole message to its queue (its other claims are answered
-        from the inbox when it comes back)."""
+        """Dead-letter one claim of a message, alone (``claim_id`` and its version 1
+        ``body``), with the carrying message's headers and properties; ``attempts`` are
+        its failed attempts so far. The message itself is not settled here. ``False`` if
+        the DLQ could not take it: the caller returns the whole message to its queue
+        (its other claims are answered from the inbox when it comes back)."""
         headers = failure_headers(message, reason, error, self._service, attempts)
         copy = copy_of(claim_id, body, headers, properties_of(message))
         if not await self._published(copy, claim_id):

@@ -12,8 +12,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
+from consumer.reporter import Reporter
 from consumer.slots import ConsumerSlot
-from consumer.worker import ClaimWorker, WorkerPolicy
+from consumer.store import ClaimStore
+from consumer.worker import ClaimWorker
 from flashclaim.core import broker, metrics
 from flashclaim.core.db import create_pool, opened, queries
 from flashclaim.core.policies import apply_configured
@@ -95,14 +97,14 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         worker = ClaimWorker(
             receiver,
-            pool,
-            ResultStore(redis, settings.namespace, settings.result_ttl_seconds),
+            ClaimStore(pool, settings.instance_id, settings.max_attempts),
+            Reporter(ResultStore(redis, settings.namespace, settings.result_ttl_seconds)),
             DeadLetterPublisher(
                 declared.dead_letters,
                 f"consumer {settings.instance_id}",
                 repair=lambda: topology.declare(channel),
             ),
-            WorkerPolicy(settings.instance_id, settings.max_attempts, settings.batch_size),
+            settings.batch_size,
             figures,
         )
         figures.partitions.labels("active").set(sum(mine))

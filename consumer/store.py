@@ -1,4 +1,6 @@
-"""Applying a batch of claim commands to PostgreSQL in one transaction.
+"""The consumer's writes to PostgreSQL: a batch of claim commands applied in one
+transaction, and a failed attempt counted in the inbox. This module is the only writer
+of the inbox.
 
 Why a duplicate delivery cannot double a claim: the first statement inserts one inbox
 row per message id (``ON CONFLICT DO NOTHING``). A message whose row was already
@@ -19,11 +21,13 @@ from typing import Any
 import orjson
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
 
 from consumer.decide import decide
 from flashclaim.core.db import queries
 from flashclaim.core.events import Coupon, batch_events
 from flashclaim.core.messages import CLAIM_EVENT, ClaimCommand, ClaimResult, Outcome
+from flashclaim.core.retry import transient_retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,75 @@ class BatchOutcome:
     granted: int
     # Outcome code -> commands applied now with it (replays not included).
     decided: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def total(cls, outcomes: Iterable[BatchOutcome]) -> BatchOutcome:
+        """The outcomes of several transactions as one (empty for none)."""
+        results: dict[uuid.UUID, ClaimResult] = {}
+        decided: Counter[str] = Counter()
+        applied = replayed = granted = 0
+        for o in outcomes:
+            results.update(o.results)
+            decided.update(o.decided)
+            applied += o.applied
+            replayed += o.replayed
+            granted += o.granted
+        return cls(results, applied, replayed, granted, decided)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempts:
+    """A command's failed attempts so far, and whether that was the last one."""
+
+    count: int
+    final: bool
+
+
+class ClaimStore:
+    """Where one consumer's claims are applied (``pool``), under its name in the inbox's
+    ``locked_by`` (``worker_id``), with ``max_attempts`` failed attempts to a command."""
+
+    def __init__(self, pool: AsyncConnectionPool, worker_id: str, max_attempts: int) -> None:
+        self.pool = pool
+        self.worker_id = worker_id
+        self.max_attempts = max_attempts
+
+    async def apply(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
+        """Apply ``deliveries`` in one transaction (:func:`apply_batch`), once: the
+        caller decides what an error means and whether to run it again."""
+        async with self.pool.connection(timeout=5.0) as conn, conn.transaction():
+            return await apply_batch(conn, deliveries, self.worker_id)
+
+    async def record_failure(self, delivery: Delivery, error: BaseException) -> Attempts | None:
+        """Count a failed attempt of ``delivery`` in the inbox, in a transaction of its own
+        (the batch's was rolled back), retried for a moment on a transient fault; the
+        error stays in the row for the operators. ``None`` if the command was applied
+        meanwhile (by another delivery): nothing is to be retried, its redelivery is
+        answered from the inbox. Raises if the inbox cannot be written."""
+        command = delivery.command
+        async for attempt in transient_retry(2.0):
+            with attempt:
+                async with self.pool.connection(timeout=2.0) as conn:
+                    cur = await conn.execute(
+                        queries()["inbox_record_failure"],
+                        {
+                            "message_id": command.request_id,
+                            "sender": delivery.sender,
+                            "payload": orjson.dumps(
+                                {"user_id": command.user_id, "coupon_name": command.coupon_name}
+                            ).decode(),
+                            "max_attempts": self.max_attempts,
+                            "event_type": CLAIM_EVENT,
+                            "exchange": delivery.exchange,
+                            "routing_key": delivery.routing_key,
+                            "error": f"{type(error).__name__}: {error}"[:2000],
+                        },
+                    )
+                    row = await cur.fetchone()
+        if row is None:
+            return None
+        retry_count, status = row
+        return Attempts(int(retry_count), status == "FAILED")
 
 
 def _json(rows: Iterable[dict[str, Any]]) -> str:

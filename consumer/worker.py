@@ -1,26 +1,30 @@
 """One consumer: receive a batch, apply it in one transaction, report results, then ack.
 
-Acknowledgement protocol (the one place messages are settled):
+Acknowledgement protocol (settled in this module and consumer/reporter.py only):
 
 1. poison messages (that can never apply) go to the dead-letter queue at once, so they
-   never hold up the messages behind them;
+   never hold up the messages behind them; a poison claim inside a message that carries
+   several goes there alone, and if the DLQ cannot take it the message is requeued;
 2. the rest are applied in one PostgreSQL transaction. A lost race (deadlock,
    serialization failure) runs again a few times. A database outage is not the
    messages' fault: the consumer stops taking new ones, holds those it has
    unacknowledged, and waits for the database to come back;
-3. only after the commit are results written to Redis and the messages acknowledged.
-   If the process dies between commit and ack, the broker redelivers and the inbox
-   answers with the recorded result: the client still gets its answer, once;
-4. a batch that fails for another reason is split, so that one bad command cannot sink
-   the others; a single command that fails has the failure counted in its inbox row
-   (``retry_count``: the project's own count, whatever the broker's version counts) and
-   is retried through the broker (nack with requeue) until ``max_attempts`` failures,
-   then it is FAILED in the inbox and dead-lettered with the error;
-5. a message that carries several claims (a gateway coalesced them) is settled once, for
-   all of them: acked when each claim is applied or dead-lettered alone; nacked with
-   requeue if any claim is to be tried again, in which case the claims that did apply are
-   answered from the inbox when the message comes back. A message is never acked before
-   every claim it carries has its effect committed or its dead letter confirmed.
+3. only after the commit are results written to Redis and the messages acknowledged
+   (consumer/reporter.py). If the process dies between commit and ack, the broker
+   redelivers and the inbox answers with the recorded result: the client still gets its
+   answer, once;
+4. a batch that fails for another reason is split message by message, so that one bad
+   command cannot sink the others; a message that still fails is applied claim by claim
+   (a message of one claim has had its try). Each claim that fails has the failure
+   counted in its inbox row (``retry_count``: the project's own count, whatever the
+   broker's version counts); at ``max_attempts`` failures it is FAILED in the inbox and
+   dead-lettered alone, with the error;
+5. a message is settled once, for all the claims it carries: acked (after its applied
+   claims are reported) when each claim is applied or dead-lettered; requeued if any
+   claim is to be tried again or its dead letter was not taken, in which case the claims
+   that did apply are answered from the inbox when the message comes back. A message is
+   never acked before every claim it carries has its effect committed or its dead letter
+   confirmed.
 """
 
 from __future__ import annotations
@@ -28,63 +32,52 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import trace
 from opentelemetry.context import Context
-from psycopg_pool import AsyncConnectionPool
 from tenacity import RetryCallState
 
 from consumer.deadletter import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
-from consumer.store import BatchOutcome, Delivery, apply_batch
+from consumer.reporter import Received, Reporter, settle
+from consumer.store import Attempts, BatchOutcome, ClaimStore, Delivery
 from flashclaim.core import tracing
-from flashclaim.core.db import queries
 from flashclaim.core.deadletters import delivery_count
-from flashclaim.core.errors import PoisonMessage
-from flashclaim.core.messages import CLAIM_EVENT, ClaimResult, PoisonClaim, decode_claims
+from flashclaim.core.errors import PoisonMessage, Stopping
+from flashclaim.core.messages import decode_claims
 from flashclaim.core.metrics import ConsumerMetrics
-from flashclaim.core.results import ResultStore
-from flashclaim.core.retry import contention_retry, is_outage, outage_retry, transient_retry
+from flashclaim.core.retry import contention_retry, is_outage, outage_retry
 
 log = logging.getLogger(__name__)
 
-# A delivered message and the claims it carries (one, or several coalesced).
-Received = tuple[AbstractIncomingMessage, list[Delivery]]
 # How long a stopping worker waits for the reports and acks of committed batches.
 REPORT_GRACE_SECONDS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerPolicy:
-    """How a worker names itself in the inbox (``locked_by``), how many failed attempts
-    a command gets, and about how many claims one transaction applies."""
+class Applied:
+    """A committed transaction's outcome, with its trace context when traced (the
+    report's span goes under it)."""
 
-    worker_id: str
-    max_attempts: int = 3
-    batch_claims: int = 200
+    outcome: BatchOutcome
+    trace: Context | None = None
 
 
-def _total(outcomes: Sequence[BatchOutcome]) -> BatchOutcome | None:
-    if not outcomes:
-        return None
-    results: dict[uuid.UUID, ClaimResult] = {}
-    decided: Counter[str] = Counter()
-    for o in outcomes:
-        results.update(o.results)
-        decided.update(o.decided)
-    return BatchOutcome(
-        results,
-        applied=sum(o.applied for o in outcomes),
-        replayed=sum(o.replayed for o in outcomes),
-        granted=sum(o.granted for o in outcomes),
-        decided=decided,
-    )
+def chunks(received: Sequence[Received], batch_claims: int) -> list[list[Received]]:
+    """Consecutive messages with at most ``batch_claims`` claims together (a message
+    with more is a chunk of its own): one transaction each."""
+    out: list[list[Received]] = []
+    claims = batch_claims
+    for item in received:
+        if claims + len(item[1]) > batch_claims:
+            out.append([])
+            claims = 0
+        out[-1].append(item)
+        claims += len(item[1])
+    return out
 
 
 def _traceparent(message: AbstractIncomingMessage) -> str | None:
@@ -94,31 +87,20 @@ def _traceparent(message: AbstractIncomingMessage) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class Stopping(Exception):
-    """Shutdown was requested while waiting for a server to come back."""
-
-
 @dataclass(eq=False)
 class ClaimWorker:
-    """Takes batches from ``receiver``, applies them through ``pool``, reports to
-    ``results`` and moves what cannot apply to ``dead_letters``, under ``policy``."""
+    """Takes batches from ``receiver``, applies them to ``store``, has ``reporter``
+    report and acknowledge them, and moves what cannot apply to ``dead_letters``; about
+    ``batch_claims`` claims to a transaction."""
 
     receiver: BatchReceiver
-    pool: AsyncConnectionPool
-    results: ResultStore
+    store: ClaimStore
+    reporter: Reporter
     dead_letters: DeadLetterPublisher
-    policy: WorkerPolicy
+    batch_claims: int = 200
     metrics: ConsumerMetrics = field(default_factory=lambda: ConsumerMetrics(enabled=False))
     _stop: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _holding: bool = field(default=False, init=False)
-    # Committed batches waiting to be reported and acknowledged (bounded: if Redis
-    # stalls, the consumer slows down instead of piling up).
-    # With the trace context of the batch, when traced: the report's spans go under it.
-    _committed: asyncio.Queue[tuple[Sequence[Received], BatchOutcome, Context | None] | None] = (
-        field(default_factory=lambda: asyncio.Queue(maxsize=8), init=False)
-    )
-    # The context of the batch :meth:`_apply` applied last (traced only).
-    _batch_trace: Context | None = field(default=None, init=False)
 
     async def run(self, stop: asyncio.Event, grace: float) -> None:
         """Process batches until ``stop`` is set, then drain what was delivered.
@@ -128,7 +110,7 @@ class ClaimWorker:
         when the channel closes (they were never acknowledged).
         """
         self._stop = stop
-        reporter = asyncio.create_task(self._report_in_order(), name="reporter")
+        self.reporter.start()
         await self.receiver.start()
         try:
             while not stop.is_set():
@@ -140,27 +122,39 @@ class ClaimWorker:
             # the deliveries it would stop are not coming anyway.
             try:
                 await asyncio.wait_for(self.receiver.stop(), max(grace, 0.1))
-            except Exception as exc:
+            except Exception as exc:  # any broker fault: nothing more is delivered
                 log.warning("subscription not cancelled", extra={"error": repr(exc)})
             while self.receiver.buffered and time.monotonic() < deadline:
                 await self.handle(await self.receiver.next_batch(wait=0))
         except Stopping:
             log.info("stopped while the database was unavailable; messages go back")
         finally:
-            # Committed batches still get their results reported and their acks, for a
-            # bounded time (a broker that is away cannot take the acks: the messages are
-            # redelivered and answered from the inbox).
-            try:
-                self._committed.put_nowait(None)
-            except asyncio.QueueFull:
-                reporter.cancel()
-            done, _ = await asyncio.wait({reporter}, timeout=REPORT_GRACE_SECONDS)
-            if not done:
-                reporter.cancel()
-                log.warning("results of committed batches not all reported before exit")
+            await self.reporter.close(REPORT_GRACE_SECONDS)
 
     async def handle(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Settle ``messages``: poison ones dead-lettered, the rest applied (protocol)."""
         started = time.perf_counter()
+        received, claims, poison = await self._intake(messages)
+        applied = [await self._apply_chunk(chunk) for chunk in chunks(received, self.batch_claims)]
+        outcome = BatchOutcome.total(a.outcome for a in applied if a is not None)
+        log.info(
+            "batch done",
+            extra={
+                "size": len(messages),
+                "claims": claims,
+                "poison": poison,
+                "applied": outcome.applied,
+                "replayed": outcome.replayed,
+                "granted": outcome.granted,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+
+    async def _intake(
+        self, messages: Sequence[AbstractIncomingMessage]
+    ) -> tuple[list[Received], int, int]:
+        """Decode ``messages``; dead-letter what is poison (protocol, step 1). The claims
+        left to apply, and how many claims and poison ones there were."""
         received: list[Received] = []
         claims = poison = 0
         m = self.metrics
@@ -178,153 +172,138 @@ class ClaimWorker:
             except PoisonMessage as exc:
                 poison += 1
                 m.dead_letters.labels("poison").inc()
-                await self._settle(self.dead_letters.send(message, "poison", exc))
+                await settle(self.dead_letters.send(message, "poison", exc))
                 continue
             claims += len(decoded.commands) + len(decoded.poison)
-            if not await self._dead_letter_poison(message, decoded.poison):
+            taken = True
+            for claim in decoded.poison:
+                taken = await self.dead_letters.send_claim(
+                    message, claim.message_id, claim.body, "poison", claim.error
+                )
+                if not taken:
+                    break
+            if not taken:
+                await settle(message.nack(requeue=True))
                 continue
             poison += len(decoded.poison)
             m.dead_letters.labels("poison").inc(len(decoded.poison))
-            if not decoded.commands:  # every claim it carried is in the DLQ now
-                await self._settle(message.ack())
-                continue
             origin = (
                 message.app_id or "unknown",
                 message.exchange or "",
                 message.routing_key or "",
             )
             received.append((message, [Delivery(c, *origin) for c in decoded.commands]))
-        outcomes = [await self._apply_and_settle(chunk) for chunk in self._chunks(received)]
-        outcome = _total([o for o in outcomes if o is not None])
-        log.info(
-            "batch done",
-            extra={
-                "size": len(messages),
-                "claims": claims,
-                "poison": poison,
-                "applied": outcome.applied if outcome else 0,
-                "replayed": outcome.replayed if outcome else 0,
-                "granted": outcome.granted if outcome else 0,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            },
-        )
+        return received, claims, poison
 
-    def _chunks(self, received: list[Received]) -> list[list[Received]]:
-        """Consecutive messages with at most ``batch_claims`` claims together (a message
-        with more is a chunk of its own): one transaction each."""
-        chunks: list[list[Received]] = []
-        claims = self.policy.batch_claims
-        for item in received:
-            if claims + len(item[1]) > self.policy.batch_claims:
-                chunks.append([])
-                claims = 0
-            chunks[-1].append(item)
-            claims += len(item[1])
-        return chunks
-
-    async def _dead_letter_poison(
-        self, message: AbstractIncomingMessage, poison: Sequence[PoisonClaim]
-    ) -> bool:
-        """Dead-letter each poison claim of ``message`` alone; ``False`` (and the message
-        requeued) if the DLQ did not take one of them."""
-        for claim in poison:
-            sent = await self.dead_letters.send_claim(
-                message, claim.message_id, claim.body, "poison", claim.error
-            )
-            if not sent:
-                await self._settle(message.nack(requeue=True))
-                return False
-        return True
-
-    async def _apply_and_settle(self, received: Sequence[Received]) -> BatchOutcome | None:
-        deliveries = [d for _, ds in received for d in ds]
-        started = time.perf_counter()
+    async def _apply_chunk(self, chunk: Sequence[Received]) -> Applied | None:
+        """Apply ``chunk`` in one transaction and hand it to the reporter; on a failure,
+        message by message, then claim by claim (protocol, step 4)."""
+        deliveries = [d for _, ds in chunk for d in ds]
+        if not deliveries:  # every claim these messages carried is in the DLQ now
+            await self.reporter.put(chunk, BatchOutcome.total(()), None)
+            return None
         try:
-            outcome = await self._apply(deliveries)
+            applied = await self._apply(deliveries)
         except Stopping:
             raise
-        except Exception as exc:
-            if len(received) > 1:
-                # One bad command must not sink the batch: apply message by message.
+        except Exception as exc:  # whatever it was, it is counted against the claims
+            if len(chunk) > 1:
                 log.warning("batch failed, splitting", extra={"error": repr(exc)})
-                for one in received:
-                    await self._apply_and_settle([one])
+                for one in chunk:
+                    await self._apply_chunk([one])
                 return None
-            await self._claim_by_claim(received[0], exc)
+            await self._claim_by_claim(chunk[0], exc)
             return None
-        self._count(outcome, started)
-        # Reporting and acknowledging happen in another task, in commit order, while
-        # this one already applies the next batch: the database never waits for Redis.
-        await self._committed.put((received, outcome, self._batch_trace))
-        return outcome
+        await self.reporter.put(chunk, applied.outcome, applied.trace)
+        return applied
 
-    def _count(self, outcome: BatchOutcome, started: float) -> None:
-        m = self.metrics
+    async def _claim_by_claim(self, received: Received, exc: BaseException) -> None:
+        """One message failed: apply its claims one at a time (a message of one claim
+        has had its try: ``exc``), count each failure, and settle the message once for
+        all of them (protocol, step 5)."""
+        message, deliveries = received
+        failed: list[tuple[Delivery, BaseException]] = []
+        done: list[Delivery] = []
+        outcomes: list[BatchOutcome] = []
+        last: Context | None = None
+        if len(deliveries) == 1:
+            failed.append((deliveries[0], exc))
+        else:
+            log.warning("message failed, claim by claim", extra={"error": repr(exc)})
+            for delivery in deliveries:
+                try:
+                    applied = await self._apply([delivery])
+                except Stopping:
+                    raise
+                except Exception as claim_exc:  # as above: counted against the claim
+                    failed.append((delivery, claim_exc))
+                    continue
+                done.append(delivery)
+                outcomes.append(applied.outcome)
+                last = applied.trace
+        again = False
+        for delivery, error in failed:
+            if not await self._failed(message, delivery, error):
+                again = True
+        if again:
+            await settle(message.nack(requeue=True))
+            return
+        await self.reporter.put([(message, done)], BatchOutcome.total(outcomes), last)
+
+    async def _failed(
+        self, message: AbstractIncomingMessage, delivery: Delivery, error: BaseException
+    ) -> bool:
+        """Count a claim's failed attempt; at the last one, dead-letter the claim alone.
+        ``True`` when the claim is done with (in the DLQ), ``False`` when its message
+        must come back (to be tried again, or because the DLQ did not take it)."""
+        attempts = await self._attempts(message, delivery, error)
+        request_id = str(delivery.command.request_id)
+        if not attempts.final:
+            self.metrics.retries.inc()
+            log.warning(
+                "command failed; requeued",
+                extra={"message_id": request_id, "attempt": attempts.count, "error": repr(error)},
+            )
+            return False
+        if not await self.dead_letters.send_claim(
+            message, request_id, delivery.command.body(), "failed", error, attempts.count
+        ):
+            return False
+        self.metrics.dead_letters.labels("failed").inc()
+        return True
+
+    async def _attempts(
+        self, message: AbstractIncomingMessage, delivery: Delivery, error: BaseException
+    ) -> Attempts:
+        """A claim's failed attempts so far, this one included, as counted in the inbox
+        or, if the inbox cannot be written, by the broker."""
+        max_attempts = self.store.max_attempts
+        try:
+            counted = await self.store.record_failure(delivery, error)
+        except Exception as exc:  # any database fault: the broker's count stands in
+            log.warning("failure not recorded in the inbox", extra={"error": repr(exc)})
+            count = delivery_count(message) + 1
+            return Attempts(count, count >= max_attempts)
+        # None: applied meanwhile by another delivery; the redelivery is answered from
+        # the inbox.
+        return counted if counted is not None else Attempts(max_attempts, final=False)
+
+    async def _apply(self, deliveries: Sequence[Delivery]) -> Applied:
+        started = time.perf_counter()
+        if not tracing.enabled():
+            applied = Applied(await self._apply_through_faults(deliveries))
+        else:
+            applied = await self._apply_traced(deliveries)
+        outcome, m = applied.outcome, self.metrics
         m.apply_seconds.observe(time.perf_counter() - started)
         m.batch_claims.observe(outcome.applied + outcome.replayed)
         for code, n in outcome.decided.items():
             m.claims.labels(code).inc(n)
         if outcome.replayed:
             m.inbox_duplicates.inc(outcome.replayed)
+        return applied
 
-    async def _claim_by_claim(self, received: Received, exc: BaseException) -> None:
-        """One message failed: apply its claims one at a time, count the failures, and
-        settle the message once for all of them (protocol, step 5)."""
-        message, deliveries = received
-        if len(deliveries) == 1:
-            await self._failed_attempt(message, deliveries[0], exc)
-            return
-        log.warning("message failed, claim by claim", extra={"error": repr(exc)})
-        applied: list[Delivery] = []
-        outcomes: list[BatchOutcome] = []
-        again = False
-        for delivery in deliveries:
-            started = time.perf_counter()
-            try:
-                outcome = await self._apply([delivery])
-            except Stopping:
-                raise
-            except Exception as claim_exc:
-                attempts, final = await self._attempts(message, delivery, claim_exc)
-                if not final:
-                    self.metrics.retries.inc()
-                    again = True
-                    continue
-                request_id = str(delivery.command.request_id)
-                if await self.dead_letters.send_claim(
-                    message, request_id, delivery.command.body(), "failed", claim_exc, attempts
-                ):
-                    self.metrics.dead_letters.labels("failed").inc()
-                else:
-                    again = True
-                continue
-            self._count(outcome, started)
-            applied.append(delivery)
-            outcomes.append(outcome)
-        if again:
-            log.warning("message requeued", extra={"message_id": message.message_id})
-            await self._settle(message.nack(requeue=True))
-            return
-        total = _total(outcomes) or BatchOutcome({}, applied=0, replayed=0, granted=0)
-        await self._committed.put(([(message, applied)], total, self._batch_trace))
-
-    async def _report_in_order(self) -> None:
-        while (item := await self._committed.get()) is not None:
-            received, outcome, trace = item
-            if trace is None:
-                await self._report(received, outcome)
-            else:
-                with tracing.tracer().start_as_current_span("results report", context=trace):
-                    await self._report(received, outcome)
-            # Deliveries reach this consumer in order and each earlier one is settled or
-            # queued here before this one, so one cumulative ack covers the batch. (A
-            # message from a channel that has since closed cannot be acked: it is
-            # redelivered, and the inbox answers it.)
-            await self._settle(received[-1][0].ack(multiple=True))
-
-    async def _apply(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
-        if not tracing.enabled():
-            return await self._apply_untraced(deliveries)
+    async def _apply_traced(self, deliveries: Sequence[Delivery]) -> Applied:
         # The batch span: a child of its first claim's trace, linked to every claim;
         # PostgreSQL's spans go under it. Each claim then gets a span of its own in its
         # own trace, linked to the batch.
@@ -337,9 +316,9 @@ class ClaimWorker:
             links=tracing.links(contexts),
             attributes={"flashclaim.claims": len(deliveries)},
         ) as batch:
-            outcome = await self._apply_untraced(deliveries)
+            outcome = await self._apply_through_faults(deliveries)
             batch.set_attribute("flashclaim.granted", outcome.granted)
-            self._batch_trace = trace.set_span_in_context(batch)
+            batch_trace = trace.set_span_in_context(batch)
         ended = time.time_ns()
         for delivery, context in zip(deliveries, contexts, strict=True):
             if context is None:
@@ -350,7 +329,7 @@ class ClaimWorker:
                 "claim process",
                 context=context,
                 kind=tracing.SpanKind.CONSUMER,
-                links=tracing.links([self._batch_trace]),
+                links=tracing.links([batch_trace]),
                 start_time=started,
                 attributes={
                     "messaging.system": "rabbitmq",
@@ -361,20 +340,18 @@ class ClaimWorker:
                     "flashclaim.outcome": result.outcome.code if result else "unknown",
                 },
             ).end(end_time=ended)
-        return outcome
+        return Applied(outcome, batch_trace)
 
-    async def _apply_untraced(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
+    async def _apply_through_faults(self, deliveries: Sequence[Delivery]) -> BatchOutcome:
+        """One transaction, run again after a lost race, and held through an outage
+        until the database is back or the worker stops (protocol, step 2)."""
         try:
             async for outage in outage_retry(self._stop, self._hold):
                 with outage:
                     async for attempt in contention_retry():
                         with attempt:
-                            async with (
-                                self.pool.connection(timeout=5.0) as conn,
-                                conn.transaction(),
-                            ):
-                                return await apply_batch(conn, deliveries, self.policy.worker_id)
-        except Exception as exc:
+                            return await self.store.apply(deliveries)
+        except Exception as exc:  # re-raised, unless it is an outage met while stopping
             if self._stop.is_set() and is_outage(exc):
                 raise Stopping from exc
             raise
@@ -394,87 +371,3 @@ class ClaimWorker:
             exc = state.outcome.exception() if state.outcome else None
             log.error("database unavailable; holding messages", extra={"error": repr(exc)})
             await self.receiver.stop()
-
-    async def _failed_attempt(
-        self, message: AbstractIncomingMessage, delivery: Delivery, exc: BaseException
-    ) -> None:
-        """Count the attempt in the inbox; retry through the broker, or fail for good."""
-        attempts, final = await self._attempts(message, delivery, exc)
-        if final:
-            self.metrics.dead_letters.labels("failed").inc()
-            await self._settle(self.dead_letters.send(message, "failed", exc, attempts))
-        else:
-            self.metrics.retries.inc()
-            log.warning(
-                "command failed; requeued",
-                extra={"message_id": message.message_id, "attempt": attempts, "error": repr(exc)},
-            )
-            await self._settle(message.nack(requeue=True))
-
-    async def _attempts(
-        self, message: AbstractIncomingMessage, delivery: Delivery, exc: BaseException
-    ) -> tuple[int, bool]:
-        """``(failed attempts so far, final?)`` for a claim that failed just now."""
-        counted = await self._record_failure(delivery, exc)
-        if counted is not None:
-            return counted
-        # The inbox could not count it: fall back on the broker's own counter.
-        attempts = delivery_count(message) + 1
-        return attempts, attempts >= self.policy.max_attempts
-
-    async def _record_failure(
-        self, delivery: Delivery, exc: BaseException
-    ) -> tuple[int, bool] | None:
-        """``(failed attempts so far, final?)`` as counted in the inbox; ``None`` if the
-        inbox could not be written (then nothing is known)."""
-        command = delivery.command
-        try:
-            async for attempt in transient_retry(2.0):
-                with attempt:
-                    async with self.pool.connection(timeout=2.0) as conn:
-                        cur = await conn.execute(
-                            queries()["inbox_record_failure"],
-                            {
-                                "message_id": command.request_id,
-                                "sender": delivery.sender,
-                                "payload": orjson.dumps(
-                                    {"user_id": command.user_id, "coupon_name": command.coupon_name}
-                                ).decode(),
-                                "max_attempts": self.policy.max_attempts,
-                                "event_type": CLAIM_EVENT,
-                                "exchange": delivery.exchange,
-                                "routing_key": delivery.routing_key,
-                                "error": f"{type(exc).__name__}: {exc}"[:2000],
-                            },
-                        )
-                        row = await cur.fetchone()
-        except Exception as record_exc:
-            log.warning("failure not recorded in the inbox", extra={"error": repr(record_exc)})
-            return None
-        if row is None:  # PROCESSED meanwhile (by another delivery): nothing to retry
-            return self.policy.max_attempts, False
-        retry_count, status = row
-        return int(retry_count), status == "FAILED"
-
-    async def _report(self, received: Sequence[Received], outcome: BatchOutcome) -> None:
-        """Push results to Redis; a Redis fault loses nothing (the inbox has them)."""
-        try:
-            async for attempt in transient_retry(1.0):
-                with attempt:
-                    await self.results.publish(
-                        (outcome.results[d.command.request_id], d.command.reply_to)
-                        for _, deliveries in received
-                        for d in deliveries
-                    )
-        except Exception as exc:
-            log.warning("results not published to redis", extra={"error": repr(exc)})
-
-    @staticmethod
-    async def _settle(operation: object) -> None:
-        """Ack, nack or dead-letter; a closed channel means the broker redelivers."""
-        try:
-            await operation  # type: ignore[misc]
-        except Exception as exc:
-            log.warning(
-                "message not settled; the broker will redeliver it", extra={"error": repr(exc)}
-            )

@@ -63,7 +63,6 @@ class Admission:
         self._hold = hold_seconds
         self._max = max_coupons
         self._coupons: collections.OrderedDict[str, _Coupon] = collections.OrderedDict()
-        self.held_total = 0  # claims ever held (for tests and metrics)
         # Called with a coupon read from the database with no stock left: no result may
         # ever come back to say so (another process's claims took it all), so the final
         # answers are told directly (FinalAnswers.close; they then call sold_out).
@@ -72,10 +71,6 @@ class Admission:
     def holding(self) -> int:
         """Claims held back now, over all coupons."""
         return sum(len(state.held) for state in self._coupons.values())
-
-    def in_flight(self, coupon: str) -> int:
-        state = self._coupons.get(coupon)
-        return state.in_flight if state is not None else 0
 
     async def enter(self, coupon: str) -> bool:
         """``True`` once a claim for ``coupon`` may be published (it is then counted in
@@ -92,7 +87,6 @@ class Admission:
             return True
         turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         state.held.append(turn)
-        self.held_total += 1
         try:
             return await asyncio.wait_for(asyncio.shield(turn), self._hold)
         except TimeoutError:

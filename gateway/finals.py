@@ -49,10 +49,6 @@ class FinalAnswers:
         self._loading: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     def answer(self, command: ClaimCommand) -> Outcome | None:
         coupon, user = command.coupon_name, command.user_id
         closed = self._sold_out.get(coupon)

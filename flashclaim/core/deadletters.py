@@ -374,50 +374,48 @@ class Selection:
 
 
 class DeadLetterQueue:
-    """Operations on one broker's dead-letter queues."""
+    """Operations on the dead-letter queue of one broker (cluster)."""
 
     def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
         self._connection = connection
         self._topology = topology
 
     @property
-    def queues(self) -> list[str]:
-        return [self._topology.claims_dlq]
+    def queue(self) -> str:
+        return self._topology.claims_dlq
 
-    async def depth(self, queue: str) -> int:
+    async def depth(self) -> int:
         async with self._channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
+            declared = await channel.declare_queue(self.queue, passive=True)
             return int(declared.declaration_result.message_count or 0)
 
-    async def peek(self, queue: str, scan: int = 10_000) -> list[DeadLetter]:
+    async def peek(self, scan: int = 10_000) -> list[DeadLetter]:
         """Up to ``scan`` messages, in queue order, all left in the queue."""
-        letters: list[DeadLetter] = []
-        async with self._held(queue, scan) as held:
-            letters = [_dead_letter(m) for m in held]
-        return letters
+        async with self._held(scan) as held:
+            return [_dead_letter(m) for m in held]
 
     async def select(self, selection: Selection, scan: int = 10_000) -> list[DeadLetter]:
         """The matching dead letters, in queue order, all left in place."""
-        return [x for q in self.queues for x in await self.peek(q, scan) if selection.matches(x)]
+        return [x for x in await self.peek(scan) if selection.matches(x)]
 
     async def find(self, message_id: str, scan: int = 10_000) -> DeadLetter | None:
         found = await self.select(Selection(message_ids=frozenset([message_id])), scan)
         return found[0] if found else None
 
     async def stats(self, scan: int = 10_000) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        """The queue's figures, under its name."""
         now = dt.datetime.now(dt.UTC)
-        for queue in self.queues:
-            letters = await self.peek(queue, scan)
-            ages = [a for a in (x.age_seconds(now) for x in letters) if a is not None]
-            out[queue] = {
-                "depth": await self.depth(queue),
+        letters = await self.peek(scan)
+        ages = [a for a in (x.age_seconds(now) for x in letters) if a is not None]
+        return {
+            self.queue: {
+                "depth": await self.depth(),
                 "by_reason": dict(Counter(x.reason or "unknown" for x in letters)),
                 "by_error_type": dict(Counter(x.error_type or "-" for x in letters)),
                 "oldest_age_seconds": round(max(ages), 1) if ages else None,
                 "scanned": len(letters),
             }
-        return out
+        }
 
     async def replay(
         self,
@@ -432,26 +430,25 @@ class DeadLetterQueue:
         """Republish every selected message (confirmed), then remove it from the DLQ.
         ``operator`` names who asked, for the audit event."""
         moved: list[DeadLetter] = []
-        for queue in self.queues:
-            async with self._held(queue, scan) as held:
-                publisher = await self._connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-                try:
-                    for message in held:
-                        letter = _dead_letter(message)
-                        if not selection.matches(letter):
-                            continue
-                        if not dry_run:
-                            await self._republish(publisher, letter)
-                            await message.ack()
-                            if on_each is not None:
-                                on_each(letter)
-                            if rate:
-                                await asyncio.sleep(1 / rate)
-                        moved.append(letter)
-                finally:
-                    await publisher.close()
+        async with self._held(scan) as held:
+            publisher = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            try:
+                for message in held:
+                    letter = _dead_letter(message)
+                    if not selection.matches(letter):
+                        continue
+                    if not dry_run:
+                        await self._republish(publisher, letter)
+                        await message.ack()
+                        if on_each is not None:
+                            on_each(letter)
+                        if rate:
+                            await asyncio.sleep(1 / rate)
+                    moved.append(letter)
+            finally:
+                await publisher.close()
         if not dry_run:
             _record("replay", moved, operator)
         return moved
@@ -460,13 +457,12 @@ class DeadLetterQueue:
         self, selection: Selection, scan: int = 10_000, operator: str = "unknown"
     ) -> list[DeadLetter]:
         removed: list[DeadLetter] = []
-        for queue in self.queues:
-            async with self._held(queue, scan) as held:
-                for message in held:
-                    letter = _dead_letter(message)
-                    if selection.matches(letter):
-                        await message.ack()
-                        removed.append(letter)
+        async with self._held(scan) as held:
+            for message in held:
+                letter = _dead_letter(message)
+                if selection.matches(letter):
+                    await message.ack()
+                    removed.append(letter)
         _record("purge", removed, operator)
         return removed
 
@@ -489,7 +485,7 @@ class DeadLetterQueue:
             await channel.close()
 
     @asynccontextmanager
-    async def _held(self, queue: str, scan: int) -> AsyncIterator[list[AbstractIncomingMessage]]:
+    async def _held(self, scan: int) -> AsyncIterator[list[AbstractIncomingMessage]]:
         """Take up to ``scan`` messages without acking; closing the channel returns the
         ones not acknowledged inside the block, in their places.
 
@@ -500,7 +496,7 @@ class DeadLetterQueue:
         held: list[AbstractIncomingMessage] = []
         depth = 0
         async with self._channel() as channel:
-            declared = await channel.declare_queue(queue, passive=True)
+            declared = await channel.declare_queue(self.queue, passive=True)
             depth = int(declared.declaration_result.message_count or 0)
             want = min(depth, scan)
             if want:
@@ -520,14 +516,14 @@ class DeadLetterQueue:
             yield held
         removed = sum(1 for m in held if m.processed)
         if held and removed < len(held):
-            await self._settled(queue, depth - removed)
+            await self._settled(depth - removed)
 
-    async def _settled(self, queue: str, ready: int, timeout: float = 3.0) -> None:
+    async def _settled(self, ready: int, timeout: float = 3.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with self._channel() as channel:
             while loop.time() < deadline:
-                declared = await channel.declare_queue(queue, passive=True)
+                declared = await channel.declare_queue(self.queue, passive=True)
                 if int(declared.declaration_result.message_count or 0) >= ready:
                     return
                 await asyncio.sleep(0.05)

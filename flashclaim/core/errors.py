@@ -7,6 +7,10 @@ class FlashclaimError(Exception):
     """Root of every error flashclaim raises on purpose."""
 
 
+class Stopping(FlashclaimError):
+    """Shutdown was requested while waiting for a server to come back."""
+
+
 class ConfigError(FlashclaimError):
     """A setting is missing or malformed."""
 

@@ -78,15 +78,6 @@ class ClaimCommand:
         )
 
     @classmethod
-    def decode(cls, message_id: str | None, body: bytes, reply_to: str | None) -> ClaimCommand:
-        """Parse a delivered version 1 command; raise :class:`PoisonMessage` if it can
-        never apply."""
-        data = _json_object(body)
-        if data.get("v") != VERSION:
-            raise PoisonMessage(f"unknown message version {data.get('v')!r}")
-        return cls.of_fields(message_id, data, reply_to)
-
-    @classmethod
     def of_fields(
         cls,
         message_id: str | None,

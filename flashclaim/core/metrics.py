@@ -76,9 +76,6 @@ class _Off:
     def inc(self, amount: float = 1) -> None:
         pass
 
-    def dec(self, amount: float = 1) -> None:
-        pass
-
     def set(self, value: float) -> None:
         pass
 

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from consumer import service
 from flashclaim.core.deadletters import DeadLetterQueue, Selection
-from flashclaim.core.messages import ClaimCommand, ClaimResult, encode_claims
+from flashclaim.core.messages import ClaimCommand, ClaimResult, decode_claims, encode_claims
 from flashclaim.core.results import ResultStore
 from flashclaim.core.settings import Settings
 from tests.conftest import create_coupon_row
@@ -525,7 +525,8 @@ async def test_a_failing_claim_inside_a_message_fails_alone_and_its_replay_appli
         assert sorted(r.status for r in replies) == [200] * 4
         dead = await next_dead_letter(broker, settings)
     assert dead.message_id == str(bad.request_id)
-    assert ClaimCommand.decode(dead.message_id, dead.body, None).user_id == exploding_user
+    (decoded,) = decode_claims(dead.message_id, dead.body, None).commands
+    assert decoded.user_id == exploding_user
     assert dead.headers["x-flashclaim-reason"] == "failed"
     assert dead.headers["x-flashclaim-attempts"] == settings.max_attempts
     await dead.nack(requeue=True)  # left for the replay

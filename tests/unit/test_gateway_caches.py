@@ -110,13 +110,13 @@ async def test_final_answers_stay_within_their_memory_bound() -> None:
     for c in range(20):
         for u in range(10):
             finals.learn(ClaimResult.of(claim(f"u{u}", f"C{c}"), Outcome.CLAIMED))
-        assert finals.size <= 100
+        assert finals._size <= 100
     assert finals.answer(claim("u1", "C19")) is Outcome.ALREADY_CLAIMED  # recent: kept
     assert finals.answer(claim("u1", "C0")) is None  # oldest: forgotten, asks the consumer
     for c in range(5):
         finals.learn(ClaimResult.of(claim("x", f"S{c}"), Outcome.OUT_OF_STOCK))
         await asyncio.sleep(0.01)
-        assert finals.size <= 100
+        assert finals._size <= 100
     assert finals.answer(claim("nobody", "S4")) is Outcome.OUT_OF_STOCK
 
     async def crowd(coupon: str) -> list[str]:
@@ -126,4 +126,4 @@ async def test_final_answers_stay_within_their_memory_bound() -> None:
     finals.learn(ClaimResult.of(claim("x", "BIG"), Outcome.OUT_OF_STOCK))
     await asyncio.sleep(0.01)
     assert finals.answer(claim("nobody", "BIG")) is None
-    assert finals.size == 0
+    assert finals._size == 0

@@ -17,8 +17,8 @@ from flashclaim.core.messages import (
 
 def test_command_round_trips() -> None:
     command = ClaimCommand(uuid.uuid4(), "user_1", "PROMO", "replies:gw")
-    decoded = ClaimCommand.decode(str(command.request_id), command.body(), "replies:gw")
-    assert decoded == command
+    decoded = decode_claims(str(command.request_id), command.body(), "replies:gw")
+    assert decoded.commands == [command] and decoded.poison == []
 
 
 @pytest.mark.parametrize(
@@ -28,14 +28,15 @@ def test_command_round_trips() -> None:
         (None, b'{"v":1,"user_id":"u","coupon_name":"c"}', "not a UUID"),
         (str(uuid.uuid4()), b"{oops", "not JSON"),
         (str(uuid.uuid4()), b"[1, 2]", "not a JSON object"),
-        (str(uuid.uuid4()), b'{"v":2,"user_id":"u","coupon_name":"c"}', "version"),
+        (str(uuid.uuid4()), b'{"v":3,"user_id":"u","coupon_name":"c"}', "version"),
+        (str(uuid.uuid4()), b'{"v":2,"user_id":"u","coupon_name":"c"}', "claims"),
         (str(uuid.uuid4()), b'{"v":1,"user_id":"","coupon_name":"c"}', "user_id"),
         (str(uuid.uuid4()), b'{"v":1,"user_id":"u","coupon_name":7}', "coupon_name"),
     ],
 )
 def test_poison_commands_are_recognised(message_id: str | None, body: bytes, reason: str) -> None:
     with pytest.raises(PoisonMessage, match=reason):
-        ClaimCommand.decode(message_id, body, None)
+        decode_claims(message_id, body, None)
 
 
 def test_result_bodies_follow_the_contract() -> None:
