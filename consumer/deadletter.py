@@ -86,12 +86,12 @@ class DeadLetterPublisher:
         """Publish ``copy`` to the DLQ, repairing the topology once if it is not taken."""
         try:
             await self._publish(copy)
-        except Exception as exc:
+        except Exception as exc:  # any failure to publish: repaired and sent once more
             if not await self._repaired(message_id, exc):
                 return False
             try:
                 await self._publish(copy)
-            except Exception as again:
+            except Exception as again:  # as above: then the caller settles it otherwise
                 log.error(
                     "dead-letter publish failed twice",
                     extra={"message_id": message_id, "error": repr(again)},
@@ -124,7 +124,7 @@ class DeadLetterPublisher:
             return False
         try:
             await self._repair()
-        except Exception as repair_exc:
+        except Exception as repair_exc:  # the copy is not sent: the caller settles it
             log.error("topology not declared", extra={"error": repr(repair_exc)})
             return False
         return True

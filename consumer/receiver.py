@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from flashclaim.core.retry import broker_retry
+from flashclaim.core.broker import retry_while_away
 
 
 class BatchReceiver:
@@ -54,7 +54,7 @@ class BatchReceiver:
         # The connection may drop while subscribing (a broker restart just after ours):
         # wait for it to come back and subscribe then, rather than fail the consumer.
         for queue in queues:
-            async for attempt in broker_retry():
+            async for attempt in retry_while_away():
                 with attempt:
                     self._tags.append((queue, await queue.consume(self._on_message)))
 

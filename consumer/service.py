@@ -158,5 +158,5 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
 async def _bounded(closing: Awaitable[object], what: str, seconds: float = 5.0) -> None:
     try:
         await asyncio.wait_for(closing, seconds)
-    except Exception as exc:
+    except Exception as exc:  # closing at exit: whatever fails, the others still close
         log.warning("not closed cleanly", extra={"what": what, "error": repr(exc)})

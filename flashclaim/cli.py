@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from flashclaim.core import logs
-from flashclaim.core.errors import ConfigError
+from flashclaim.core.errors import ConfigError, DependencyUnavailable, FlashclaimError
 from flashclaim.core.settings import Settings
 
 log = logging.getLogger("flashclaim")
@@ -44,8 +44,7 @@ def _admin(settings: Settings, args: argparse.Namespace) -> int:
     from flashclaim.ops import dlq_api
 
     if not settings.admin_token.get_secret_value():
-        print("flashclaim admin: set FLASHCLAIM_ADMIN_TOKEN (32+ characters)", file=sys.stderr)
-        return 2
+        raise ConfigError("set FLASHCLAIM_ADMIN_TOKEN (32+ characters)")
     _run_async(dlq_api.run(settings))
     return 0
 
@@ -71,12 +70,11 @@ def _relay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _schema(settings: Settings, args: argparse.Namespace) -> int:
-    import psycopg
     from tenacity import RetryCallState
 
     from flashclaim.core.db import migrate, pending_migrations
     from flashclaim.core.privileges import grant_services
-    from flashclaim.core.retry import outage_wait
+    from flashclaim.core.retry import is_outage, outage_wait
 
     def waiting(state: RetryCallState) -> None:
         # A progress line a try: a container started with its database shows why it waits.
@@ -100,11 +98,11 @@ def _schema(settings: Settings, args: argparse.Namespace) -> int:
         applied = patience(migrate, settings.database_url)
         for role in args.grant_to:
             grant_services(settings.database_url, role)
-    except psycopg.OperationalError as exc:
-        waited = f" (waited {args.wait:g} s)" if args.wait else ""
+    except Exception as exc:  # an outage, after the wait, says how long it was waited for
+        if not is_outage(exc) or not args.wait:
+            raise
         reason = " ".join(str(exc).split())
-        print(f"flashclaim schema: cannot reach the database{waited}: {reason}", file=sys.stderr)
-        return 2
+        raise DependencyUnavailable("database", f"waited {args.wait:g} s; {reason}") from exc
     print(("applied " + ", ".join(applied)) if applied else "schema up to date", file=sys.stderr)
     if args.grant_to:
         print(f"services' privileges granted to {', '.join(args.grant_to)}", file=sys.stderr)
@@ -114,7 +112,6 @@ def _schema(settings: Settings, args: argparse.Namespace) -> int:
 def _topology_apply(settings: Settings, args: argparse.Namespace) -> int:
     """Declare the exchanges and queues and set their policies (idempotent)."""
     from flashclaim.core import broker
-    from flashclaim.core.errors import DependencyUnavailable
     from flashclaim.core.policies import apply_configured
 
     async def apply() -> None:
@@ -123,11 +120,7 @@ def _topology_apply(settings: Settings, args: argparse.Namespace) -> int:
         async with connection:
             await settings.topology().declare(await connection.channel())
 
-    try:
-        _run_async(apply())
-    except (DependencyUnavailable, ConnectionError, OSError) as exc:
-        print(f"flashclaim topology apply: {exc}", file=sys.stderr)
-        return 2
+    _run_async(apply())
     print("topology and policies applied", file=sys.stderr)
     return 0
 
@@ -153,20 +146,14 @@ def _stack(settings: Settings, args: argparse.Namespace) -> int:
 def _audit(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
-    import psycopg
-
     from flashclaim.ops.invariants import run_audit
 
-    try:
-        report = run_audit(
-            settings.database_url,
-            pending_older_than=args.pending_older_than,
-            coupons=args.coupon,
-            outbox_retention=settings.outbox_retention_seconds,
-        )
-    except psycopg.OperationalError as exc:
-        print(f"flashclaim audit: cannot reach the database: {exc}", file=sys.stderr)
-        return 2
+    report = run_audit(
+        settings.database_url,
+        pending_older_than=args.pending_older_than,
+        coupons=args.coupon,
+        outbox_retention=settings.outbox_retention_seconds,
+    )
     if args.json:
         print(
             json.dumps(
@@ -416,19 +403,48 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, args.service)
     try:
         return int(args.func(settings, args))
-    except ConfigError as exc:
-        print(f"flashclaim {args.command}: configuration error: {exc}", file=sys.stderr)
+    except Exception as exc:  # mapped to a line and exit 2 below, or raised (a bug)
+        problem = _refusal(exc)
+        if problem is None:
+            raise
+        print(f"flashclaim {args.command}: {problem}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as exc:
+
+
+def _refusal(exc: Exception) -> str | None:
+    """What to tell a person for an error that is theirs or their servers' (exit 2); ``None``
+    for a bug. The one place the commands' errors become exit codes."""
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {exc}"
+    if isinstance(exc, DependencyUnavailable):
+        return f"cannot reach the {exc.service}" + (f": {exc.detail}" if exc.detail else "")
+    if isinstance(exc, FlashclaimError):  # InvalidInput and the like: the message says it
+        return str(exc)
+    if isinstance(exc, ModuleNotFoundError):
         extra = EXTRAS.get((exc.name or "").partition(".")[0])
         if extra is None:
-            raise
-        print(
-            f"flashclaim {args.command}: needs the {extra!r} extra "
-            f"(pip install 'flashclaim[{extra}]'): {exc}",
-            file=sys.stderr,
-        )
-        return 2
+            return None
+        return f"needs the {extra!r} extra (pip install 'flashclaim[{extra}]'): {exc}"
+    # The servers' own errors, for commands that talk to them directly. Imported here:
+    # they are loaded by then, and `flashclaim --help` stays quick.
+    import socket
+
+    import aiormq.exceptions
+    import redis.exceptions
+
+    from flashclaim.core.retry import is_outage
+
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+        return f"cannot reach a server: {exc!r}"
+    if isinstance(exc, OSError):  # a file: the message names it
+        return str(exc)
+    if is_outage(exc):
+        return "cannot reach the database: " + " ".join(str(exc).split())
+    if isinstance(exc, aiormq.exceptions.AMQPError | aiormq.exceptions.ChannelInvalidStateError):
+        return f"cannot reach the broker: {exc!r}"
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"cannot reach redis: {exc!r}"
+    return None
 
 
 if __name__ == "__main__":

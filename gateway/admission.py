@@ -154,7 +154,7 @@ class Admission:
     async def _read(self, state: _Coupon, coupon: str) -> None:
         try:
             remaining = await self._load(coupon)
-        except Exception as exc:
+        except Exception as exc:  # a background read: claims go on without holding
             log.warning("coupon stock not read", extra={"coupon": coupon, "error": repr(exc)})
             return
         finally:

@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 
 from flashclaim.core import tracing
-from flashclaim.core.errors import Overloaded
+from flashclaim.core.errors import DependencyUnavailable, Overloaded
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.results import ResultStore
@@ -158,7 +158,7 @@ class Claims:
         claim = command.coupon_name.encode()
         try:
             recorded = await self._results.fingerprint(command.request_id, claim)
-        except Exception as exc:
+        except DependencyUnavailable as exc:
             log.warning("idempotency fingerprint not recorded", extra={"error": repr(exc)})
             return False
         if recorded != claim:
@@ -173,7 +173,7 @@ class Claims:
         """The result held in Redis, or ``None`` (also when Redis cannot be reached)."""
         try:
             return await self._results.get(request_id)
-        except Exception as exc:
+        except DependencyUnavailable as exc:
             log.warning("result lookup failed", extra={"error": repr(exc)})
             return None
 
@@ -184,7 +184,8 @@ class Claims:
             return owner
         try:
             return await self._results.pending_owner(request_id)
-        except Exception:
+        except DependencyUnavailable as exc:
+            log.warning("pending mark not read", extra={"error": repr(exc)})
             return None
 
     async def _mark_pending(self, command: ClaimCommand) -> None:
@@ -193,7 +194,7 @@ class Claims:
             self._accepted.popitem(last=False)
         try:
             await self._results.mark_pending(command.request_id, command.user_id)
-        except Exception as exc:
+        except DependencyUnavailable as exc:
             log.warning("pending mark failed", extra={"error": repr(exc)})
 
 

@@ -72,7 +72,7 @@ class Coalescer:
         except asyncio.CancelledError:
             batch.confirmed.cancel()
             raise
-        except Exception as exc:
+        except Exception as exc:  # handed over: each claim of the batch raises it
             if not batch.confirmed.done():
                 batch.confirmed.set_exception(exc)
         else:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.messages import ClaimResult
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class FastAnswerWriter:
     async def _write(self, batch: list[ClaimResult]) -> None:
         try:
             await self._store(batch)
-        except Exception as exc:  # the answers were given; only the lookup is lost
+        except DependencyUnavailable as exc:  # the answers were given; only the lookup is lost
             log.warning(
                 "answers given by the gateway not kept in redis",
                 extra={"count": len(batch), "error": repr(exc)},

@@ -88,7 +88,7 @@ class FinalAnswers:
     async def _load_holders_and_close(self, coupon: str) -> None:
         try:
             holders = frozenset(await self._load_holders(coupon))
-        except Exception as exc:  # the next out-of-stock result tries again
+        except Exception as exc:  # a background read; the next out-of-stock result tries again
             log.warning("sold-out coupon's holders not loaded", extra={"error": repr(exc)})
             return
         finally:

@@ -45,7 +45,7 @@ class NextFlight(Generic[K, V]):
         self._running[key] = waiting
         try:
             waiting.set_result(await self._fetch(key))
-        except Exception as exc:
+        except Exception as exc:  # handed over: every waiter raises it
             waiting.set_exception(exc)
             waiting.exception()  # retrieved: every waiter re-raises it from its own await
         finally:

@@ -145,7 +145,7 @@ class ClaimPublisher:
             self._metrics.publish_failures.labels("refused").inc()
             self._channel.refused()
             raise DependencyUnavailable("broker", "claim not accepted by the broker") from exc
-        except broker.PUBLISH_FAILURES as exc:
+        except broker.AWAY as exc:
             self._metrics.publish_failures.labels("broker_error").inc()
             raise DependencyUnavailable("broker", type(exc).__name__) from exc
         if isinstance(confirmation, aiormq.spec.Basic.Nack | aiormq.spec.Basic.Return):

@@ -11,7 +11,8 @@ import math
 
 import redis.asyncio as aioredis
 
-from flashclaim.core.errors import RateLimited
+from flashclaim.core.errors import DependencyUnavailable, RateLimited
+from flashclaim.core.results import redis_faults
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,13 @@ class RateLimiter:
         service, and refusing everyone during a Redis outage would not.
         """
         try:
-            wait_ms = int(
-                await self._script(keys=[self._prefix + client_id], args=[self._rate, self._burst])
-            )
-        except Exception as exc:
+            with redis_faults():
+                wait_ms = int(
+                    await self._script(
+                        keys=[self._prefix + client_id], args=[self._rate, self._burst]
+                    )
+                )
+        except DependencyUnavailable as exc:
             log.warning("rate limit not checked", extra={"error": repr(exc)})
             return
         if wait_ms > 0:

@@ -88,7 +88,7 @@ class ReplyListener:
                         self._resolve(result)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the listener must outlive any fault: it resubscribes
                 # Redis away: waiting requests will answer 202 and be found later in
                 # Redis or the inbox; keep trying to subscribe again.
                 self._subscribed.clear()

@@ -37,17 +37,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from flashclaim.core import broker, tracing
 from flashclaim.core.db import queries
+from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.events import Event
 from flashclaim.core.metrics import RelayMetrics
 from flashclaim.core.topology import Topology
 
 log = logging.getLogger(__name__)
 APP_ID = "flashclaim-relay"
-
-
-class BrokerAway(Exception):
-    """The broker cannot take the batch now (not connected, connection lost, no confirm
-    in time): nothing is the rows' fault."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +93,15 @@ class EventPublisher:
 
     async def publish(self, events: Sequence[Event], timeout: float) -> list[bool]:
         """Whether each event was confirmed (``False``: the broker refused it); raise
-        :class:`BrokerAway` when the broker could not answer for all of them."""
+        ``DependencyUnavailable("broker")`` when the broker could not answer for all of
+        them (not connected, connection lost, no confirm in time): nothing is the rows'
+        fault."""
         if not broker.is_up(self._connection):
-            raise BrokerAway("not connected")
+            raise DependencyUnavailable("broker", "not connected")
         spans = [self._span(e) for e in events] if tracing.enabled() else []
         try:
             confirmed = await self._publish(events, spans, timeout)
-        except BaseException as exc:
+        except BaseException as exc:  # cancellation too: the spans end, the error goes on
             for span in spans:
                 if span is not None:
                     span.record_exception(exc)
@@ -186,8 +184,8 @@ class EventPublisher:
                     outcome, aiormq.exceptions.DeliveryError
                 ):
                     raise outcome
-        except broker.PUBLISH_FAILURES as exc:
-            raise BrokerAway(type(exc).__name__) from exc
+        except broker.AWAY as exc:
+            raise DependencyUnavailable("broker", type(exc).__name__) from exc
         return [not isinstance(c, aiormq.exceptions.DeliveryError) for c in confirms]
 
 

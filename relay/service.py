@@ -20,11 +20,12 @@ from aio_pika.abc import AbstractRobustConnection
 
 from flashclaim.core import broker, metrics
 from flashclaim.core.db import configure_session, create_pool, opened
+from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.events import NOTIFY_CHANNEL
 from flashclaim.core.retry import is_outage
 from flashclaim.core.settings import Settings
 from flashclaim.core.signals import stop_event_on_signals, unless_stopped
-from relay.relay import BrokerAway, EventPublisher, OutboxRelay, RelayPolicy
+from relay.relay import EventPublisher, OutboxRelay, RelayPolicy
 
 log = logging.getLogger(__name__)
 # How often a working relay logs what it sent.
@@ -146,8 +147,8 @@ async def _relay(
     while not stop.is_set():
         try:
             step = await relay.step()
-        except Exception as exc:
-            if isinstance(exc, BrokerAway):
+        except Exception as exc:  # the relay outlives any step: it logs and waits
+            if isinstance(exc, DependencyUnavailable):
                 log.warning("broker away; events wait", extra={"error": str(exc)})
             elif is_outage(exc):
                 log.warning("database unreachable; events wait", extra={"error": repr(exc)})

@@ -11,11 +11,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-import aiormq
 from aio_pika import RobustConnection
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, AMQPError, ChannelInvalidStateError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+)
 from tenacity import wait_exponential_jitter as backoff
 from yarl import URL
 
@@ -39,16 +43,31 @@ if not callable(getattr(RobustConnection, _ATTEMPT, None)):  # pragma: no cover
 # queues) would otherwise hold the attempt, and the reconnection, forever.
 CONNECT_TIMEOUT_SECONDS = 10.0
 
-# What a publish with confirms raises when the broker could not take it: the connection
-# or channel went away, or the confirm did not come in time. Not the message's fault.
-PUBLISH_FAILURES: tuple[type[BaseException], ...] = (
-    AMQPError,
-    aiormq.exceptions.AMQPError,
-    ChannelInvalidStateError,
-    ConnectionError,
-    TimeoutError,
-    RuntimeError,
-)
+# "The broker is away": what an operation on a connection or a channel raises when the
+# broker cannot be reached, the connection or channel went away (or is being restored:
+# aiormq's ChannelInvalidStateError is a RuntimeError), the broker closed the channel,
+# or an answer (a confirm) did not come in time (TimeoutError is an OSError). aio-pika's
+# own list: what its robust connection reconnects on. Never the message's or the
+# command's fault. The one classification of broker faults in flashclaim.
+AWAY: tuple[type[BaseException], ...] = CONNECTION_EXCEPTIONS
+
+
+def is_away(exc: BaseException) -> bool:
+    return isinstance(exc, AWAY)
+
+
+def retry_while_away() -> AsyncRetrying:
+    """Retry a broker operation until the connection is back (aio-pika reconnects by
+    itself); the caller bounds it by cancelling."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_away),
+        wait=backoff(multiplier=0.1, max=2.0, jitter=0.1),
+        before_sleep=lambda state: log.warning(
+            "broker away; trying again",
+            extra={"error": repr(state.outcome.exception()) if state.outcome else None},
+        ),
+        reraise=True,
+    )
 
 
 def is_up(connection: AbstractRobustConnection) -> bool:
@@ -87,7 +106,7 @@ class ClusterConnection(RobustConnection):
             self.url = self.addresses[self._current]
             try:
                 await attempt()
-            except CONNECTION_EXCEPTIONS as exc:
+            except AWAY as exc:
                 if step == len(self.addresses) - 1:
                     raise
                 log.warning(
@@ -117,7 +136,7 @@ async def connect(url: str, name: str, wait_seconds: float = 60.0) -> AbstractRo
     """
     addresses = split_hosts(url)
     retrying = AsyncRetrying(
-        retry=retry_if_exception_type(CONNECTION_EXCEPTIONS),
+        retry=retry_if_exception_type(AWAY),
         wait=backoff(multiplier=0.2, max=3.0, jitter=0.2),
         stop=stop_after_delay(wait_seconds),
         before_sleep=lambda state: log.warning("broker not reachable yet; retrying"),
@@ -208,7 +227,7 @@ class PublishingChannel(Generic[T]):
         was still waiting for a confirm on it."""
         try:
             new = await self._new()
-        except PUBLISH_FAILURES as exc:  # the connection went: it restores the old one
+        except AWAY as exc:  # the connection went: it restores the old one
             log.warning("publishing channel not replaced", extra={"error": repr(exc)})
             return
         old, self._current = self._current, new

@@ -36,6 +36,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from flashclaim.core.errors import InvalidInput
 from flashclaim.core.topology import Topology
 
 operations_log = logging.getLogger("flashclaim.operations")
@@ -297,7 +298,7 @@ def local_operator() -> str:
         return f"uid:{os.getuid()}"
 
 
-class BadSelection(ValueError):
+class BadSelection(InvalidInput):
     """A selection an operator gave that cannot be used; the message says why."""
 
 

@@ -29,6 +29,7 @@ class DependencyUnavailable(FlashclaimError):
     def __init__(self, service: str, detail: str = "", retry_after: int = 1) -> None:
         super().__init__(f"{service} is unavailable" + (f": {detail}" if detail else ""))
         self.service = service
+        self.detail = detail
         self.retry_after = retry_after
 
 

@@ -444,7 +444,7 @@ async def sample_every(
                     done = sampler()
                     if done is not None:
                         await done
-            except Exception as exc:
+            except Exception as exc:  # a figure not read this time is read the next
                 if i not in failing:
                     log.warning("metrics sample failed", extra={"error": repr(exc)})
                 failing.add(i)

@@ -12,14 +12,17 @@ Keys (``<ns>`` is the namespace setting):
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.sentinel import Sentinel
 
+from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.hosts import split_hosts
 from flashclaim.core.messages import ClaimResult
 
@@ -46,6 +49,18 @@ return #KEYS
 
 
 SENTINEL_SCHEME = "redis+sentinel"
+
+
+@contextlib.contextmanager
+def redis_faults() -> Iterator[None]:
+    """Any Redis fault as ``DependencyUnavailable("redis")``: the server unreachable or
+    restarting, a timeout, a write refused (memory full, a replica), no master known to
+    Sentinel. Callers decide what a missing Redis means for them; none of them needs to
+    know which it was (the original is the exception's cause, for the logs)."""
+    try:
+        yield
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise DependencyUnavailable("redis", repr(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,61 +180,77 @@ class ResultStore:
         PUBLISH per waiting gateway carrying a JSON list of that gateway's results), so
         a batch costs one round trip and one reply to parse, whatever its size.
         """
-        keys: list[str] = []
-        values: list[bytes] = []
-        by_channel: dict[str, list[bytes]] = {}
-        for result, reply_to in results:
-            raw = result.dumps()
-            keys.append(self.result_key(result.request_id))
-            values.append(raw)
-            if reply_to:
-                by_channel.setdefault(reply_to, []).append(raw)
-        if not keys:
-            return
-        messages = [m for c, raws in by_channel.items() for m in (c, b"[" + b",".join(raws) + b"]")]
-        await self.redis.eval(
-            _STORE_AND_PUBLISH, len(keys), *keys, self.ttl_seconds, len(values), *values, *messages
-        )
+        with redis_faults():
+            keys: list[str] = []
+            values: list[bytes] = []
+            by_channel: dict[str, list[bytes]] = {}
+            for result, reply_to in results:
+                raw = result.dumps()
+                keys.append(self.result_key(result.request_id))
+                values.append(raw)
+                if reply_to:
+                    by_channel.setdefault(reply_to, []).append(raw)
+            if not keys:
+                return
+            messages = [
+                m for c, raws in by_channel.items() for m in (c, b"[" + b",".join(raws) + b"]")
+            ]
+            await self.redis.eval(
+                _STORE_AND_PUBLISH,
+                len(keys),
+                *keys,
+                self.ttl_seconds,
+                len(values),
+                *values,
+                *messages,
+            )
 
     async def store_fast(self, results: Sequence[ClaimResult]) -> None:
         """Keep answers given without a round trip (one command for all), each unless its
         id has one already."""
-        if not results:
-            return
-        await self.redis.eval(
-            _STORE_NEW,
-            len(results),
-            *(self.fast_key(r.request_id) for r in results),
-            self.fast_ttl_seconds or self.ttl_seconds,
-            *(r.dumps() for r in results),
-        )
+        with redis_faults():
+            if not results:
+                return
+            await self.redis.eval(
+                _STORE_NEW,
+                len(results),
+                *(self.fast_key(r.request_id) for r in results),
+                self.fast_ttl_seconds or self.ttl_seconds,
+                *(r.dumps() for r in results),
+            )
 
     async def get(self, request_id: uuid.UUID) -> ClaimResult | None:
         """The consumer's result, else an answer the gateway gave by itself."""
-        raw_result, raw_fast = await self.redis.mget(
-            self.result_key(request_id), self.fast_key(request_id)
-        )
-        raw = raw_result if raw_result is not None else raw_fast
-        return None if raw is None else ClaimResult.loads(raw)
+        with redis_faults():
+            raw_result, raw_fast = await self.redis.mget(
+                self.result_key(request_id), self.fast_key(request_id)
+            )
+            raw = raw_result if raw_result is not None else raw_fast
+            return None if raw is None else ClaimResult.loads(raw)
 
     async def fingerprint(self, request_id: uuid.UUID, claim: bytes) -> bytes:
         """Record ``claim`` as what ``request_id`` stands for, unless something is
         recorded already; return what is recorded (``claim`` itself the first time)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.fingerprint_key(request_id), claim, ex=self.ttl_seconds, nx=True)
-        pipe.get(self.fingerprint_key(request_id))
-        _, recorded = await pipe.execute()
-        return bytes(recorded) if recorded is not None else claim
+        with redis_faults():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.fingerprint_key(request_id), claim, ex=self.ttl_seconds, nx=True)
+            pipe.get(self.fingerprint_key(request_id))
+            _, recorded = await pipe.execute()
+            return bytes(recorded) if recorded is not None else claim
 
     async def mark_pending(self, request_id: uuid.UUID, user_id: str) -> None:
         """Remember a claim answered ``202`` (and whose it is) until its result comes."""
-        await self.redis.set(self.pending_key(request_id), user_id.encode(), ex=self.ttl_seconds)
+        with redis_faults():
+            await self.redis.set(
+                self.pending_key(request_id), user_id.encode(), ex=self.ttl_seconds
+            )
 
     async def pending_owner(self, request_id: uuid.UUID) -> str | None:
         """The user of a claim marked pending, or ``None``."""
-        raw = await self.redis.get(self.pending_key(request_id))
-        if raw is None:
-            return None
-        # "1": a mark made before the user was kept in it, owner unknown.
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        return "" if text == "1" else text
+        with redis_faults():
+            raw = await self.redis.get(self.pending_key(request_id))
+            if raw is None:
+                return None
+            # "1": a mark made before the user was kept in it, owner unknown.
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            return "" if text == "1" else text

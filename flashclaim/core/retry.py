@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import aio_pika.exceptions
-import aiormq.exceptions
 import psycopg
 import redis.exceptions
 from psycopg_pool import PoolTimeout
@@ -28,6 +26,8 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
+
+from flashclaim.core.errors import DependencyUnavailable
 
 # SQLSTATEs (prefixes) that say the database cannot do any work now, whatever the work:
 # 08 connection exceptions; 25006 read-only transaction (a standby, or a primary
@@ -61,27 +61,10 @@ def is_contention(exc: BaseException) -> bool:
 def is_transient(exc: BaseException) -> bool:
     if is_outage(exc) or is_contention(exc):
         return True
-    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
-
-
-def is_broker_away(exc: BaseException) -> bool:
-    """The broker connection dropped (or is being restored) under an operation."""
+    # Redis faults reach callers as DependencyUnavailable (core/results.py).
     return isinstance(
         exc,
-        aiormq.exceptions.AMQPConnectionError
-        | aio_pika.exceptions.ChannelInvalidStateError
-        | ConnectionError
-        | TimeoutError,
-    )
-
-
-def broker_retry() -> AsyncRetrying:
-    """Retry a broker operation until the connection is back (aio-pika reconnects by
-    itself); the caller bounds it by cancelling."""
-    return AsyncRetrying(
-        retry=retry_if_exception(is_broker_away),
-        wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.1),
-        reraise=True,
+        DependencyUnavailable | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError,
     )
 
 

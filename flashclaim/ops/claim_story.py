@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from psycopg.rows import dict_row
 from flashclaim.core import broker
 from flashclaim.core.db import queries
 from flashclaim.core.deadletters import DeadLetterQueue
+from flashclaim.core.errors import InvalidInput
 from flashclaim.core.messages import ClaimResult
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
@@ -163,12 +163,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         request_id = uuid.UUID(args.request_id)
     except ValueError:
-        print(f"flashclaim claim show: not a request id: {args.request_id!r}", file=sys.stderr)
-        return 2
-    try:
-        story = asyncio.run(tell(settings, request_id, args.scan))
-    except (psycopg.OperationalError, ConnectionError, OSError) as exc:
-        print(f"flashclaim claim show: cannot reach a server: {exc}", file=sys.stderr)
-        return 2
+        raise InvalidInput(f"not a request id: {args.request_id!r}") from None
+    story = asyncio.run(tell(settings, request_id, args.scan))
     print(json.dumps(asdict(story), indent=2) if args.json else story.render())
     return 0 if story.known else 1

@@ -80,11 +80,7 @@ def _seconds(text: str) -> float:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_run(settings, args))
-    except (ConnectionError, OSError) as exc:
-        print(f"flashclaim dlq: cannot reach the broker: {exc}", file=sys.stderr)
-        return 2
+    return asyncio.run(_run(settings, args))
 
 
 def _selection(args: argparse.Namespace) -> Selection:
@@ -161,20 +157,17 @@ async def _show(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> 
     return 0
 
 
-def _required(args: argparse.Namespace, verb: str) -> Selection | None:
+def _required(args: argparse.Namespace) -> Selection:
     try:
         return Selection.of(
             args.message_ids, args.reason, args.coupon, args.older_than, args.all, required=True
         )
     except BadSelection as exc:
-        print(f"flashclaim dlq {verb}: {exc} (or --all)", file=sys.stderr)
-        return None
+        raise BadSelection(f"{exc} (or --all)") from None
 
 
 async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
-    selection = _required(args, "replay")
-    if selection is None:
-        return 2
+    selection = _required(args)
     done = 0
 
     def progress(letter: DeadLetter) -> None:
@@ -210,9 +203,7 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -
 
 
 async def _purge(dlq: DeadLetterQueue, args: argparse.Namespace, out: TextIO) -> int:
-    selection = _required(args, "purge")
-    if selection is None:
-        return 2
+    selection = _required(args)
     matching = await dlq.select(selection, args.scan)
     if not matching:
         print("nothing matches", file=out)

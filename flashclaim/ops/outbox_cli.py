@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import uuid
 from typing import Any
 
@@ -16,6 +15,7 @@ from psycopg.rows import dict_row
 
 from flashclaim.core.db import queries
 from flashclaim.core.deadletters import local_operator, operations_log
+from flashclaim.core.errors import InvalidInput
 from flashclaim.core.settings import Settings
 
 
@@ -40,14 +40,10 @@ def _event_id(text: str) -> uuid.UUID:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
-            if args.action == "stats":
-                return _stats(conn, args)
-            return _retry(conn, args)
-    except psycopg.OperationalError as exc:
-        print(f"flashclaim outbox: cannot reach the database: {exc}", file=sys.stderr)
-        return 2
+    with psycopg.connect(settings.database_url, row_factory=dict_row) as conn:
+        if args.action == "stats":
+            return _stats(conn, args)
+        return _retry(conn, args)
 
 
 def _stats(conn: psycopg.Connection[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -80,8 +76,7 @@ def _stats(conn: psycopg.Connection[dict[str, Any]], args: argparse.Namespace) -
 
 def _retry(conn: psycopg.Connection[dict[str, Any]], args: argparse.Namespace) -> int:
     if bool(args.ids) == bool(args.all):
-        print("flashclaim outbox retry: give event ids, or --all", file=sys.stderr)
-        return 2
+        raise InvalidInput("give event ids, or --all")
     rows = conn.execute(
         queries()["outbox_retry"].encode(), {"ids": None if args.all else args.ids}
     ).fetchall()

@@ -64,7 +64,7 @@ def test_apply_gives_up_after_the_wait_with_exit_2(
     finally:
         proxy.close()
     assert apply.returncode == 2, err
-    assert "cannot reach the database (waited 2 s)" in err, err
+    assert "cannot reach the database: waited 2 s" in err, err
     # Bounded: the wait, one backoff step at most, and the interpreter's start.
     assert elapsed < 15, elapsed
     # One line per try, no traceback.
