@@ -221,7 +221,7 @@ async def test_a_failed_write_of_given_answers_is_logged_not_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def store(batch: Sequence[ClaimResult]) -> None:
-        raise ConnectionError("redis away")
+        raise DependencyUnavailable("redis", "ConnectionError('redis away')")
 
     writer = FastAnswerWriter(store, linger=0.001)
     writer.add(ClaimResult.of(claim(), Outcome.OUT_OF_STOCK))
