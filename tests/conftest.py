@@ -31,11 +31,6 @@ _URL_VARS = set(ENV_URLS.values())
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--update-schema",
-        action="store_true",
-        help="write schema.sql from the migrations (what `make schema` runs)",
-    )
-    parser.addoption(
         "--durable-servers",
         action="store_true",
         help="servers with durable settings (PostgreSQL fsync on): what `make test-faults` runs",

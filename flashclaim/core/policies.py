@@ -37,7 +37,7 @@ import aiohttp
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.hosts import split_hosts
 from flashclaim.core.settings import Settings
-from flashclaim.core.topology import WEIGHT, Topology
+from flashclaim.core.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -162,53 +162,20 @@ def definitions(topology: Topology, broker_major_version: int, vhost: str = "/")
     deployment's secrets."""
     durable: dict[str, Any] = {"vhost": vhost, "durable": True, "auto_delete": False}
     exchanges = [
-        {
-            **durable,
-            "name": topology.dead_letter_exchange,
-            "type": "fanout",
-            "internal": False,
-            "arguments": {},
-        },
-        {
-            **durable,
-            "name": topology.commands_exchange,
-            "type": "x-consistent-hash",
-            "internal": False,
-            "arguments": {},
-        },
-        {
-            **durable,
-            "name": topology.events_exchange,
-            "type": "topic",
-            "internal": False,
-            "arguments": {},
-        },
+        {**durable, "name": e.name, "type": e.type, "internal": False, "arguments": {}}
+        for e in topology.exchanges()
     ]
-    queues = [{**durable, "name": topology.claims_dlq, "arguments": {"x-queue-type": "quorum"}}]
-    queues += [
-        {**durable, "name": name, "arguments": topology.claims_queue_arguments()}
-        for name in topology.claims_queues
-    ]
+    queues = [{**durable, "name": q.name, "arguments": q.arguments} for q in topology.queues()]
     bindings = [
         {
             "vhost": vhost,
-            "source": topology.dead_letter_exchange,
-            "destination": topology.claims_dlq,
+            "source": b.exchange,
+            "destination": b.queue,
             "destination_type": "queue",
-            "routing_key": "",
-            "arguments": {},
-        },
-    ]
-    bindings += [
-        {
-            "vhost": vhost,
-            "source": topology.commands_exchange,
-            "destination": name,
-            "destination_type": "queue",
-            "routing_key": WEIGHT,
+            "routing_key": b.routing_key,
             "arguments": {},
         }
-        for name in topology.claims_queues
+        for b in topology.bindings()
     ]
     return {
         "vhosts": [{"name": vhost}],

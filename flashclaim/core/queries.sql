@@ -268,14 +268,14 @@ LIMIT %(limit)s;
 
 -- name: outbox_retry
 -- FAILED rows (all, or those of %(ids)s) made due again, their count started over; the
--- relays are woken.
+-- relays are woken (%(channel)s: flashclaim.core.events.NOTIFY_CHANNEL).
 WITH retried AS (
     UPDATE outbox
     SET status = 'PENDING', attempts = 0, next_attempt_at = now()
     WHERE status = 'FAILED' AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
     RETURNING id
 )
-SELECT id, pg_notify('flashclaim_outbox', '') IS NULL AS notified FROM retried;
+SELECT id, pg_notify(%(channel)s, '') IS NULL AS notified FROM retried;
 
 -- name: audit_claims_without_event
 -- Every claim made within the outbox's retention period has exactly one coupon.claimed

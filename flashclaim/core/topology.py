@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 # Routing key of dead letters the consumer publishes (the fanout exchange ignores it).
@@ -56,9 +55,8 @@ class Topology:
 
     async def declare_events(self, channel: AbstractChannel) -> AbstractExchange:
         """The exchange the outbox relay publishes events to (subscribers bind to it)."""
-        return await channel.declare_exchange(
-            self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        (events,) = [e for e in self.exchanges() if e.name == self.events_exchange]
+        return await channel.declare_exchange(events.name, events.type, durable=True)
 
     def claims_queue(self, partition: int) -> str:
         return f"{self.namespace}.claims.{partition}"
@@ -76,28 +74,68 @@ class Topology:
         (flashclaim/core/policies.py), since a queue's arguments are fixed for its life."""
         return {"x-queue-type": "quorum", "x-single-active-consumer": True}
 
-    async def declare(self, channel: AbstractChannel) -> Declared:
-        """Declare everything (a no-op for what exists already) and return it."""
-        dlx = await channel.declare_exchange(
-            self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
+    # The topology, described once: declared from here by every process (:meth:`declare`)
+    # and written from here for brokers set up beforehand (policies.definitions: Compose's
+    # definitions file, the Kubernetes resources).
+
+    def exchanges(self) -> list[Exchange]:
+        return [
+            Exchange(self.dead_letter_exchange, "fanout"),
+            Exchange(self.commands_exchange, "x-consistent-hash"),
+            Exchange(self.events_exchange, "topic"),
+        ]
+
+    def queues(self) -> list[Queue]:
         # No single active consumer on the DLQ: operators peek at it while it is
         # consumed. Its overflow and delivery limit are a policy as well.
-        dlq = await channel.declare_queue(
-            self.claims_dlq, durable=True, arguments={"x-queue-type": "quorum"}
+        return [
+            Queue(self.claims_dlq, {"x-queue-type": "quorum"}),
+            *(Queue(name, self.claims_queue_arguments()) for name in self.claims_queues),
+        ]
+
+    def bindings(self) -> list[Binding]:
+        return [
+            Binding(self.dead_letter_exchange, self.claims_dlq, ""),
+            *(Binding(self.commands_exchange, name, WEIGHT) for name in self.claims_queues),
+        ]
+
+    async def declare(self, channel: AbstractChannel) -> Declared:
+        """Declare everything (a no-op for what exists already) and return it."""
+        exchanges = {
+            e.name: await channel.declare_exchange(e.name, e.type, durable=True)
+            for e in self.exchanges()
+        }
+        queues = {
+            q.name: await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+            for q in self.queues()
+        }
+        for b in self.bindings():
+            await queues[b.queue].bind(exchanges[b.exchange], b.routing_key)
+        return Declared(
+            exchanges[self.commands_exchange],
+            [queues[name] for name in self.claims_queues],
+            exchanges[self.dead_letter_exchange],
+            queues[self.claims_dlq],
         )
-        await dlq.bind(dlx, "")
-        commands = await channel.declare_exchange(
-            self.commands_exchange, "x-consistent-hash", durable=True
-        )
-        queues = []
-        for name in self.claims_queues:
-            queue = await channel.declare_queue(
-                name, durable=True, arguments=self.claims_queue_arguments()
-            )
-            await queue.bind(commands, WEIGHT)
-            queues.append(queue)
-        return Declared(commands, queues, dlx, dlq)
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    name: str
+    type: str  # the AMQP exchange type: fanout, topic, x-consistent-hash (a plugin's)
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any]  # durable, never auto-deleted
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    exchange: str
+    queue: str
+    routing_key: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from flashclaim.core.db import queries
 from flashclaim.core.deadletters import local_operator, operations_log
 from flashclaim.core.errors import InvalidInput
+from flashclaim.core.events import NOTIFY_CHANNEL
 from flashclaim.core.settings import Settings
 
 
@@ -78,7 +79,8 @@ def _retry(conn: psycopg.Connection[dict[str, Any]], args: argparse.Namespace) -
     if bool(args.ids) == bool(args.all):
         raise InvalidInput("give event ids, or --all")
     rows = conn.execute(
-        queries()["outbox_retry"].encode(), {"ids": None if args.all else args.ids}
+        queries()["outbox_retry"].encode(),
+        {"ids": None if args.all else args.ids, "channel": NOTIFY_CHANNEL},
     ).fetchall()
     conn.commit()
     ids = [str(r["id"]) for r in rows]

@@ -8,23 +8,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from flashclaim.core.db import migrate, pending_migrations, schema_sql
 from flashclaim.devtools import schemafile
 from flashclaim.devtools.devstack import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_FILE = ROOT / "schema.sql"
 MIGRATIONS_DIR = ROOT / "flashclaim" / "core" / "migrations"
 MIGRATIONS = sorted(p.stem for p in MIGRATIONS_DIR.glob("*.sql"))
 
 
 def test_schema_sql_is_what_the_migrations_add_up_to(
-    stack: Stack, new_database: Callable[[], str], request: pytest.FixtureRequest
+    stack: Stack, new_database: Callable[[], str]
 ) -> None:
-    """schema.sql is the migrated catalog as pg_dump writes it (``make schema`` writes
-    it with ``--update-schema``), and building a database from it gives that catalog."""
+    """schema.sql is the migrated catalog as pg_dump writes it (``make generate`` writes
+    it), and building a database from it gives that catalog."""
     assert stack.postgres is not None
     bindir = Path(stack.postgres.bindir)
     migrated, built = new_database(), new_database()
@@ -32,9 +30,7 @@ def test_schema_sql_is_what_the_migrations_add_up_to(
     migrate(migrated)
     assert pending_migrations(migrated) == []
     expected = schemafile.render(schemafile.pg_dump(migrated, bindir))
-    if request.config.getoption("--update-schema"):
-        SCHEMA_FILE.write_text(expected)
-    assert schema_sql() == expected, "schema.sql is out of date: run `make schema`"
+    assert schema_sql() == expected, "schema.sql is out of date: run `make generate`"
     assert "CREATE TABLE public.inbox" in expected and "COMMENT ON TABLE public.claims" in expected
     with psycopg.connect(built, autocommit=True) as conn:
         conn.execute(schema_sql().encode())

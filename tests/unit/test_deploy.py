@@ -536,24 +536,6 @@ def test_the_kubernetes_workloads_keep_the_services_promises() -> None:
             assert docs[(kind, name)]["metadata"]["labels"]["release"], name
 
 
-def test_the_kubernetes_observability_is_generated_from_the_shipped_files() -> None:
-    from flashclaim.devtools import k8s
-
-    assert (K8S / "base" / "observability.yaml").read_text() == k8s.render_observability(), (
-        "deploy/k8s/base/observability.yaml is out of date: python -m "
-        "flashclaim.devtools.k8s --observability > deploy/k8s/base/observability.yaml"
-    )
-
-
-def test_the_kubernetes_topology_is_what_the_code_declares() -> None:
-    from flashclaim.devtools import k8s
-
-    assert (K8S / "base" / "topology.yaml").read_text() == k8s.render(), (
-        "deploy/k8s/base/topology.yaml is out of date: "
-        "python -m flashclaim.devtools.k8s > deploy/k8s/base/topology.yaml"
-    )
-
-
 def test_the_compose_broker_loads_the_topology_the_code_declares() -> None:
     from flashclaim.core.policies import definitions
 
