@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 from flashclaim.core import broker, metrics, tracing
 from flashclaim.core.db import create_pool
 from flashclaim.core.errors import DependencyUnavailable
+from flashclaim.core.http import METRICS, USER, errors_middleware, hide_server_version
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings, proxy_networks
 from gateway.admission import Admission
@@ -23,7 +24,7 @@ from gateway.coalescer import Coalescer
 from gateway.finals import FinalAnswers
 from gateway.handlers import routes
 from gateway.idempotency import RequestIds, random_secret
-from gateway.middleware import errors_middleware, hide_server_version, tracing_middleware
+from gateway.middleware import tracing_middleware
 from gateway.publisher import ClaimPublisher
 from gateway.ratelimit import RateLimiter
 from gateway.replies import ReplyListener
@@ -33,7 +34,6 @@ from gateway.state import (
     AUTH,
     CLAIMS,
     LIMITER,
-    METRICS,
     PRINCIPAL,
     PROXIES,
     READINESS,
@@ -52,7 +52,9 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     authentication is on, so that an open API pays nothing for it."""
     if request.path.startswith("/api/"):
         token = bearer_token(request.headers.getall("Authorization", []))
-        request[PRINCIPAL] = await request.app[AUTH].principal(token)
+        principal = await request.app[AUTH].principal(token)
+        request[PRINCIPAL] = principal
+        request[USER] = principal.user_id
     return await handler(request)
 
 

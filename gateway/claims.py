@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 
 from flashclaim.core import tracing
-from flashclaim.core.errors import DependencyUnavailable, Overloaded
+from flashclaim.core.errors import DependencyUnavailable, IdempotencyKeyReused, Overloaded
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.results import ResultStore
@@ -23,7 +23,6 @@ from gateway.admission import Admission
 from gateway.coalescer import Coalescer
 from gateway.fastwriter import FastAnswerWriter
 from gateway.finals import FinalAnswers
-from gateway.idempotency import IdempotencyKeyReused
 from gateway.replies import ReplyListener
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,19 @@ from aiohttp import web
 
 from flashclaim.core import metrics
 from flashclaim.core.errors import DependencyUnavailable
-from flashclaim.core.messages import ClaimCommand, ClaimResult
-from gateway import auth, validation
-from gateway.jsonresponse import json_response
-from gateway.middleware import error_response
-from gateway.state import (
+from flashclaim.core.http import (
     CLAIM_ID,
-    CLAIMS,
     COUPON,
     METRICS,
     OUTCOME,
+    error_response,
+    json_object,
+    json_response,
+)
+from flashclaim.core.messages import ClaimCommand, ClaimResult
+from gateway import auth, validation
+from gateway.state import (
+    CLAIMS,
     PRINCIPAL,
     READINESS,
     REPOSITORY,
@@ -33,7 +36,7 @@ routes = web.RouteTableDef()
 @routes.post("/api/coupons")
 async def create_coupon(request: web.Request) -> web.Response:
     auth.require_scope(request.get(PRINCIPAL), request.app[SETTINGS].auth_create_scope)
-    body = await validation.json_object(request)
+    body = await json_object(request)
     name = validation.name(body.get("name"), "name")
     amount = validation.amount(body.get("amount"))
     request[COUPON] = name
@@ -53,7 +56,7 @@ async def get_coupon(request: web.Request) -> web.Response:
 
 @routes.post("/api/coupons/claim")
 async def claim(request: web.Request) -> web.Response:
-    body = await validation.json_object(request)
+    body = await json_object(request)
     # With tokens on, the claim is the token's user's: a body naming another is refused
     # here, before anything is published.
     user_id = auth.require_user(request.get(PRINCIPAL), body.get("user_id"))

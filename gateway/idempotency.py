@@ -23,12 +23,7 @@ import hmac
 import secrets
 import uuid
 
-from flashclaim.core.errors import FlashclaimError
 from flashclaim.core.settings import IDEMPOTENCY_SECRET_MIN
-
-
-class IdempotencyKeyReused(FlashclaimError):
-    """An Idempotency-Key was sent again with a different claim."""
 
 
 def random_secret() -> str:

@@ -32,8 +32,8 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.errors import HaltServer
 
 from flashclaim.core import metrics, tracing
+from flashclaim.core.http import CanonicalAccessLogger
 from flashclaim.core.settings import Settings
-from gateway.access_log import CanonicalAccessLogger
 from gateway.app import create_app
 from gateway.idempotency import random_secret
 

@@ -1,4 +1,5 @@
-"""Typed keys of the gateway's application state, all of them."""
+"""Typed keys of the gateway's application state (the request keys it shares with the
+operators' API are core/http.py's)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.settings import ProxyNetwork, Settings
 from gateway.auth import Authenticator, Principal
 from gateway.claims import Claims
@@ -25,17 +25,10 @@ AUTH = web.AppKey("auth", Authenticator)
 REPOSITORY = web.AppKey("repository", Repository)
 CLAIMS = web.AppKey("claims", Claims)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
-METRICS = web.AppKey("metrics", GatewayMetrics)
 # TRUSTED_PROXIES, parsed: whose X-Forwarded-For names the client (gateway/clientaddress.py).
 PROXIES = web.AppKey("proxies", tuple[ProxyNetwork, ...])
 
-# What a request's handling learns, for its log line, its span and its metrics.
-REQUEST_ID = web.RequestKey("request_id", str)  # the HTTP request's (X-Request-Id)
-CLAIM_ID = web.RequestKey("claim_id", str)  # the claim's request id
-COUPON = web.RequestKey("coupon", str)
-OUTCOME = web.RequestKey("outcome", str)
-ERROR = web.RequestKey("error", str)
-ERROR_CODE = web.RequestKey("error_code", str)
-PRINCIPAL = web.RequestKey("principal", Principal)  # the token's caller, when checked
+# The token's caller, when checked (its user is also core/http.py's USER, for the logs).
+PRINCIPAL = web.RequestKey("principal", Principal)
 # Named checks behind /readyz: each returns None or raises.
 READINESS = web.AppKey("readiness", dict[str, Callable[[], Awaitable[None]]])

@@ -1,31 +1,13 @@
-"""Turning request bodies into checked values, or :class:`InvalidInput`."""
+"""Turning request fields into checked values, or :class:`InvalidInput` (the body into a
+JSON object: core/http.py)."""
 
 from __future__ import annotations
-
-from typing import Any
-
-import orjson
-from aiohttp import web
 
 from flashclaim.core.errors import InvalidInput
 from flashclaim.core.messages import check_name
 
 AMOUNT_MAX = 2_147_483_647  # PostgreSQL integer
 IDEMPOTENCY_KEY_MAX = 255
-
-
-async def json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object (the body size cap is enforced by aiohttp: 413)."""
-    raw = await request.read()
-    if not raw.strip():
-        raise InvalidInput("request body must be a JSON object")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return data
 
 
 def amount(value: object) -> int:

@@ -55,6 +55,10 @@ class CouponNotFound(FlashclaimError):
     """No coupon has this name."""
 
 
+class IdempotencyKeyReused(FlashclaimError):
+    """An Idempotency-Key was sent again with a different claim."""
+
+
 class Unauthenticated(FlashclaimError):
     """The request carries no valid bearer token (missing, malformed, expired, ...)."""
 

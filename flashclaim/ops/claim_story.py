@@ -25,11 +25,11 @@ from psycopg.rows import dict_row
 
 from flashclaim.core import broker
 from flashclaim.core.db import queries
-from flashclaim.core.deadletters import DeadLetterQueue
 from flashclaim.core.errors import InvalidInput
 from flashclaim.core.messages import ClaimResult
 from flashclaim.core.results import ResultStore, redis_client
 from flashclaim.core.settings import Settings
+from flashclaim.ops.deadletters import DeadLetterQueue
 
 
 @dataclass

@@ -28,14 +28,17 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from flashclaim.core import broker
-from flashclaim.core.deadletters import BadSelection, DeadLetterQueue, Selection
 from flashclaim.core.errors import ConfigError, InvalidInput
+from flashclaim.core.http import (
+    CanonicalAccessLogger,
+    errors_middleware,
+    hide_server_version,
+    json_object,
+    json_response,
+)
 from flashclaim.core.settings import PREFIX, Settings
 from flashclaim.core.signals import stop_event_on_signals
-from gateway import validation
-from gateway.access_log import CanonicalAccessLogger
-from gateway.jsonresponse import json_response
-from gateway.middleware import errors_middleware, hide_server_version
+from flashclaim.ops.deadletters import BadSelection, DeadLetterQueue, Selection
 
 log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("admin_settings", Settings)
@@ -128,7 +131,7 @@ async def show(request: web.Request) -> web.Response:
 
 @routes.post("/admin/dlq/replay")
 async def replay(request: web.Request) -> web.Response:
-    data = await validation.json_object(request)
+    data = await json_object(request)
     rate = data.get("rate")
     if rate is not None and (
         isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
@@ -145,7 +148,7 @@ async def replay(request: web.Request) -> web.Response:
 
 @routes.post("/admin/dlq/purge")
 async def purge(request: web.Request) -> web.Response:
-    data = await validation.json_object(request)
+    data = await json_object(request)
     if data.get("confirm") is not True:
         raise InvalidInput('purging removes messages for good: send "confirm": true')
     removed = await request.app[DLQ].purge(_selection(data), operator=_operator(request))

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flashclaim.core import broker
-from flashclaim.core.deadletters import (
+from flashclaim.core.settings import Settings
+from flashclaim.ops.deadletters import (
     BadSelection,
     DeadLetter,
     DeadLetterQueue,
@@ -22,7 +23,6 @@ from flashclaim.core.deadletters import (
     local_operator,
     seconds,
 )
-from flashclaim.core.settings import Settings
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:

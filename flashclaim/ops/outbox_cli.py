@@ -14,10 +14,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from flashclaim.core.db import queries
-from flashclaim.core.deadletters import local_operator, operations_log
 from flashclaim.core.errors import InvalidInput
 from flashclaim.core.events import NOTIFY_CHANNEL
 from flashclaim.core.settings import Settings
+from flashclaim.ops.deadletters import local_operator, operations_log
 
 
 def add_parser(sub: Any) -> None:

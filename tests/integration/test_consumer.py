@@ -14,10 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer import service
-from flashclaim.core.deadletters import DeadLetterQueue, Selection
 from flashclaim.core.messages import ClaimCommand, ClaimResult, decode_claims, encode_claims
 from flashclaim.core.results import ResultStore
 from flashclaim.core.settings import Settings
+from flashclaim.ops.deadletters import DeadLetterQueue, Selection
 from tests.conftest import create_coupon_row
 
 REPLIES = "replies-under-test"

@@ -11,14 +11,12 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from flashclaim.core.deadletters import (
     REPLAYS,
-    BadSelection,
-    DeadLetter,
-    Selection,
     copy_of,
     failure_headers,
     properties_of,
     replay_headers,
 )
+from flashclaim.ops.deadletters import BadSelection, DeadLetter, Selection
 
 
 @dataclass
