@@ -170,9 +170,14 @@ async def apply_batch(
     existing = [i for i in ids if i not in fresh]
     if existing:
         cur = await conn.execute(q["inbox_lock_existing"], {"message_ids": existing})
-        for message_id, status, result_status, result_body, payload in await cur.fetchall():
+        for message_id, status, outcome, payload in await cur.fetchall():
             if status == "PROCESSED":
-                results[message_id] = ClaimResult.of_answer(message_id, result_status, result_body)
+                results[message_id] = ClaimResult(
+                    message_id,
+                    Outcome.of_code(outcome),
+                    payload["user_id"],
+                    payload["coupon_name"],
+                )
                 continue
             # Left PENDING by an earlier attempt: apply it now, as first recorded. (A
             # client reusing an Idempotency-Key for another coupon sends the same id
@@ -231,7 +236,7 @@ async def apply_batch(
             q["record_results"],
             {
                 "rows": _json(
-                    {"message_id": str(r.request_id), "status": r.status, "body": r.body}
+                    {"message_id": str(r.request_id), "outcome": r.outcome.code}
                     for r in fresh_results
                 ),
                 "ids": [r.request_id for r in fresh_results],

@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from flashclaim.core import tracing
 from flashclaim.core.db import queries
 from flashclaim.core.errors import CouponExists, CouponNotFound, DependencyUnavailable
-from flashclaim.core.messages import ClaimResult
+from flashclaim.core.messages import ClaimResult, Outcome
 from gateway.nextflight import NextFlight
 
 
@@ -61,11 +61,10 @@ class Repository:
             return "UNKNOWN", None, None
         if row["status"] != "PROCESSED":
             return row["status"], row["user_id"], None
-        return (
-            row["status"],
-            row["user_id"],
-            ClaimResult.of_answer(request_id, row["result_status"], row["result_body"]),
+        result = ClaimResult(
+            request_id, Outcome.of_code(row["outcome"]), row["user_id"], row["coupon_name"]
         )
+        return row["status"], row["user_id"], result
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1 AS ok", {})

@@ -75,12 +75,14 @@ def pending_migrations(conninfo: str) -> list[str]:
         return [m.id for m in backend.to_apply(migrations)]
 
 
-def migrate(conninfo: str) -> list[str]:
-    """Apply every pending migration (``flashclaim/core/migrations/*.sql``, yoyo), each
-    in its own transaction, under yoyo's lock so that concurrent runs apply each once;
-    return the ids applied."""
+def migrate(conninfo: str, upto: str | None = None) -> list[str]:
+    """Apply every pending migration (``flashclaim/core/migrations/*.sql``, yoyo), or
+    those up to the id ``upto``, each in its own transaction, under yoyo's lock so that
+    concurrent runs apply each once; return the ids applied."""
     with _migrations(conninfo) as (backend, migrations), backend.lock():
         todo = backend.to_apply(migrations)
+        if upto is not None:
+            todo = type(todo)([m for m in todo if m.id <= upto], todo.post_apply)
         backend.apply_migrations(todo)
         return [m.id for m in todo]
 

@@ -183,33 +183,31 @@ def decode_claims(
 
 
 class Outcome(enum.Enum):
-    """Each business answer a claim can get, with its HTTP status and error code."""
+    """Each business answer a claim can get: its code, and what it says when it is a
+    refusal (HTTP statuses are the gateway's: gateway/answers.py)."""
 
-    CLAIMED = (200, "claimed", "")
-    ALREADY_CLAIMED = (409, "already_claimed", "this user already claimed this coupon")
-    OUT_OF_STOCK = (400, "out_of_stock", "coupon is out of stock")
-    NO_SUCH_COUPON = (404, "coupon_not_found", "no such coupon")
+    CLAIMED = ("claimed", "")
+    ALREADY_CLAIMED = ("already_claimed", "this user already claimed this coupon")
+    OUT_OF_STOCK = ("out_of_stock", "coupon is out of stock")
+    NO_SUCH_COUPON = ("coupon_not_found", "no such coupon")
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        self.status = status
+    def __init__(self, code: str, message: str) -> None:
         self.code = code
         self.message = message
 
     @classmethod
-    def of_answer(cls, status: int, body: dict[str, Any]) -> Outcome:
-        """The outcome an answer was made from (``ClaimResult.status`` and ``.body``),
-        for answers read back from Redis or the inbox."""
-        given = body.get("code") or body.get("status")
+    def of_code(cls, code: str) -> Outcome:
         for outcome in cls:
-            if (outcome.status, outcome.code) == (status, given):
+            if outcome.code == code:
                 return outcome
-        raise ValueError(f"not a claim answer: {status} {given!r}")
+        raise ValueError(f"not a claim outcome: {code!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """The final answer to one claim request: typed here, an HTTP status and a JSON
-    body only at the edges (``status``, ``body``, and the stored form)."""
+    """The final answer to one claim request: what was decided, for whom. Stored (Redis,
+    the inbox) and passed between processes in this form; an HTTP answer only in the
+    gateway."""
 
     request_id: uuid.UUID
     outcome: Outcome
@@ -227,37 +225,12 @@ class ClaimResult:
     ) -> ClaimResult:
         return cls(command.request_id, outcome, command.user_id, command.coupon_name, remaining)
 
-    @classmethod
-    def of_answer(cls, request_id: uuid.UUID, status: int, body: dict[str, Any]) -> ClaimResult:
-        """A result from its stored form (an inbox row's result, a Redis value)."""
-        return cls(
-            request_id,
-            Outcome.of_answer(status, body),
-            str(body.get("user_id", "")),
-            str(body.get("coupon_name", "")),
-        )
-
-    @property
-    def status(self) -> int:
-        return self.outcome.status
-
-    @property
-    def body(self) -> dict[str, Any]:
-        """The JSON the HTTP client gets (and the inbox and Redis keep)."""
-        common = {
-            "user_id": self.user_id,
-            "coupon_name": self.coupon_name,
-            "request_id": str(self.request_id),
-        }
-        if self.outcome is Outcome.CLAIMED:
-            return {"status": "claimed", **common}
-        return {"error": self.outcome.message, "code": self.outcome.code, **common}
-
     def dumps(self) -> bytes:
         data: dict[str, Any] = {
             "request_id": str(self.request_id),
-            "status": self.status,
-            "body": self.body,
+            "outcome": self.outcome.code,
+            "user_id": self.user_id,
+            "coupon_name": self.coupon_name,
         }
         if self.remaining is not None:
             data["remaining"] = self.remaining
@@ -269,7 +242,18 @@ class ClaimResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClaimResult:
-        result = cls.of_answer(uuid.UUID(data["request_id"]), int(data["status"]), data["body"])
+        if "outcome" in data:
+            fields = data
+            code = data["outcome"]
+        else:  # written before outcomes were stored: an HTTP answer (see _answer_code)
+            fields = data["body"]
+            code = _answer_code(fields)
+        result = cls(
+            uuid.UUID(data["request_id"]),
+            Outcome.of_code(code),
+            str(fields.get("user_id", "")),
+            str(fields.get("coupon_name", "")),
+        )
         remaining = data.get("remaining")
         if isinstance(remaining, int) and remaining >= 0:
             result = replace(result, remaining=remaining)
@@ -281,3 +265,14 @@ class ClaimResult:
         data = orjson.loads(raw)
         items = data if isinstance(data, list) else [data]
         return [cls.from_dict(item) for item in items]
+
+
+def _answer_code(body: dict[str, Any]) -> str:
+    """The outcome code of a result stored by the release before outcomes were (an HTTP
+    body: ``{"status": "claimed", ...}`` or ``{"code": ..., ...}``). Such values live in
+    Redis for RESULT_TTL_SECONDS after the upgrade, and in replies of a consumer of that
+    release while it rolls out; after that this can go."""
+    code = body.get("code") or body.get("status")
+    if not isinstance(code, str):
+        raise ValueError(f"not a claim answer: {body!r}")
+    return code

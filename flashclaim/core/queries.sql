@@ -47,7 +47,7 @@ RETURNING message_id;
 -- Rows that already existed: a PENDING one was left by an earlier failed attempt and is
 -- applied now, as it was first recorded; a PROCESSED one is a redelivery and only gets
 -- its recorded result again.
-SELECT message_id, status, result_status, result_body, payload
+SELECT message_id, status, outcome, payload
 FROM inbox
 WHERE message_id = ANY(%(message_ids)s::uuid[])
 ORDER BY message_id
@@ -88,13 +88,13 @@ FROM unnest(%(names)s::text[], %(taken)s::int[]) AS d (name, taken)
 WHERE c.name = d.name;
 
 -- name: record_results
--- %(rows)s: a JSON array of {message_id, status, body}; %(ids)s: the same message ids,
+-- %(rows)s: a JSON array of {message_id, outcome}; %(ids)s: the same message ids,
 -- so that the rows are found through the primary key whatever the statistics say (a
 -- join on the JSON alone scans the inbox when they are behind its growth).
 UPDATE inbox i
-SET status = 'PROCESSED', result_status = r.status, result_body = r.body,
+SET status = 'PROCESSED', outcome = r.outcome,
     error = NULL, locked_at = NULL, locked_by = NULL, updated_at = now()
-FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (message_id uuid, status int, body jsonb)
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS r (message_id uuid, outcome text)
 WHERE i.message_id = r.message_id AND i.message_id = ANY(%(ids)s::uuid[]);
 
 -- name: outbox_insert
@@ -108,7 +108,8 @@ FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e (doc, ord)
 ORDER BY e.ord;
 
 -- name: inbox_result
-SELECT status, result_status, result_body, payload ->> 'user_id' AS user_id
+SELECT status, outcome, payload ->> 'user_id' AS user_id,
+       payload ->> 'coupon_name' AS coupon_name
 FROM inbox
 WHERE message_id = %(message_id)s;
 
@@ -159,20 +160,20 @@ WHERE NOT EXISTS (
 );
 
 -- name: audit_claims_without_success
--- Every claim row must come from a command whose recorded answer was 200.
-SELECT cl.message_id, cl.coupon_name, i.status, i.result_status
+-- Every claim row must come from a command whose recorded outcome was 'claimed'.
+SELECT cl.message_id, cl.coupon_name, i.status, i.outcome
 FROM claims cl
 LEFT JOIN inbox i ON i.message_id = cl.message_id
-WHERE (i.message_id IS NULL OR i.status <> 'PROCESSED' OR i.result_status <> 200)
+WHERE (i.message_id IS NULL OR i.status <> 'PROCESSED' OR i.outcome <> 'claimed')
   AND (%(coupons)s::text[] IS NULL OR cl.coupon_name = ANY(%(coupons)s::text[]))
 LIMIT 100;
 
 -- name: audit_success_without_claim
--- Every 200 answer must have its claim row.
+-- Every 'claimed' outcome must have its claim row.
 SELECT i.message_id, i.payload ->> 'coupon_name' AS coupon_name
 FROM inbox i
 LEFT JOIN claims cl ON cl.message_id = i.message_id
-WHERE i.status = 'PROCESSED' AND i.result_status = 200 AND cl.id IS NULL
+WHERE i.status = 'PROCESSED' AND i.outcome = 'claimed' AND cl.id IS NULL
   AND (%(coupons)s::text[] IS NULL OR i.payload ->> 'coupon_name' = ANY(%(coupons)s::text[]))
 LIMIT 100;
 
@@ -310,7 +311,7 @@ LIMIT 100;
 
 -- name: story_inbox
 -- `flashclaim claim show`: the command's inbox row.
-SELECT status, retry_count, error, result_status, result_body, sender, payload,
+SELECT status, retry_count, error, outcome, sender, payload,
        created_at, updated_at
 FROM inbox
 WHERE message_id = %(request_id)s;

@@ -64,20 +64,19 @@ def verdict(
 ) -> str:
     """One line: what became of the claim, from the most authoritative source."""
     if inbox is not None and inbox["status"] == "PROCESSED":
-        body = inbox["result_body"] or {}
-        if inbox["result_status"] == 200:
+        if inbox["outcome"] == "claimed":
             return "granted"
-        return f"refused: {inbox['result_status']} {body.get('code', '')}".rstrip()
+        return f"refused: {inbox['outcome']}"
     if dead_letter is not None:
         return f"dead-lettered ({dead_letter['reason']}): {dead_letter['error'] or '-'}"
     if inbox is not None:
         attempts = inbox["retry_count"]
         return f"{inbox['status'].lower()} in the inbox after {attempts} failed attempt(s)"
-    if redis is not None and redis["status"] == 202:
+    if redis is not None and redis["outcome"] == "pending":
         return "accepted (answered 202), not applied yet: queued or in a consumer's hands"
     if redis is not None:
         where = "answered by the gateway" if redis["source"] == "gateway" else "answered"
-        return f"{where}: {redis['status']} {redis['body'].get('code', 'claimed')}"
+        return f"{where}: {redis['outcome']}"
     return "unknown: no trace of this request id (expired, or never accepted)"
 
 
@@ -101,13 +100,14 @@ async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) ->
     redis = None
     raw = consumer_raw if consumer_raw is not None else fast_raw
     if raw is None and pending_raw is not None:
-        redis = {"source": "gateway", "status": 202, "body": {"status": "pending"}}
+        redis = {"source": "gateway", "outcome": "pending"}
     elif raw is not None:
         result = ClaimResult.loads(raw)
         redis = {
             "source": "consumer" if consumer_raw is not None else "gateway",
-            "status": result.status,
-            "body": result.body,
+            "outcome": result.outcome.code,
+            "user_id": result.user_id,
+            "coupon_name": result.coupon_name,
         }
     connection = await broker.connect(settings.amqp_url, "flashclaim claim show", 10)
     async with connection:

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import aiohttp
 import psycopg
 
+from flashclaim.core.messages import ClaimResult, Outcome
 from flashclaim.core.settings import Settings
 from flashclaim.devtools import promises
 from flashclaim.devtools.client import Answer, ClaimClient
 from flashclaim.devtools.tokens import headers_of
+from gateway import answers as http
 from tests.acceptance.conftest import Services, service_env
 
 
@@ -208,15 +210,16 @@ async def verify(
     # Every answer is the one the inbox recorded for its request id. Those without an
     # inbox row were given by the gateway itself (gateway/finals.py), which may only say
     # "already claimed" to a holder and "sold out" to a non-holder of a sold-out coupon.
+    # The inbox keeps outcomes; the gateway's mapping makes the answer each should be.
     with psycopg.connect(settings.database_url) as conn:
-        recorded = {
-            str(r[0]): (r[1], r[2])
-            for r in conn.execute(
-                "SELECT message_id, result_status, result_body FROM inbox"
-                " WHERE message_id = ANY(%s::uuid[]) AND status = 'PROCESSED'",
-                ([a.request_id for a in answers if a.request_id],),
-            ).fetchall()
-        }
+        recorded = {}
+        for request_id, outcome, user, coupon in conn.execute(
+            "SELECT message_id, outcome, payload ->> 'user_id', payload ->> 'coupon_name'"
+            " FROM inbox WHERE message_id = ANY(%s::uuid[]) AND status = 'PROCESSED'",
+            ([a.request_id for a in answers if a.request_id],),
+        ).fetchall():
+            result = ClaimResult(request_id, Outcome.of_code(outcome), user, coupon)
+            recorded[str(request_id)] = (http.status(result), http.body(result))
     for a in answers:
         assert a.request_id is not None, a
         if a.request_id in recorded:

@@ -62,7 +62,7 @@ async def test_the_story_of_a_granted_a_refused_a_pending_and_a_dead_lettered_cl
     status, granted = await claim(http, services, "alice", coupon_name)
     assert status == 200
     story = await until_story(settings, granted["request_id"], "granted")
-    assert story["inbox"]["status"] == "PROCESSED" and story["inbox"]["result_status"] == 200
+    assert story["inbox"]["status"] == "PROCESSED" and story["inbox"]["outcome"] == "claimed"
     assert story["claim"]["user_id"] == "alice"
     assert story["redis"]["source"] == "consumer" and story["redis"]["status"] == 200
     assert story["event"] is not None and story["dead_letter"] is None

@@ -263,7 +263,11 @@ async def test_replay_after_the_coupon_sold_out_answers_out_of_stock(
                 break
             await asyncio.sleep(0.1)
     assert (status, body["code"]) == (400, "out_of_stock"), body
-    assert inbox_row(settings, letters.failed)[:3] == ("PROCESSED", settings.max_attempts, 400)
+    assert inbox_row(settings, letters.failed)[:3] == (
+        "PROCESSED",
+        settings.max_attempts,
+        "out_of_stock",
+    )
     holders = [u for u, _ in claims_of(settings, letters.coupon)]
     assert len(holders) == 10 and exploding_user not in holders
     with psycopg.connect(settings.database_url) as conn:
@@ -275,8 +279,7 @@ async def test_replay_after_the_coupon_sold_out_answers_out_of_stock(
 def inbox_row(settings: Settings, message_id: str) -> tuple[object, ...]:
     with psycopg.connect(settings.database_url) as conn:
         row = conn.execute(
-            "SELECT status, retry_count, result_status, result_body, updated_at FROM inbox"
-            " WHERE message_id = %s",
+            "SELECT status, retry_count, outcome, updated_at FROM inbox WHERE message_id = %s",
             (message_id,),
         ).fetchone()
     assert row is not None

@@ -135,12 +135,12 @@ async def test_a_consumer_killed_amid_messages_of_many_claims_loses_and_doubles_
         ).fetchone() == (0,)
         statuses = dict(
             conn.execute(
-                "SELECT result_status, count(*) FROM inbox WHERE payload ->> 'coupon_name' = %s"
-                " GROUP BY result_status",
+                "SELECT outcome, count(*) FROM inbox WHERE payload ->> 'coupon_name' = %s"
+                " GROUP BY outcome",
                 (coupon,),
             ).fetchall()
         )
-    assert statuses == {200: 5000, 400: 5000}
+    assert statuses == {"claimed": 5000, "out_of_stock": 5000}
     audit = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "flashclaim.cli", "audit", "--coupon", coupon],

@@ -53,8 +53,8 @@ def broken(settings: Settings, coupon_name: str) -> Iterator[str]:
             (coupon_name, orphan),
         )
         conn.execute(
-            "INSERT INTO inbox (message_id, sender, event_type, payload, status, result_status,"
-            " result_body) VALUES (%s, 't', 'x', %s, 'PROCESSED', 200, '{}')",
+            "INSERT INTO inbox (message_id, sender, event_type, payload, status, outcome)"
+            " VALUES (%s, 't', 'x', %s, 'PROCESSED', 'claimed')",
             (granted, f'{{"coupon_name": "{coupon_name}"}}'),
         )
         conn.execute(

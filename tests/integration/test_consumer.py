@@ -14,7 +14,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer import service
-from flashclaim.core.messages import ClaimCommand, ClaimResult, decode_claims, encode_claims
+from flashclaim.core.messages import (
+    ClaimCommand,
+    ClaimResult,
+    Outcome,
+    decode_claims,
+    encode_claims,
+)
 from flashclaim.core.results import ResultStore
 from flashclaim.core.settings import Settings
 from flashclaim.ops.deadletters import DeadLetterQueue, Selection
@@ -152,8 +158,8 @@ async def test_same_message_delivered_many_times_has_one_effect_and_identical_an
         consumers(2)
         await asyncio.gather(*(publish(broker, settings, command) for _ in range(8)))
         replies = await collect_replies(pubsub, 8)
-    assert {r.status for r in replies} == {200}
-    assert len({orjson.dumps(r.body) for r in replies}) == 1
+    assert {r.outcome for r in replies} == {Outcome.CLAIMED}
+    assert len({r.dumps() for r in replies}) == 1
     with psycopg.connect(settings.database_url) as conn:
         assert conn.execute(
             "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon_name,)
@@ -193,7 +199,7 @@ async def test_poison_message_is_dead_lettered_and_does_not_block_the_others(
     async with subscribed(redis) as pubsub:
         consumers(1)
         replies = await collect_replies(pubsub, 3)
-    assert sorted(r.status for r in replies) == [200, 200, 200]
+    assert [r.outcome for r in replies] == [Outcome.CLAIMED] * 3
 
     dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
     dead = await dlq.get(timeout=10, fail=True)
@@ -222,7 +228,7 @@ async def test_unknown_coupon_is_answered_404_not_dead_lettered(
         consumers(1)
         await publish(broker, settings, command)
         (reply,) = await collect_replies(pubsub, 1)
-    assert reply.status == 404
+    assert reply.outcome is Outcome.NO_SUCH_COUPON
     dlq = await broker.declare_queue(settings.topology().claims_dlq, passive=True)
     assert await dlq.get(fail=False) is None
 
@@ -244,7 +250,7 @@ async def test_failing_command_is_retried_by_the_broker_then_failed_and_dead_let
     async with subscribed(redis) as pubsub:
         consumers(1)
         replies = await collect_replies(pubsub, 4)
-    assert sorted(r.status for r in replies) == [200] * 4
+    assert [r.outcome for r in replies] == [Outcome.CLAIMED] * 4
 
     dead = await next_dead_letter(broker, settings)
     assert dead.message_id == str(bad.request_id)
@@ -318,7 +324,7 @@ async def test_database_errors_that_are_outages_hold_messages_without_spending_a
             with psycopg.connect(settings.database_url, autocommit=True) as conn:
                 conn.execute(f"DROP TRIGGER {trigger} ON claims; DROP FUNCTION {trigger}();")
             (reply,) = await collect_replies(pubsub, 1)
-        assert (reply.request_id, reply.status) == (command.request_id, 200)
+        assert (reply.request_id, reply.outcome) == (command.request_id, Outcome.CLAIMED)
     finally:
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             conn.execute(
@@ -428,7 +434,7 @@ async def test_a_lost_race_runs_the_batch_again_without_spending_an_attempt(
             await publish(broker, settings, command)
             consumers(1)
             (reply,) = await collect_replies(pubsub, 1)
-        assert (reply.request_id, reply.status) == (command.request_id, 200)
+        assert (reply.request_id, reply.outcome) == (command.request_id, Outcome.CLAIMED)
         with psycopg.connect(settings.database_url) as conn:
             assert conn.execute(
                 "SELECT status, retry_count FROM inbox WHERE message_id = %s",
@@ -485,9 +491,9 @@ async def test_a_poison_claim_inside_a_message_is_dead_lettered_alone(
         await publish_many(broker, settings, good, orjson.dumps({"v": 2, "claims": claims}))
         consumers(1)
         replies = await collect_replies(pubsub, 3)
-    assert sorted((r.request_id, r.status) for r in replies) == sorted(
-        (c.request_id, 200) for c in good
-    )
+    assert {(r.request_id, r.outcome) for r in replies} == {
+        (c.request_id, Outcome.CLAIMED) for c in good
+    }
     dead = await next_dead_letter(broker, settings)
     assert dead.message_id == poison_id
     assert orjson.loads(dead.body) == {"v": 1, "user_id": "", "coupon_name": coupon_name}
@@ -522,7 +528,7 @@ async def test_a_failing_claim_inside_a_message_fails_alone_and_its_replay_appli
         await publish_many(broker, settings, [good[0], bad, *good[1:]])
         consumers(1)
         replies = await collect_replies(pubsub, 4)
-        assert sorted(r.status for r in replies) == [200] * 4
+        assert [r.outcome for r in replies] == [Outcome.CLAIMED] * 4
         dead = await next_dead_letter(broker, settings)
     assert dead.message_id == str(bad.request_id)
     (decoded,) = decode_claims(dead.message_id, dead.body, None).commands
@@ -557,7 +563,7 @@ async def test_a_failing_claim_inside_a_message_fails_alone_and_its_replay_appli
             (again,) = await collect_replies(pubsub, 1)
     finally:
         await connection.close()
-    assert (reply.request_id, reply.status) == (bad.request_id, 200)
+    assert (reply.request_id, reply.outcome) == (bad.request_id, Outcome.CLAIMED)
     assert again == reply
     with psycopg.connect(settings.database_url) as conn:
         for _ in range(50):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+import pytest
+from psycopg.types.json import Jsonb
 
 from flashclaim.core.db import migrate, pending_migrations, schema_sql
 from flashclaim.devtools import schemafile
@@ -78,3 +81,52 @@ def test_the_schema_commands_say_what_is_pending_and_apply_it(
     env["FLASHCLAIM_DATABASE_URL"] = "postgresql://x@127.0.0.1:1/x?connect_timeout=1"
     unreachable = schema("status")
     assert unreachable.returncode == 2 and "cannot reach the database" in unreachable.stderr
+
+
+def test_outcomes_are_backfilled_and_derived_from_an_older_consumers_answers(
+    new_database: Callable[[], str],
+) -> None:
+    """0005 keeps outcomes instead of HTTP answers: the rows answered before get theirs
+    from the answer they kept, and a consumer of the release before, still running
+    while the new one rolls out, has its answer turned into an outcome as it writes."""
+    database = new_database()
+    migrate(database, upto="0004_observability")
+    answered = {
+        "claimed": (200, {"status": "claimed"}),
+        "already_claimed": (409, {"code": "already_claimed"}),
+        "out_of_stock": (400, {"code": "out_of_stock"}),
+        "coupon_not_found": (404, {"code": "coupon_not_found"}),
+    }
+    insert = (
+        "INSERT INTO inbox (message_id, sender, event_type, payload, status, result_status,"
+        " result_body) VALUES (%s, 't', 'x', '{}', %s, %s, %s)"
+    )
+    ids = {code: uuid.uuid4() for code in answered}
+    with psycopg.connect(database, autocommit=True) as conn:
+        for code, (status, body) in answered.items():
+            conn.execute(insert, (ids[code], "PROCESSED", status, Jsonb(body)))
+    assert migrate(database) == MIGRATIONS[4:]
+    with psycopg.connect(database, autocommit=True) as conn:
+        for code in answered:
+            assert conn.execute(
+                "SELECT outcome FROM inbox WHERE message_id = %s", (ids[code],)
+            ).fetchone() == (code,)
+        pending = uuid.uuid4()
+        conn.execute(insert, (pending, "PENDING", None, None))
+        conn.execute(  # record_results as the release before wrote it
+            "UPDATE inbox SET status = 'PROCESSED', result_status = 409,"
+            " result_body = %s WHERE message_id = %s",
+            (Jsonb({"code": "already_claimed"}), pending),
+        )
+        assert conn.execute(
+            "SELECT outcome FROM inbox WHERE message_id = %s", (pending,)
+        ).fetchone() == ("already_claimed",)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "UPDATE inbox SET status = 'PROCESSED', outcome = NULL WHERE message_id = %s",
+                (ids["claimed"],),
+            )
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "UPDATE inbox SET outcome = 'maybe' WHERE message_id = %s", (ids["claimed"],)
+            )

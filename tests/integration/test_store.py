@@ -9,7 +9,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.store import Delivery, apply_batch
-from flashclaim.core.messages import ClaimCommand
+from flashclaim.core.messages import ClaimCommand, Outcome
 from flashclaim.core.settings import Settings
 from tests.conftest import create_coupon_row
 
@@ -39,8 +39,8 @@ async def test_batch_grants_in_order_and_records_every_result(
     create_coupon_row(settings.database_url, coupon_name, 2)
     batch = [delivery(f"u{i}", coupon_name) for i in range(4)] + [delivery("u0", coupon_name)]
     outcome = await apply(pool, batch)
-    statuses = [outcome.results[d.command.request_id].status for d in batch]
-    assert statuses == [200, 200, 400, 400, 409]
+    codes = [outcome.results[d.command.request_id].outcome.code for d in batch]
+    assert codes == ["claimed", "claimed", "out_of_stock", "out_of_stock", "already_claimed"]
     assert await coupon_state(pool, coupon_name) == (0, ["u0", "u1"])
     async with pool.connection() as conn:
         cur = await conn.execute(
@@ -74,22 +74,22 @@ async def test_concurrent_transactions_with_the_same_messages_have_one_effect(
     for d in batch:
         answers = {
             (
-                o.results[d.command.request_id].status,
-                o.results[d.command.request_id].body["request_id"],
+                o.results[d.command.request_id].outcome,
+                o.results[d.command.request_id].request_id,
             )
             for o in outcomes
         }
-        assert answers == {(200, str(d.command.request_id))}
+        assert answers == {(Outcome.CLAIMED, d.command.request_id)}
     remaining, holders = await coupon_state(pool, coupon_name)
     assert remaining == 80
     assert sorted(holders) == sorted(f"user{i}" for i in range(20))
 
 
-async def test_unknown_coupon_is_recorded_as_404(pool: AsyncConnectionPool) -> None:
+async def test_unknown_coupon_is_recorded_as_not_found(pool: AsyncConnectionPool) -> None:
     d = delivery("alice", f"MISSING_{uuid.uuid4().hex}")
     outcome = await apply(pool, [d])
     result = outcome.results[d.command.request_id]
-    assert (result.status, result.body["code"]) == (404, "coupon_not_found")
+    assert result.outcome is Outcome.NO_SUCH_COUPON
 
 
 async def test_service_connections_plan_each_statement_for_the_tables_as_they_are(

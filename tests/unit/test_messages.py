@@ -13,6 +13,7 @@ from flashclaim.core.messages import (
     decode_claims,
     encode_claims,
 )
+from gateway import answers
 
 
 def test_command_round_trips() -> None:
@@ -42,32 +43,55 @@ def test_poison_commands_are_recognised(message_id: str | None, body: bytes, rea
 def test_result_bodies_follow_the_contract() -> None:
     command = ClaimCommand(uuid.uuid4(), "u", "c")
     ok = ClaimResult.of(command, Outcome.CLAIMED)
-    assert (ok.status, ok.body["status"]) == (200, "claimed")
-    assert ok.body["request_id"] == str(command.request_id)
+    assert (answers.status(ok), answers.body(ok)["status"]) == (200, "claimed")
+    assert answers.body(ok)["request_id"] == str(command.request_id)
     sold_out = ClaimResult.of(command, Outcome.OUT_OF_STOCK)
-    assert sold_out.status == 400
-    assert sold_out.body["code"] == "out_of_stock"
-    assert sold_out.body["error"]
-    assert ClaimResult.loads(sold_out.dumps()) == sold_out
-    assert orjson.loads(sold_out.dumps())["status"] == 400
+    assert answers.status(sold_out) == 400
+    assert answers.body(sold_out)["code"] == "out_of_stock"
+    assert answers.body(sold_out)["error"]
+    assert {answers.status(ClaimResult.of(command, o)) for o in Outcome} == {200, 400, 404, 409}
 
 
 @pytest.mark.parametrize("outcome", list(Outcome))
-def test_a_result_keeps_its_outcome_through_redis_and_the_inbox(outcome: Outcome) -> None:
+def test_a_result_is_stored_as_its_outcome_not_as_an_http_answer(outcome: Outcome) -> None:
+    command = ClaimCommand(uuid.uuid4(), "alice", "PROMO")
+    result = ClaimResult.of(command, outcome, remaining=3)
+    stored = orjson.loads(result.dumps())
+    assert stored == {
+        "request_id": str(command.request_id),
+        "outcome": outcome.code,
+        "user_id": "alice",
+        "coupon_name": "PROMO",
+        "remaining": 3,
+    }
+    assert ClaimResult.loads(result.dumps()) == result
+    assert ClaimResult.loads(result.dumps()).remaining == 3
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_a_result_stored_as_an_http_answer_by_the_release_before_is_read(
+    outcome: Outcome,
+) -> None:
+    """Redis keeps such values for RESULT_TTL_SECONDS after the upgrade."""
     command = ClaimCommand(uuid.uuid4(), "alice", "PROMO")
     result = ClaimResult.of(command, outcome)
-    assert ClaimResult.loads(result.dumps()) == result
-    assert ClaimResult.of_answer(command.request_id, result.status, result.body) == result
-    common = {"user_id": "alice", "coupon_name": "PROMO", "request_id": str(command.request_id)}
-    if outcome is Outcome.CLAIMED:
-        assert (result.status, result.body) == (200, {"status": "claimed", **common})
-    else:
-        assert result.body == {"error": outcome.message, "code": outcome.code, **common}
+    older = {
+        "request_id": str(command.request_id),
+        "status": answers.status(result),
+        "body": answers.body(result),
+    }
+    assert ClaimResult.loads(orjson.dumps(older)) == result
+    assert ClaimResult.loads_many(orjson.dumps([older, orjson.loads(result.dumps())])) == [
+        result,
+        result,
+    ]
 
 
-def test_an_answer_that_is_no_outcome_is_refused() -> None:
+def test_a_value_that_is_no_outcome_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a claim outcome"):
+        ClaimResult.from_dict({"request_id": str(uuid.uuid4()), "outcome": "maybe"})
     with pytest.raises(ValueError, match="not a claim answer"):
-        ClaimResult.of_answer(uuid.uuid4(), 200, {"code": "out_of_stock"})
+        ClaimResult.from_dict({"request_id": str(uuid.uuid4()), "status": 200, "body": {}})
 
 
 def test_several_claims_travel_in_one_message_and_decode_one_by_one() -> None:
@@ -121,7 +145,7 @@ def test_the_stock_left_travels_with_a_result_but_is_not_part_of_the_answer() ->
     told = ClaimResult.of(command, Outcome.CLAIMED, remaining=0)
     back = ClaimResult.loads(told.dumps())
     assert back.remaining == 0 and back == ClaimResult.of(command, Outcome.CLAIMED)
-    assert "remaining" not in told.body
+    assert "remaining" not in answers.body(told)
 
 
 TRACE_A = "00-" + "a" * 32 + "-" + "1" * 16 + "-01"
