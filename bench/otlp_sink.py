@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 SPANS = web.AppKey("spans", list)
-BY_SERVICE = web.AppKey("by_service", Counter[str])
+BY_SERVICE = web.AppKey("by_service", dict[str, int])
 
 
 async def traces(request: web.Request) -> web.Response:
@@ -45,9 +45,8 @@ async def traces(request: web.Request) -> web.Response:
 
 
 async def count(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"spans": request.app[SPANS][0], "by_service": dict(request.app[BY_SERVICE])}
-    )
+    by_service = request.app[BY_SERVICE]
+    return web.json_response({"spans": request.app[SPANS][0], "by_service": dict(by_service)})
 
 
 async def main(port: int) -> None:

@@ -22,8 +22,10 @@ An outbox relay runs throughout, as under ``make run`` (its CPU is in the figure
 while the consumer drains its backlog.
 
 Prints a table (measure, figure, bound, target) and writes ``reports/bench/results.json``
-and a chart per load scenario. One run on whatever machine runs it: compare figures only
-within one run.
+and a chart per load scenario, then ``docs/BENCHMARKS.md``: that table and the charts of
+the bursts and the open-loop runs (copied to ``docs/benchmarks/``), with the notes of the
+file it replaces kept as they were (everything below the notes marker, written by
+people). One run on whatever machine runs it: compare figures only within one run.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -54,6 +57,16 @@ from flashclaim.devtools.processes import start_service, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+DOC_CHARTS = ROOT / "docs" / "benchmarks"
+NOTES = "<!-- notes: written by people; `make bench` keeps everything below this line -->"
+# The charts the page shows: (file in OUT, caption).
+CHARTS = (
+    ("burst-1000.png", "10,000 claims for 100 in stock, 1,000 clients at a time"),
+    ("burst-10000.png", "10,000 claims for 100 in stock, 10,000 clients at a time"),
+    ("sustained-1000.png", "open loop, 1,000 claims a second on one hot coupon"),
+    ("sustained-2000.png", "open loop, 2,000 claims a second on one hot coupon"),
+)
 PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
 MEMORY_TARGET_MB = 200
@@ -115,16 +128,18 @@ class Bench:
         self.consumer = start_service("consumer", self.settings.environ(), self.log)
 
     def stop_consumer(self) -> None:
-        self.consumer = self._stopped(self.consumer)
+        self._stop(self.consumer)
+        self.consumer = None
 
     def start_relay(self) -> None:
         self.relay = start_service("relay", self.settings.environ(), self.log)
 
     def stop_relay(self) -> None:
-        self.relay = self._stopped(self.relay)
+        self._stop(self.relay)
+        self.relay = None
 
-    def _stopped(self, proc: subprocess.Popen[bytes] | None) -> None:
-        """Stop ``proc`` (its peak memory noted first); ``None``, for its attribute."""
+    def _stop(self, proc: subprocess.Popen[bytes] | None) -> None:
+        """Stop ``proc`` (its peak memory noted first)."""
         if proc is not None:
             self.note_memory()
             terminate([proc], 30)
@@ -451,6 +466,38 @@ def render(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def write_page(machine: str, table: str) -> None:
+    """docs/BENCHMARKS.md: this run's table and charts; the notes below the marker of
+    the page it replaces are kept."""
+    notes = ""
+    if DOC.exists():
+        _, marker, after = DOC.read_text().partition(NOTES)
+        notes = after if marker else ""
+    DOC_CHARTS.mkdir(parents=True, exist_ok=True)
+    charts = []
+    for name, caption in CHARTS:
+        if (OUT / name).exists():
+            shutil.copyfile(OUT / name, DOC_CHARTS / name)
+            charts.append(f"![{caption}](benchmarks/{name})\n\n*{caption}*\n")
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    page = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` on {day} ({machine}); `bench/run.py` says what each row"
+        " measures and how. Each figure stands beside what bounds it on the same machine in"
+        " the same run: compare figures within one run only (run to run, the day's machine"
+        " moves them by a tenth or more).",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        *charts,
+        NOTES,
+    ]
+    DOC.write_text("\n".join(page) + (notes if notes else "\n"))
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     stack = Stack("bench", root=ROOT / ".stack", fresh=True)
@@ -488,12 +535,15 @@ def main() -> int:
         asyncio.run(bench.open_loop())
         bench.drain()
         bench.observability()
-        print()
-        print(
-            f"flashclaim bench on {platform.node()}: {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, every server and the load on the same machine"
+        machine = (
+            f"{os.cpu_count()} cores, Python {platform.python_version()},"
+            " every server and the load on the same machine"
         )
-        print(render(bench.table()))
+        table = render(bench.table())
+        print()
+        print(f"flashclaim bench on {platform.node()}: {machine}")
+        print(table)
+        write_page(machine, table)
         results = {
             "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
             "figures": bench.figures,
@@ -503,7 +553,7 @@ def main() -> int:
         for scenario_result in results["scenarios"].values():
             scenario_result.pop("timeline", None)
         (OUT / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"\nreport: {OUT / 'results.json'}, charts: {OUT}/*.png")
+        print(f"\nreport: {OUT / 'results.json'}, charts: {OUT}/*.png, page: {DOC}")
         return 0 if all(rep.ok for rep in bench.reports.values()) else 1
     finally:
         if bench is not None:

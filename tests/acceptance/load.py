@@ -180,7 +180,7 @@ async def verify(
             " FROM claims WHERE coupon_name = ANY(%s)",
             (load.names,),
         ).fetchall()
-        stock = dict(
+        stock: dict[str, int] = dict(
             conn.execute(
                 "SELECT name, remaining_amount FROM coupons WHERE name = ANY(%s)", (load.names,)
             ).fetchall()

@@ -64,13 +64,13 @@ async def test_the_story_of_a_granted_a_refused_a_pending_and_a_dead_lettered_cl
     story = await until_story(settings, granted["request_id"], "granted")
     assert story["inbox"]["status"] == "PROCESSED" and story["inbox"]["outcome"] == "claimed"
     assert story["claim"]["user_id"] == "alice"
-    assert story["redis"]["source"] == "consumer" and story["redis"]["status"] == 200
+    assert story["redis"]["source"] == "consumer" and story["redis"]["outcome"] == "claimed"
     assert story["event"] is not None and story["dead_letter"] is None
 
     status, refused = await claim(http, services, "alice", coupon_name)
     assert status == 409
     story = await until_story(
-        settings, refused["request_id"], "refused: 409", "answered by the gateway: 409"
+        settings, refused["request_id"], "refused: already_claimed", "answered by the gateway"
     )
     assert story["verdict"].endswith("already_claimed"), story["verdict"]
     assert story["claim"] is None and story["event"] is None

@@ -371,7 +371,7 @@ def test_the_crashed_database_is_a_durable_one(settings: Settings) -> None:
     """What the crashes above prove holds for a PostgreSQL that syncs its writes (the
     rest of the suite runs it without, for speed)."""
     with psycopg.connect(settings.database_url) as conn:
-        settings_now = dict(
+        settings_now: dict[str, str] = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings"
                 " WHERE name IN ('fsync', 'full_page_writes', 'synchronous_commit')"

@@ -133,7 +133,7 @@ async def test_a_consumer_killed_amid_messages_of_many_claims_loses_and_doubles_
         assert conn.execute(
             "SELECT remaining_amount FROM coupons WHERE name = %s", (coupon,)
         ).fetchone() == (0,)
-        statuses = dict(
+        statuses: dict[str, int] = dict(
             conn.execute(
                 "SELECT outcome, count(*) FROM inbox WHERE payload ->> 'coupon_name' = %s"
                 " GROUP BY outcome",

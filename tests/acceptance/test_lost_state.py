@@ -30,6 +30,7 @@ async def redis(settings: Settings, restore: Stack) -> AsyncIterator[aioredis.Re
     """The suite's Redis, as its administrator; its memory limit put back afterwards."""
     client = aioredis.from_url(settings.redis_url)
     (limit,) = (await client.config_get("maxmemory")).values()
+    assert limit is not None
     yield client
     await client.config_set("maxmemory", limit)
     await client.aclose()

@@ -142,9 +142,9 @@ async def test_each_process_serves_metrics_that_follow_the_claims(
         return total(r, "flashclaim_outbox_published_total") == STOCK + 2
 
     await until(relay_counted)
-    r = await scrape(http, relay)
-    assert total(r, "flashclaim_outbox_event_lag_seconds_count") == STOCK + 2
-    assert total(r, "flashclaim_db_pool_connections") >= 1
+    figures = await scrape(http, relay)
+    assert total(figures, "flashclaim_outbox_event_lag_seconds_count") == STOCK + 2
+    assert total(figures, "flashclaim_db_pool_connections") >= 1
 
 
 async def _breakers(http: aiohttp.ClientSession, url: str, workers: int) -> bool:

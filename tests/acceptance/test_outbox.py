@@ -176,7 +176,9 @@ async def test_a_load_announces_every_change_exactly_once(
             str(r[0]): r[1]
             for r in conn.execute("SELECT message_id, coupon_name FROM claims").fetchall()
         }
-        stock = dict(conn.execute("SELECT name, remaining_amount FROM coupons").fetchall())
+        stock: dict[str, int] = dict(
+            conn.execute("SELECT name, remaining_amount FROM coupons").fetchall()
+        )
     sold_out = {name for name, left in stock.items() if left == 0}
     assert sold_out, "the load should sell some coupons out"
     expected = len(stock) + len(claims) + len(sold_out)

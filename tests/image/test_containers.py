@@ -311,13 +311,19 @@ async def test_the_contract_scenarios_and_a_burst_through_the_gateway_container(
     )
     await events.bind(running.settings.topology().events_exchange, "coupon.#")
     try:
-        auth = {"credentials": running.credentials}
-        flash = await scenarios.flash_sale(http, running.base_url, users=50, stock=5, **auth)
+        auth = running.credentials
+        flash = await scenarios.flash_sale(
+            http, running.base_url, users=50, stock=5, credentials=auth
+        )
         assert flash.violations == [] and dict(flash.statuses) == {200: 5, 400: 45}, flash
-        dip = await scenarios.double_dip(http, running.base_url, attempts=10, stock=100, **auth)
+        dip = await scenarios.double_dip(
+            http, running.base_url, attempts=10, stock=100, credentials=auth
+        )
         assert dip.violations == [] and dict(dip.statuses) == {200: 1, 409: 9}, dip
         assert dip.coupon_state["remaining_amount"] == 99
-        burst = await scenarios.flash_sale(http, running.base_url, users=2000, stock=100, **auth)
+        burst = await scenarios.flash_sale(
+            http, running.base_url, users=2000, stock=100, credentials=auth
+        )
         assert burst.violations == [], burst.violations
         assert (burst.statuses[200], burst.statuses[400]) == (100, 1900), burst.statuses
         for report in (flash, dip, burst):

@@ -105,7 +105,7 @@ async def bound_queue(
 
 
 async def drain(queue: aio_pika.abc.AbstractQueue, count: int) -> list[Any]:
-    got = []
+    got: list[Any] = []
     async with asyncio.timeout(10):
         while len(got) < count:
             message = await queue.get(fail=False)

@@ -68,7 +68,7 @@ async def test_an_acl_user_behind_a_sentinel_with_its_own_password(
     proc, port = start_sentinel(stack, tmp_path, password="sentinel-secret")
     user = f"acl-{settings.namespace}"
     admin = aioredis.Redis(port=stack.redis.port)
-    await admin.execute_command(*redis_acl_setuser(user, "app-secret", settings.namespace))
+    await admin.execute_command(*redis_acl_setuser(user, "app-secret", settings.namespace))  # type: ignore[no-untyped-call]
     url = f"redis+sentinel://{user}:app-secret@127.0.0.1:{port}/flashclaim/0"
     try:
         client = redis_client(url, sentinel_password="sentinel-secret")
@@ -83,7 +83,7 @@ async def test_an_acl_user_behind_a_sentinel_with_its_own_password(
             await client.ping()
         await client.aclose()
     finally:
-        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]
         await admin.aclose()
         proc.terminate()
         proc.wait(10)
@@ -104,7 +104,7 @@ async def test_a_sentinel_url_reaches_the_master_it_names(sentinel: int) -> None
                 if message is not None:
                     break
         assert message["data"] == b"hello"
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
     finally:
         await client.aclose()
 

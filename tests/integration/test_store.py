@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -142,7 +143,7 @@ async def test_two_consumers_over_coupons_in_opposite_orders_neither_deadlock_no
         assert sorted(holders) == sorted(users) and remaining == 30 - len(users)
 
 
-async def waiting_for_locks(conn: psycopg.AsyncConnection) -> int:  # type: ignore[type-arg]
+async def waiting_for_locks(conn: psycopg.AsyncConnection[Any]) -> int:
     """Sessions waiting for a lock now (asked outside a transaction: within one,
     pg_stat_activity is read once)."""
     cur = await conn.execute(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import aio_pika
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -43,7 +44,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 async def stack(
     own_settings: Settings, spans: InMemorySpanExporter
-) -> AsyncIterator[tuple[TestClient[aio_pika.abc.AbstractIncomingMessage, object], Settings]]:
+) -> AsyncIterator[tuple[TestClient[web.Request, web.Application], Settings]]:
     """Gateway (in-process), consumer and relay tasks, all traced."""
     settings = own_settings.replace(claim_hold_seconds=0)
     stop = asyncio.Event()
@@ -53,7 +54,7 @@ async def stack(
     ]
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
-    yield client, settings  # type: ignore[misc]
+    yield client, settings
     await client.close()
     stop.set()
     await asyncio.gather(*tasks)

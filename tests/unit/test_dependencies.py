@@ -26,7 +26,7 @@ def wanted(*extras: str) -> set[str]:
     requirements = list(project["dependencies"])
     for extra in extras:
         requirements += project["optional-dependencies"][extra]
-    names = {canonicalize_name(Requirement(r).name) for r in requirements}
+    names: set[str] = {canonicalize_name(Requirement(r).name) for r in requirements}
     return names - {"flashclaim"}
 
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flashclaim.core.privileges import broker_permissions, redis_acl_rules
 from flashclaim.core.settings import Settings
@@ -73,7 +73,7 @@ def test_the_compose_observability_files_are_the_shipped_ones() -> None:
     ]
     assert jobs == [
         (j["job_name"], j.get("metrics_path"), j.get("params"))
-        for j in local["scrape_configs"]  # type: ignore[index]
+        for j in cast(list[dict[str, Any]], local["scrape_configs"])
     ]
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/flashclaim.json").read_text())
     datasources = yaml.safe_load(

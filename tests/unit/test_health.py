@@ -29,6 +29,11 @@ def _get(url: str) -> tuple[int, dict[str, object]]:
         return refused.code, json.loads(refused.read())
 
 
+def _get_after(seconds: float, url: str) -> tuple[int, dict[str, object]]:
+    time.sleep(seconds)
+    return _get(url)
+
+
 async def test_healthz_answers_503_while_the_event_loop_is_blocked() -> None:
     port = free_port()
     endpoint = metrics.Endpoint(metrics.ConsumerMetrics(True), "127.0.0.1", port, stall_after=0.5)
@@ -42,7 +47,7 @@ async def test_healthz_answers_503_while_the_event_loop_is_blocked() -> None:
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             # Asked from another thread while the loop is held by a synchronous call.
-            during = pool.submit(lambda: (time.sleep(1.0), _get(url))[1])
+            during = pool.submit(_get_after, 1.0, url)
             check = pool.submit(healthcheck.check, "consumer", settings)
             time.sleep(1.6)  # noqa: ASYNC251 - the stall under test: no beat
             status, body = during.result()

@@ -237,7 +237,7 @@ class Consumer:
     async def deliver(self, *messages: Message) -> None:
         """One batch handled, and what it committed reported and acknowledged."""
         self.worker.reporter.start()
-        await self.worker.handle(list(messages))
+        await self.worker.handle([cast(AbstractIncomingMessage, m) for m in messages])
         await self.worker.reporter.close(grace=5)
 
     def settled(self, message: Message) -> str | None:
