@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from aio_pika.abc import AbstractRobustConnection
 from psycopg_pool import AsyncConnectionPool
 
-from consumer.deadletter import DeadLetterPublisher
+from consumer.dlq_publisher import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.reporter import Reporter
 from consumer.slots import ConsumerSlot
@@ -74,7 +74,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return
         # Limits and dead-lettering first, so that queues declared next have them.
         await apply_configured(settings)
-        # on_return_raises: a dead letter no queue took is an error (consumer/deadletter.py).
+        # on_return_raises: a dead letter no queue took is an error (consumer/dlq_publisher.py).
         channel = await connection.channel(on_return_raises=True)
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel)

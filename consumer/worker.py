@@ -40,7 +40,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from tenacity import RetryCallState
 
-from consumer.deadletter import DeadLetterPublisher
+from consumer.dlq_publisher import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.reporter import Received, Reporter, settle
 from consumer.store import Attempts, BatchOutcome, ClaimStore, Delivery
@@ -178,7 +178,7 @@ class ClaimWorker:
             taken = True
             for claim in decoded.poison:
                 taken = await self.dead_letters.send_claim(
-                    message, claim.message_id, claim.body, "poison", claim.error
+                    message, claim.request_id, claim.body, "poison", claim.error
                 )
                 if not taken:
                     break
@@ -229,7 +229,10 @@ class ClaimWorker:
         if len(deliveries) == 1:
             failed.append((deliveries[0], exc))
         else:
-            log.warning("message failed, claim by claim", extra={"error": repr(exc)})
+            log.warning(
+                "message failed, claim by claim",
+                extra={"message_id": message.message_id, "error": repr(exc)},
+            )
             for delivery in deliveries:
                 try:
                     applied = await self._apply([delivery])
@@ -246,6 +249,7 @@ class ClaimWorker:
             if not await self._failed(message, delivery, error):
                 again = True
         if again:
+            log.warning("message requeued", extra={"message_id": message.message_id})
             await settle(message.nack(requeue=True))
             return
         await self.reporter.put([(message, done)], BatchOutcome.total(outcomes), last)
@@ -262,7 +266,7 @@ class ClaimWorker:
             self.metrics.retries.inc()
             log.warning(
                 "command failed; requeued",
-                extra={"message_id": request_id, "attempt": attempts.count, "error": repr(error)},
+                extra={"request_id": request_id, "attempt": attempts.count, "error": repr(error)},
             )
             return False
         if not await self.dead_letters.send_claim(

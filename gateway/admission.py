@@ -65,7 +65,7 @@ class Admission:
         self._coupons: collections.OrderedDict[str, _Coupon] = collections.OrderedDict()
         # Called with a coupon read from the database with no stock left: no result may
         # ever come back to say so (another process's claims took it all), so the final
-        # answers are told directly (FinalAnswers.close; they then call sold_out).
+        # answers are told directly (FinalAnswers.sold_out; they then call this object's sold_out).
         self.on_exhausted: Callable[[str], None] | None = None
 
     def holding(self) -> int:

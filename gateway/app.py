@@ -163,7 +163,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         app[REPOSITORY].holders, on_sold_out=admission.sold_out if admission else None
     )
     if admission is not None:
-        admission.on_exhausted = finals.close
+        admission.on_exhausted = finals.sold_out
     app[CLAIMS] = Claims(
         Coalescer(publisher.publish, s.publish_linger_ms / 1000, s.publish_max_claims),
         replies,

@@ -73,9 +73,9 @@ class FinalAnswers:
             result.outcome is Outcome.CLAIMED and result.remaining == 0
         )
         if sold_out:
-            self.close(coupon)
+            self.sold_out(coupon)
 
-    def close(self, coupon: str) -> None:
+    def sold_out(self, coupon: str) -> None:
         """The database said ``coupon`` has no stock left (a committed result, or its stock
         read as 0): read its holders, once, and answer its claims from then on."""
         if coupon in self._sold_out or coupon in self._loading:

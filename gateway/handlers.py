@@ -11,10 +11,10 @@ from aiohttp import web
 from flashclaim.core import metrics
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.http import (
-    CLAIM_ID,
     COUPON,
     METRICS,
     OUTCOME,
+    REQUEST_ID,
     error_response,
     json_object,
     json_response,
@@ -66,7 +66,7 @@ async def claim(request: web.Request) -> web.Response:
     # With a key, the id is the client's own (scoped to user_id, unguessable: see
     # gateway/idempotency.py); without one, every request is a new claim.
     request_id = ids.for_key(user_id, key) if key else ids.fresh()
-    request[CLAIM_ID] = str(request_id)
+    request[REQUEST_ID] = str(request_id)
     request[COUPON] = coupon_name
     command = ClaimCommand(request_id, user_id, coupon_name)
     result = await request.app[CLAIMS].submit(command, replayable=key is not None)

@@ -7,7 +7,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from flashclaim.core import tracing
-from flashclaim.core.http import CLAIM_ID
+from flashclaim.core.http import REQUEST_ID
 
 
 @web.middleware
@@ -28,8 +28,8 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
     ) as span:
         response = await handler(request)
         span.set_attribute("http.response.status_code", response.status)
-        if CLAIM_ID in request:
-            span.set_attribute("flashclaim.request_id", request[CLAIM_ID])
+        if REQUEST_ID in request:
+            span.set_attribute("flashclaim.request_id", request[REQUEST_ID])
         if response.status >= 500:
             span.set_status(tracing.StatusCode.ERROR)
         return response

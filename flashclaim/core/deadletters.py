@@ -1,6 +1,6 @@
 """Dead letters' format: what the consumer writes when it moves a command to the DLQ.
 
-The ``x-flashclaim-*`` headers (``failure_headers``, written by consumer/deadletter.py)
+The ``x-flashclaim-*`` headers (``failure_headers``, written by consumer/dlq_publisher.py)
 are the ones the operators' tools read back (flashclaim/ops/deadletters.py), and a
 replay's fresh start (``replay_headers``) is decided here too; the outgoing copy of a
 command is built in one place (``copy_of``).

@@ -38,8 +38,8 @@ from flashclaim.core.metrics import GatewayMetrics
 # The application's figures, when it keeps them (its requests, by route and status).
 METRICS = web.AppKey("metrics", GatewayMetrics)
 # What a request's handling learns, for its log line, its span and its metrics.
-REQUEST_ID = web.RequestKey("request_id", str)  # the HTTP request's (X-Request-Id)
-CLAIM_ID = web.RequestKey("claim_id", str)  # the claim's request id
+HTTP_REQUEST_ID = web.RequestKey("http_request_id", str)  # X-Request-Id: the HTTP request's
+REQUEST_ID = web.RequestKey("request_id", str)  # the claim's (the contract's request_id)
 COUPON = web.RequestKey("coupon", str)
 OUTCOME = web.RequestKey("outcome", str)
 ERROR = web.RequestKey("error", str)
@@ -88,11 +88,11 @@ ERRORS: dict[type[FlashclaimError], tuple[int, str]] = {
     Overloaded: (503, "overloaded"),
     DependencyUnavailable: (503, "service_unavailable"),
 }
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_HTTP_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _SOURCE: tuple[int, str, Iterator[int]] | None = None
 
 
-def _new_request_id() -> str:
+def _new_http_id() -> str:
     """A request id unique across processes and restarts (a random prefix drawn once
     per process, then a counter): it correlates log lines, it guards nothing, so it
     need not cost a call to the system's random source per request as a UUID does."""
@@ -150,10 +150,10 @@ def hide_server_version() -> None:
 
 async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = incoming if _REQUEST_ID.match(incoming) else _new_request_id()
+    request[HTTP_REQUEST_ID] = incoming if _HTTP_REQUEST_ID.match(incoming) else _new_http_id()
     try:
         # Every line logged while the request is handled carries its id.
-        with logs.bind(request_id=request[REQUEST_ID]):
+        with logs.bind(http_request_id=request[HTTP_REQUEST_ID]):
             response = await handler(request)
     except FlashclaimError as exc:
         status, code = next(
@@ -162,7 +162,7 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
         request[ERROR] = str(exc)
         request[ERROR_CODE] = code
         # A claim refused after it got its id (503, 422...) says which claim it was.
-        extra = {"request_id": request[CLAIM_ID]} if CLAIM_ID in request else {}
+        extra = {"request_id": request[REQUEST_ID]} if REQUEST_ID in request else {}
         response = error_response(
             status, code, str(exc), getattr(exc, "retry_after", None), **extra
         )
@@ -178,11 +178,12 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
             response.headers["Allow"] = allow
     except Exception:  # the one boundary left: a bug answers 500, logged with its trace
         log.exception(
-            "unhandled error", extra={"request_id": request[REQUEST_ID], "path": request.path}
+            "unhandled error",
+            extra={"http_request_id": request[HTTP_REQUEST_ID], "path": request.path},
         )
         response = error_response(500, "internal_error", "internal server error")
         request[ERROR_CODE] = "internal_error"
-    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    response.headers["X-Request-Id"] = request[HTTP_REQUEST_ID]
     return response
 
 
@@ -191,7 +192,7 @@ class CanonicalAccessLogger(AbstractAccessLogger):
         if not self.logger.isEnabledFor(logging.INFO):
             return
         fields = {
-            "request_id": request.get(REQUEST_ID),
+            "http_request_id": request.get(HTTP_REQUEST_ID),
             "method": request.method,
             "path": request.path,
             "status": response.status,
@@ -200,7 +201,7 @@ class CanonicalAccessLogger(AbstractAccessLogger):
         if USER in request:  # the token's user (never the token)
             fields["user"] = request[USER]
         for key, name in (
-            (CLAIM_ID, "claim_id"),
+            (REQUEST_ID, "request_id"),
             (COUPON, "coupon"),
             (OUTCOME, "outcome"),
             (ERROR, "error"),

@@ -27,10 +27,11 @@ from flashclaim.core import tracing
 REQUIRED = ("time", "level", "service", "logger", "event")
 # On a line where they apply (bound for the work in hand, or given as ``extra``).
 CONTEXT = (
-    "request_id",
+    "http_request_id",  # the HTTP request's (X-Request-Id)
+    "request_id",  # a claim's (the REST contract's request_id)
+    "message_id",  # an AMQP message's (one claim's request id, or several claims')
     "trace_id",
     "span_id",
-    "message_id",
     "coupon",
     "outcome",
     "duration_ms",

@@ -112,9 +112,9 @@ def _json_object(body: bytes) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class PoisonClaim:
     """A claim inside a version 2 message that can never apply: what its dead letter
-    carries (its own message id, as given, and a version 1 body) and why."""
+    carries (its request id, as given, as the message id; a version 1 body) and why."""
 
-    message_id: str | None
+    request_id: str | None
     body: bytes
     error: PoisonMessage
 
@@ -167,18 +167,18 @@ def decode_claims(
     for claim in claims:
         if not isinstance(claim, dict):
             claim = {"claim": claim}
-        own_id = claim.get("request_id")
-        own_id = own_id if isinstance(own_id, str) else None
+        request_id = claim.get("request_id")
+        request_id = request_id if isinstance(request_id, str) else None
         trace = claim.get("traceparent")
         trace = trace if isinstance(trace, str) else None
         try:
-            decoded.commands.append(ClaimCommand.of_fields(own_id, claim, reply_to, trace))
+            decoded.commands.append(ClaimCommand.of_fields(request_id, claim, reply_to, trace))
         except PoisonMessage as exc:
             own = {
                 "v": VERSION,
                 **{k: v for k, v in claim.items() if k not in ("request_id", "traceparent")},
             }
-            decoded.poison.append(PoisonClaim(own_id, orjson.dumps(own), exc))
+            decoded.poison.append(PoisonClaim(request_id, orjson.dumps(own), exc))
     return decoded
 
 

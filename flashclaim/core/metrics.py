@@ -63,7 +63,7 @@ AGES = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 # back by admission control until the coupon was known sold out.
 PATHS = ("round_trip", "gateway", "held")
 CLAIM_OUTCOMES = (*(o.code for o in Outcome), "pending")
-PUBLISH_FAILURES = ("not_connected", "circuit_open", "broker_error", "refused")
+PUBLISH_FAILURE_REASONS = ("not_connected", "circuit_open", "broker_error", "refused")
 DEAD_LETTER_REASONS = ("poison", "failed")
 
 
@@ -189,7 +189,7 @@ class GatewayMetrics(_Set):
             "flashclaim_publish_failures",
             "Publishes that failed (the claim was answered 503), by reason.",
             ["reason"],
-            [(r,) for r in PUBLISH_FAILURES],
+            [(r,) for r in PUBLISH_FAILURE_REASONS],
         )
         self.breaker_open = self._gauge(
             "flashclaim_broker_breaker_open",

@@ -172,8 +172,9 @@ class Settings(BaseModel):
     # transaction: a message carrying more is applied in a transaction of its own.
     batch_size: Positive = 200
     batch_linger_ms: NonNegativeNumber = 2.0
-    # Failed attempts (counted by the broker's x-delivery-count) after which a command
-    # is marked FAILED in the inbox and dead-lettered with its error.
+    # Failed attempts (counted in the inbox: consumer/store.py; by the broker's
+    # x-delivery-count only when the inbox cannot be written) after which a command is
+    # marked FAILED in the inbox and dead-lettered with its error.
     max_attempts: Positive = 3
     # The broker's own bound on redeliveries (a backstop for consumers that crash before
     # they can count): it dead-letters with x-death reason "delivery_limit".

@@ -39,7 +39,7 @@ from flashclaim.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The Compose demo's broker accounts (docker-compose.yml, README "Docker Compose"): an
+# The Compose demo's broker accounts (docker-compose.yml, docs/DEPLOYMENT.md, "Docker Compose"): an
 # administrator for people, and the services' account of least privilege. Their
 # passwords are the demo's, written in docker-compose.yml beside them.
 COMPOSE_ACCOUNTS = {"admin": ("admin", ["administrator"]), "flashclaim_app": ("flashclaim_app", [])}

@@ -11,7 +11,7 @@
   (both written by ``make generate``, flashclaim/devtools/generate.py);
 - the services' Redis ACL file (``python -m flashclaim.devtools.k8s --redis-acl``, the
   passwords from ``REDIS_PASSWORD`` and ``REDIS_APP_PASSWORD``), the content of the
-  Secret ``flashclaim-redis-acl`` (README, "Kubernetes").
+  Secret ``flashclaim-redis-acl`` (docs/DEPLOYMENT.md, "Kubernetes").
 
 Tests keep each file equal to this module's output.
 """
@@ -119,7 +119,7 @@ OBSERVABILITY_HEADER = (
     "# deploy/prometheus/alerts.yml and deploy/grafana/dashboards/flashclaim.json (edit\n"
     "# those): the alert rules for the Prometheus Operator, the dashboard for Grafana's\n"
     "# sidecar. kube-prometheus-stack selects both by the labels below (its defaults,\n"
-    "# for a Helm release named kube-prometheus-stack; see the README).\n"
+    "# for a Helm release named kube-prometheus-stack; see docs/DEPLOYMENT.md).\n"
 )
 # What kube-prometheus-stack's Prometheus selects (its release's name, by default) and
 # what its Grafana sidecar loads dashboards from.

@@ -144,7 +144,7 @@ def test_compose_images_are_current_and_pinned_exactly() -> None:
         version = images[name].rsplit(":", 1)[1].lstrip("v").split("-")[0]
         return tuple(int(p) for p in version.split(".")[:2])
 
-    # Supported series (README, "Docker Compose", says how to bump them).
+    # Supported series (docs/DEPLOYMENT.md, "Docker Compose", says how to bump them).
     assert major_minor("postgres") >= (17, 0)
     assert major_minor("rabbitmq") >= (4, 3)
     assert major_minor("redis") >= (8, 0)
@@ -295,7 +295,7 @@ CUSTOM = {
     "ServiceMonitor",
     "PrometheusRule",
 }
-# Secrets the manifests read: made by an operator, or by the deployer (README).
+# Secrets the manifests read: made by an operator, or by the deployer (docs/DEPLOYMENT.md).
 SECRETS = {
     "flashclaim-db-app",
     "flashclaim-db-service",
@@ -593,13 +593,12 @@ def test_compose_gateway_takes_bearer_tokens_from_its_keys_service() -> None:
     assert keys["environment"]["FLASHCLAIM_AUTH_ISSUER"] == env.auth_issuer
 
 
-def test_the_readme_instructions_match_the_files() -> None:
-    """What "Running it for real" tells a reader to run names files, services, ports and
+def test_the_deployment_instructions_match_the_files() -> None:
+    """What docs/DEPLOYMENT.md tells a reader to run names files, services, ports and
     Secrets that exist."""
     import yaml
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Running it for real", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
     for path in set(re.findall(r"`((?:deploy|consumer|flashclaim)/[\w./-]+)`", section)):
         assert (ROOT / path).exists(), path
     for path in set(re.findall(r"kubectl apply -k (\S+)", section)):

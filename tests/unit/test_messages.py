@@ -125,7 +125,7 @@ def test_a_poison_claim_among_several_is_set_apart_with_its_own_dead_letter() ->
     )
     decoded = decode_claims(str(uuid.uuid4()), body, None)
     assert decoded.commands == [good]
-    assert [p.message_id for p in decoded.poison] == [bad_id, "nope", None]
+    assert [p.request_id for p in decoded.poison] == [bad_id, "nope", None]
     assert orjson.loads(decoded.poison[0].body) == {"v": 1, "user_id": "", "coupon_name": "PROMO"}
     assert "user_id" in str(decoded.poison[0].error)
     assert "not a UUID" in str(decoded.poison[1].error)

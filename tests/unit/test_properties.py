@@ -173,7 +173,7 @@ class FinalAnswersMachine(RuleBasedStateMachine):
     def the_stock_is_read(self, coupon: str) -> None:
         """The admission read the stock: at 0, it tells the final answers."""
         if self.db.stock[coupon] == 0:
-            self.inside(lambda: self.finals.close(coupon))
+            self.inside(lambda: self.finals.sold_out(coupon))
 
     @rule()
     def time_passes(self) -> None:

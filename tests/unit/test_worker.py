@@ -18,8 +18,8 @@ from typing import Any, cast
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from consumer.deadletter import DeadLetterPublisher
 from consumer.decide import decide
+from consumer.dlq_publisher import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.reporter import Reporter
 from consumer.store import Attempts, BatchOutcome, ClaimStore, Delivery
@@ -162,7 +162,7 @@ class DeadLetters(DeadLetterPublisher):
     async def send_claim(
         self,
         message: AbstractIncomingMessage,
-        claim_id: str | None,
+        request_id: str | None,
         body: bytes,
         reason: str,
         error: BaseException,
@@ -170,8 +170,8 @@ class DeadLetters(DeadLetterPublisher):
     ) -> bool:
         if self.refusing:
             return False
-        self.claims.append((claim_id, reason, attempts))
-        self.channel.log.append(f"dead-letter {claim_id}")
+        self.claims.append((request_id, reason, attempts))
+        self.channel.log.append(f"dead-letter {request_id}")
         return True
 
 

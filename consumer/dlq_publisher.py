@@ -57,29 +57,29 @@ class DeadLetterPublisher:
         copy = copy_of(message.message_id, message.body, headers, properties_of(message))
         if await self._published(copy, message.message_id):
             await message.ack()
-            self._logged(message.message_id, reason, error)
+            self._logged({"message_id": message.message_id}, reason, error)
         else:
             await message.reject(requeue=False)
 
     async def send_claim(
         self,
         message: AbstractIncomingMessage,
-        claim_id: str | None,
+        request_id: str | None,
         body: bytes,
         reason: str,
         error: BaseException,
         attempts: int | None = None,
     ) -> bool:
-        """Dead-letter one claim of a message, alone (``claim_id`` and its version 1
+        """Dead-letter one claim of a message, alone (its ``request_id`` and version 1
         ``body``), with the carrying message's headers and properties; ``attempts`` are
         its failed attempts so far. The message itself is not settled here. ``False`` if
         the DLQ could not take it: the caller returns the whole message to its queue
         (its other claims are answered from the inbox when it comes back)."""
         headers = failure_headers(message, reason, error, self._service, attempts)
-        copy = copy_of(claim_id, body, headers, properties_of(message))
-        if not await self._published(copy, claim_id):
+        copy = copy_of(request_id, body, headers, properties_of(message))
+        if not await self._published(copy, request_id):
             return False
-        self._logged(claim_id, reason, error)
+        self._logged({"request_id": request_id}, reason, error)
         return True
 
     async def _published(self, copy: aio_pika.Message, message_id: str | None) -> bool:
@@ -100,11 +100,11 @@ class DeadLetterPublisher:
         return True
 
     @staticmethod
-    def _logged(message_id: str | None, reason: str, error: BaseException) -> None:
+    def _logged(which: dict[str, str | None], reason: str, error: BaseException) -> None:
         log.warning(
             "command dead-lettered",
             extra={
-                "message_id": message_id,
+                **which,
                 "reason": reason,
                 "error_type": type(error).__name__,
                 "error": str(error)[:500],
