@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flashclaim: configuration error: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, args.service)
+    logs.configure(settings.log_level, args.service, settings.log_format)
     try:
         return int(args.func(settings, args))
     except Exception as exc:  # mapped to a line and exit 2 below, or raised (a bug)

@@ -188,8 +188,14 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 class CanonicalAccessLogger(AbstractAccessLogger):
+    """One line a request; none for a Prometheus scrape that succeeded (one every few
+    seconds from each Prometheus would drown the rest; the scrapes are counted in the
+    request metrics)."""
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
+            return
+        if request.path == "/metrics" and response.status == 200:
             return
         fields = {
             "http_request_id": request.get(HTTP_REQUEST_ID),

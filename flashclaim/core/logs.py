@@ -67,8 +67,30 @@ class _Formatter(OrjsonFormatter):
             log_data.setdefault("span_id", ids[1])
 
 
-def formatter(service: str) -> logging.Formatter:
-    return _Formatter(
+class _TextFormatter(_Formatter):
+    """The same fields as the JSON lines, for a person: ``12:00:01 INFO  gateway
+    request  method=POST path=/api/coupons/claim status=200 ...``."""
+
+    def jsonify_log_record(self, log_data: dict[str, Any]) -> str:
+        data = dict(log_data)
+        clock = str(data.pop("time", ""))[11:19]
+        head = (
+            f"{clock} {data.pop('level', '')!s:<7} {data.pop('service', '')}"
+            f"  {data.pop('event', '')}"
+        )
+        data.pop("logger", None)
+        exc = data.pop("exc_info", None)
+        fields = " ".join(f"{k}={_shown(v)}" for k, v in data.items())
+        return f"{head}  {fields}".rstrip() + (f"\n{exc}" if exc else "")
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return f'"{text}"' if not text or " " in text else text
+
+
+def formatter(service: str, text: bool = False) -> logging.Formatter:
+    return (_TextFormatter if text else _Formatter)(
         "{levelname}{name}{message}",
         style="{",
         rename_fields={"levelname": "level", "name": "logger", "message": "event"},
@@ -77,9 +99,14 @@ def formatter(service: str) -> logging.Formatter:
     )
 
 
-def configure(level: str, service: str) -> None:
+def as_text(log_format: str) -> bool:
+    """Whether lines are written for a person: ``text``, or ``auto`` on a terminal."""
+    return log_format == "text" or (log_format == "auto" and sys.stderr.isatty())
+
+
+def configure(level: str, service: str, log_format: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(service))
+    handler.setFormatter(formatter(service, as_text(log_format)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

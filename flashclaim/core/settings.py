@@ -236,6 +236,9 @@ class Settings(BaseModel):
     metrics_host: str = "127.0.0.1"
     metrics_port: Annotated[int, Field(ge=0, le=65_535)] = 0
     log_level: LogLevel = "INFO"
+    # JSON lines (json), or one readable line an event (text: time, level, service, event,
+    # then the fields); auto: text on a terminal, JSON otherwise (a file, a collector).
+    log_format: Literal["auto", "json", "text"] = "auto"
     instance_id: str = Field(default_factory=_default_instance_id, min_length=1)
 
     @model_validator(mode="after")

@@ -28,12 +28,13 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import psycopg
 import redis
 from psycopg import sql
 
+from flashclaim.core import logs
 from flashclaim.core.privileges import broker_permissions, grant_services, redis_acl_setuser
 from flashclaim.core.settings import Settings, environ, variable, without_password
 
@@ -761,9 +762,11 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         # As the owner and the administrator: the schema, then the broker's policies.
         migrate(owner.database_url)
         asyncio.run(apply_configured(owner))
-        # The services run with accounts of least privilege.
+        # The services run with accounts of least privilege. Their lines reach this
+        # terminal through supervisord: readable ones on a terminal, unless asked for.
+        looks = {"log_format": "text"} if logs.as_text(owner.log_format) else {}
         env = {
-            **environ(gateway_workers=2),
+            **environ(gateway_workers=2, **looks),
             **os.environ,
             **stack.service_urls(owner.namespace),
         }
@@ -775,7 +778,8 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         targets = stack.ports.metrics_targets(settings.http_port, consumers)
         prometheus = Prometheus(stack.root, stack.ports.prometheus_server, Targets(**targets))
         prometheus.start()
-        _print_summary(stack, settings, conf, prometheus.url, targets)
+        missing = _until_answering(settings.http_port, targets, stop)
+        _print_summary(stack, settings, conf, prometheus.url, targets, missing)
         while not stop.requested:
             if supervisor.poll() is not None:
                 print("flashclaim: supervisord exited; stopping", file=sys.stderr)
@@ -804,19 +808,57 @@ def stop_profile(profile: str) -> int:
     return 0
 
 
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+def _until_answering(
+    http_port: int, targets: Mapping[str, list[str]], stop: Any, timeout: float = 60
+) -> list[str]:
+    """Wait until the gateway is ready and each consumer and relay answers its health
+    check (a line every few seconds says which are still awaited); those that did not
+    answer within ``timeout``."""
+    checks = {"gateway": f"http://127.0.0.1:{http_port}/readyz"}
+    for job in ("consumer", "relay"):
+        for i, host in enumerate(targets.get(job, [])):
+            checks[f"{job}-{i}" if job == "consumer" else job] = f"http://{host}/healthz"
+    deadline = time.monotonic() + timeout
+    told = time.monotonic()
+    waiting = dict(checks)
+    while waiting and time.monotonic() < deadline and not stop.requested:
+        waiting = {name: url for name, url in waiting.items() if not _answers(url)}
+        if waiting and time.monotonic() - told >= 5:
+            print(f"flashclaim: waiting for {', '.join(waiting)} ...", file=sys.stderr)
+            told = time.monotonic()
+        if waiting:
+            time.sleep(0.2)
+    return sorted(waiting)
+
+
 def _print_summary(
     stack: Stack,
     settings: Settings,
     conf: Path,
     prometheus: str,
     targets: Mapping[str, list[str]],
+    missing: list[str],
 ) -> None:
     metrics = ", ".join(
         f"{job} {' '.join(hosts)}" for job, hosts in targets.items() if job != "rabbitmq"
     )
+    state = (
+        "flashclaim is running (Ctrl-C stops everything):"
+        if not missing
+        else f"flashclaim is up, but {', '.join(missing)} did not answer yet (see its lines"
+        " above; Ctrl-C stops everything):"
+    )
     lines = [
         "",
-        "flashclaim is running (Ctrl-C stops everything):",
+        state,
         f"  API              http://127.0.0.1:{settings.http_port}/api/coupons",
         f"  PostgreSQL       {without_password(settings.database_url)}",
         f"  RabbitMQ         {without_password(settings.amqp_url)}",

@@ -18,6 +18,8 @@ The configuration is generated into the stack's folder; ``supervisorctl -c
 
 from __future__ import annotations
 
+import getpass
+import secrets
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,24 +65,35 @@ def config(
     """Write supervisord's configuration for the stack in ``root``; return its path."""
     state = root / "supervisord"
     state.mkdir(parents=True, exist_ok=True)
+    # supervisorctl's credentials on the socket (supervisord warns of a socket without);
+    # the socket is the stack's user's alone anyway (mode 0700).
+    secret = secrets.token_hex(16)
     lines = [
         "[supervisord]",
+        # In the foreground, supervisord also writes its log to the terminal: its own
+        # events (started, exited, restarting) appear there once, and in this file.
         "nodaemon=true",
-        # Its own events (started, exited, restarting) go to the terminal.
-        "logfile=/dev/stdout",
-        "logfile_maxbytes=0",
+        f"logfile={state / 'supervisord.log'}",
+        "logfile_maxbytes=10MB",
         "loglevel=info",
         f"pidfile={state / 'supervisord.pid'}",
         f"childlogdir={state}",
+        # Named, so that supervisord does not warn that it kept root's privileges.
+        f"user={getpass.getuser()}",
         "",
         "[unix_http_server]",
         f"file={state / 'supervisor.sock'}",
+        "chmod=0700",
+        "username=flashclaim",
+        f"password={secret}",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "",
         "[supervisorctl]",
         f"serverurl=unix://{state / 'supervisor.sock'}",
+        "username=flashclaim",
+        f"password={secret}",
     ]
     role = {"gateway": "gateway", "admin": "admin", "relay": "relay"}
     for name, extra in programs(consumers, env, metrics_port).items():
@@ -105,6 +118,7 @@ def config(
             lines.append("environment=" + ",".join(f'{k}="{v}"' for k, v in extra.items()))
     path = root / "supervisord.conf"
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # it holds the socket's password
     return path
 
 

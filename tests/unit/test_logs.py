@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sys
 
 import orjson
+import pytest
 
 from flashclaim.core import logs
 
@@ -50,3 +52,25 @@ async def test_bound_fields_stay_with_their_own_task() -> None:
 
     await asyncio.gather(work("a"), work("b"))
     assert seen == {"a": "a", "b": "b"}
+
+
+def test_a_person_reads_the_same_fields_as_one_line_of_text() -> None:
+    log = logging.getLogger("flashclaim.z")
+    record = log.makeRecord(log.name, logging.WARNING, __file__, 1, "batch done", (), None)
+    record.__dict__.update({"size": 3, "coupon": "PROMO", "error": "two words"})
+    text = logs.formatter("consumer", text=True).format(record)
+    clock, level, service, rest = text.split(maxsplit=3)
+    assert dt.time.fromisoformat(clock) and (level, service) == ("WARNING", "consumer")
+    assert rest.startswith("batch done")
+    assert 'size=3 coupon=PROMO error="two words"' in rest
+    assert "\n" not in text and "{" not in text
+
+
+def test_text_is_chosen_on_a_terminal_only_unless_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert logs.as_text("auto") is tty
+        assert logs.as_text("json") is False
+        assert logs.as_text("text") is True
