@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable
 
-from aio_pika.abc import AbstractRobustConnection
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.dlq_publisher import DeadLetterPublisher
@@ -16,12 +13,12 @@ from consumer.reporter import Reporter
 from consumer.slots import ConsumerSlot
 from consumer.store import ClaimStore
 from consumer.worker import ClaimWorker
-from flashclaim.core import broker, metrics
-from flashclaim.core.db import create_pool, opened, queries
+from flashclaim.core import metrics
+from flashclaim.core.db import queries
 from flashclaim.core.policies import apply_configured
-from flashclaim.core.results import ResultStore, redis_client
+from flashclaim.core.results import ResultStore
+from flashclaim.core.runtime import Runtime
 from flashclaim.core.settings import Settings
-from flashclaim.core.signals import stop_event_on_signals, unless_stopped
 
 log = logging.getLogger(__name__)
 # How often the gauges no event updates (pool, FAILED inbox rows) are read.
@@ -40,7 +37,8 @@ async def _count_failed(pool: AsyncConnectionPool, figures: metrics.ConsumerMetr
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run one consumer until ``stop`` is set (by default: on SIGTERM or SIGINT).
 
-    Shutdown is bounded by the grace period in every state, servers reachable or not:
+    Shutdown is bounded by the grace period in every state, servers reachable or not
+    (flashclaim/core/runtime.py):
 
     1. ``stop`` is set: no new deliveries are taken (a start-up still waiting for a
        server gives up at once);
@@ -49,32 +47,17 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     3. the AMQP connection closes (anything unacknowledged returns to the queue), then
        Redis, then the database pool, each given a few seconds at most.
     """
-    stop = stop or stop_event_on_signals()
-    grace = settings.shutdown_grace_seconds
     topology = settings.topology()
-    pool = create_pool(
-        settings.database_url,
-        settings.db_pool_min_size,
-        settings.db_pool_max_size,
-        f"flashclaim-consumer-{settings.instance_id}",
-    )
-    redis = redis_client(settings.redis_url, settings.redis_sentinel_password.get_secret_value())
-    connection: AbstractRobustConnection | None = None
-    figures = metrics.ConsumerMetrics(settings.metrics_enabled)
-    endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)
-    sampling: asyncio.Task[None] | None = None
-    slot: ConsumerSlot | None = None
-    try:
-        if not await unless_stopped(opened(pool), stop):
-            return
-        connection = await unless_stopped(
-            broker.connect(settings.amqp_url, f"consumer {settings.instance_id}"), stop
-        )
-        if connection is None:
-            return
+    async with Runtime(settings, "consumer", stop) as rt:
+        figures = metrics.ConsumerMetrics(settings.metrics_enabled)
+        endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)
+        rt.on_exit(endpoint.close, "metrics endpoint")
+        pool = await rt.database(settings.db_pool_min_size, settings.db_pool_max_size)
+        redis = rt.redis()
+        connection = await rt.broker()
         # Limits and dead-lettering first, so that queues declared next have them.
         await apply_configured(settings)
-        # on_return_raises: a dead letter no queue took is an error (consumer/dlq_publisher.py).
+        # on_return_raises: a dead letter no queue took is an error (dlq_publisher.py).
         channel = await connection.channel(on_return_raises=True)
         await channel.set_qos(prefetch_count=settings.consumer_prefetch)
         declared = await topology.declare(channel)
@@ -83,6 +66,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             index = settings.consumer_index
         else:  # "auto": a slot no running consumer holds
             slot = ConsumerSlot(settings.database_url, settings.namespace, settings.consumer_count)
+            rt.on_exit(slot.release, "consumer slot")
             index = await slot.take()
         mine = [
             index is not None and p % settings.consumer_count == index
@@ -109,14 +93,14 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         )
         figures.partitions.labels("active").set(sum(mine))
         figures.partitions.labels("standby").set(len(mine) - sum(mine))
-        sampling = asyncio.create_task(
+        rt.background(
             metrics.sample_every(
                 SAMPLE_SECONDS,
-                stop,
+                rt.stop,
                 lambda: figures.sample_pool(pool.get_stats()),
                 lambda: _count_failed(pool, figures),
             ),
-            name="metrics",
+            "metrics",
         )
         log.info(
             "consumer started",
@@ -126,37 +110,5 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 "batch_size": settings.batch_size,
             },
         )
-        work = asyncio.create_task(worker.run(stop, grace=grace), name="worker")
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({work, stopping}, return_when="FIRST_COMPLETED")
-        stopping.cancel()
-        # Stopping (or the worker ended by itself): it gets the grace period, plus a
-        # moment for its last acks, and is cancelled after that.
-        done, _ = await asyncio.wait({work}, timeout=grace + 2.0)
-        if not done:
-            log.warning("grace period over; abandoning the work in hand (it is redelivered)")
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
-        elif (error := work.exception()) is not None:
-            raise error
-    finally:
-        if sampling is not None:
-            sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampling
-        endpoint.close()
-        if connection is not None:
-            await _bounded(connection.close(), "broker connection")
-        if slot is not None:
-            await _bounded(slot.release(), "consumer slot")
-        await _bounded(redis.aclose(), "redis")
-        await _bounded(pool.close(timeout=2.0), "database pool")
-        log.info("consumer stopped")
-
-
-async def _bounded(closing: Awaitable[object], what: str, seconds: float = 5.0) -> None:
-    try:
-        await asyncio.wait_for(closing, seconds)
-    except Exception as exc:  # closing at exit: whatever fails, the others still close
-        log.warning("not closed cleanly", extra={"what": what, "error": repr(exc)})
+        grace = settings.shutdown_grace_seconds
+        await rt.serve(worker.run(rt.stop, grace=grace), grace)

@@ -16,15 +16,14 @@ import logging
 import time
 
 import psycopg
-from aio_pika.abc import AbstractRobustConnection
 
-from flashclaim.core import broker, metrics
-from flashclaim.core.db import configure_session, create_pool, opened
-from flashclaim.core.errors import DependencyUnavailable
+from flashclaim.core import metrics
+from flashclaim.core.db import configure_session
+from flashclaim.core.errors import DependencyUnavailable, Stopping
 from flashclaim.core.events import NOTIFY_CHANNEL
 from flashclaim.core.retry import is_outage
+from flashclaim.core.runtime import Runtime
 from flashclaim.core.settings import Settings
-from flashclaim.core.signals import stop_event_on_signals, unless_stopped
 from relay.relay import EventPublisher, OutboxRelay, RelayPolicy
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,6 @@ class Wakeup:
             self._conn = None
 
 
-async def _until(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
 async def _configure(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
     await configure_session(conn)
     # A SENT mark lost to a crash only repeats an event (relay/relay.py).
@@ -82,25 +76,17 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Relay outbox rows to ``<namespace>.events`` until ``stop`` (SIGTERM, SIGINT).
 
     Stopping lets the step in hand finish (its confirms are waited for, at most the
-    publish timeout), then closes the connections; a step cut short is rolled back
-    and its rows go out again.
+    publish timeout), then closes the connections (flashclaim/core/runtime.py); a step
+    cut short is rolled back and its rows go out again.
     """
-    stop = stop or stop_event_on_signals()
-    pool = create_pool(
-        settings.database_url, 1, 2, f"flashclaim-relay-{settings.instance_id}", _configure
-    )
-    wakeup = Wakeup(settings.database_url)
-    connection: AbstractRobustConnection | None = None
-    figures = metrics.RelayMetrics(settings.metrics_enabled)
-    endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)
-    try:
-        if not await unless_stopped(opened(pool), stop):
-            return
-        connection = await unless_stopped(
-            broker.connect(settings.amqp_url, f"relay {settings.instance_id}"), stop
-        )
-        if connection is None:
-            return
+    async with Runtime(settings, "relay", stop) as rt:
+        figures = metrics.RelayMetrics(settings.metrics_enabled)
+        endpoint = metrics.Endpoint(figures, settings.metrics_host, settings.metrics_port)
+        rt.on_exit(endpoint.close, "metrics endpoint")
+        pool = await rt.database(1, 2, _configure)
+        wakeup = Wakeup(settings.database_url)
+        rt.on_exit(wakeup.close, "notification listener")
+        connection = await rt.broker()
         publisher = EventPublisher(connection, settings.topology())
         await publisher.open()  # the events exchange exists before any subscriber binds
         relay = OutboxRelay(
@@ -124,23 +110,13 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             },
         )
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_relay(relay, wakeup, settings, stop), name="relay")
-            tasks.create_task(_prune(relay, settings, stop), name="prune")
-            tasks.create_task(metrics.sample_every(SAMPLE_SECONDS, stop, relay.sample))
-    finally:
-        endpoint.close()
-        await wakeup.close()
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5.0)
-        with contextlib.suppress(Exception):
-            await pool.close(timeout=2.0)
-        log.info("relay stopped")
+            tasks.create_task(_relay(relay, wakeup, settings, rt), name="relay")
+            tasks.create_task(_prune(relay, settings, rt), name="prune")
+            tasks.create_task(metrics.sample_every(SAMPLE_SECONDS, rt.stop, relay.sample))
 
 
-async def _relay(
-    relay: OutboxRelay, wakeup: Wakeup, settings: Settings, stop: asyncio.Event
-) -> None:
+async def _relay(relay: OutboxRelay, wakeup: Wakeup, settings: Settings, rt: Runtime) -> None:
+    stop = rt.stop
     pause = 0.1  # after a fault; doubles up to 2 s while it lasts
     sent = refused = 0
     reported = time.monotonic()
@@ -154,7 +130,7 @@ async def _relay(
                 log.warning("database unreachable; events wait", extra={"error": repr(exc)})
             else:
                 log.exception("relay step failed")
-            await _until(stop, pause)
+            await rt.pause(pause)
             pause = min(pause * 2, 2.0)
             continue
         pause = 0.1
@@ -167,26 +143,19 @@ async def _relay(
         if step.held and not step.sent:
             # Behind another relay's rows: they are free again once it commits, which
             # sends no notification.
-            await _until(stop, HELD_PAUSE_SECONDS)
+            await rt.pause(HELD_PAUSE_SECONDS)
         elif step.taken < settings.outbox_batch_size:
-            waiting = asyncio.ensure_future(wakeup.wait(settings.outbox_poll_seconds))
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiting, stopping}, return_when="FIRST_COMPLETED")
-            stopping.cancel()
-            if not waiting.done():
-                waiting.cancel()
-                with contextlib.suppress(BaseException):
-                    await waiting
+            with contextlib.suppress(Stopping):
+                await rt.until_stopped(wakeup.wait(settings.outbox_poll_seconds))
             # Woken: let the events of the commits right behind this one join the batch.
-            await _until(stop, settings.outbox_linger_ms / 1000)
+            await rt.pause(settings.outbox_linger_ms / 1000)
     if sent + refused:
         log.info("events relayed", extra={"sent": sent, "refused": refused})
 
 
-async def _prune(relay: OutboxRelay, settings: Settings, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        await _until(stop, settings.outbox_prune_seconds)
-        if stop.is_set():
+async def _prune(relay: OutboxRelay, settings: Settings, rt: Runtime) -> None:
+    while not rt.stop.is_set():
+        if await rt.pause(settings.outbox_prune_seconds):
             return
         try:
             pruned = await relay.prune(settings.outbox_retention_seconds)

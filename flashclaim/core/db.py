@@ -104,7 +104,7 @@ async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
 
 async def opened(pool: AsyncConnectionPool, timeout: float = 30) -> bool:
     """Open ``pool`` and wait for its first connections; ``True`` (for
-    :func:`flashclaim.core.signals.unless_stopped`, which gives ``None`` if stopped first)."""
+    :meth:`flashclaim.core.runtime.Runtime.until_stopped`)."""
     await pool.open(wait=True, timeout=timeout)
     return True
 

@@ -36,8 +36,8 @@ from flashclaim.core.http import (
     json_object,
     json_response,
 )
+from flashclaim.core.runtime import Runtime
 from flashclaim.core.settings import PREFIX, Settings
-from flashclaim.core.signals import stop_event_on_signals
 from flashclaim.ops.deadletters import BadSelection, DeadLetterQueue, Selection
 
 log = logging.getLogger(__name__)
@@ -159,25 +159,24 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve the admin API until ``stop`` is set (default: SIGTERM or SIGINT)."""
     if not settings.admin_token.get_secret_value():
         raise ConfigError(f"{PREFIX}ADMIN_TOKEN is not set: the admin API stays off")
-    stop = stop or stop_event_on_signals()
-    runner = web.AppRunner(
-        create_admin_app(settings),
-        access_log_class=CanonicalAccessLogger,
-        access_log=logging.getLogger("flashclaim.access"),
-    )
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        settings.admin_host,
-        settings.admin_port,
-        shutdown_timeout=settings.shutdown_grace_seconds,
-    )
-    await site.start()
-    log.info(
-        "admin API listening", extra={"host": settings.admin_host, "port": settings.admin_port}
-    )
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        log.info("admin API stopped")
+    async with Runtime(settings, "admin API", stop) as rt:
+        runner = web.AppRunner(
+            create_admin_app(settings),
+            access_log_class=CanonicalAccessLogger,
+            access_log=logging.getLogger("flashclaim.access"),
+        )
+        await runner.setup()
+        # Requests in hand get the grace period (the site's shutdown timeout).
+        rt.on_exit(runner.cleanup, "HTTP server", settings.shutdown_grace_seconds + 5)
+        site = web.TCPSite(
+            runner,
+            settings.admin_host,
+            settings.admin_port,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+        )
+        await site.start()
+        log.info(
+            "admin API listening",
+            extra={"host": settings.admin_host, "port": settings.admin_port},
+        )
+        await rt.stop.wait()
