@@ -11,10 +11,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from flashclaim.core import broker, metrics, tracing
-from flashclaim.core.db import create_pool
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.http import METRICS, USER, errors_middleware, hide_server_version
-from flashclaim.core.results import ResultStore, redis_client
+from flashclaim.core.results import ResultStore
+from flashclaim.core.runtime import Runtime
 from flashclaim.core.settings import Settings, proxy_networks
 from gateway.admission import Admission
 from gateway.auth import Authenticator, bearer_token
@@ -96,29 +96,33 @@ def create_app(settings: Settings) -> web.Application:
     # handed to them (gateway/service.py); a lone process draws its own.
     app[REQUEST_IDS] = RequestIds(settings.idempotency_secret.get_secret_value() or random_secret())
     app.add_routes(routes)
-    app.cleanup_ctx.extend([_database, _redis, _broker, _claims])
+    app.cleanup_ctx.append(_resources)
     return app
 
 
-async def _database(app: web.Application) -> AsyncIterator[None]:
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Everything a worker holds, opened in order and closed in reverse through the
+    service runtime (flashclaim/core/runtime.py)."""
+    async with Runtime(app[SETTINGS], "gateway", asyncio.Event()) as rt:
+        await _database(app, rt)
+        _redis(app, rt)
+        await _broker(app, rt)
+        await _claims(app, rt)
+        yield
+        rt.stop.set()
+
+
+async def _database(app: web.Application, rt: Runtime) -> None:
     s = app[SETTINGS]
-    pool = create_pool(
-        s.database_url,
-        s.db_pool_min_size,
-        s.db_pool_max_size,
-        f"flashclaim-gateway-{s.instance_id}",
-    )
     # Not waiting: claims need no database, so the gateway starts even while it is down.
-    await pool.open(wait=False)
+    pool = await rt.database(s.db_pool_min_size, s.db_pool_max_size, wait=False)
     app[REPOSITORY] = Repository(pool)
     app[READINESS]["database"] = app[REPOSITORY].ping
-    yield
-    await pool.close()
 
 
-async def _redis(app: web.Application) -> AsyncIterator[None]:
+def _redis(app: web.Application, rt: Runtime) -> None:
     s = app[SETTINGS]
-    client = redis_client(s.redis_url, s.redis_sentinel_password.get_secret_value())
+    client = rt.redis()
     app[REDIS] = client
     if s.rate_limit_per_second > 0:
         app[LIMITER] = RateLimiter(client, s.namespace, s.rate_limit_per_second, s.rate_limit_burst)
@@ -127,20 +131,15 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         await client.ping()
 
     app[READINESS]["redis"] = ping
-    yield
-    await client.aclose()
 
 
-async def _broker(app: web.Application) -> AsyncIterator[None]:
-    s = app[SETTINGS]
-    connection = await broker.connect(s.amqp_url, f"gateway {s.instance_id}")
+async def _broker(app: web.Application, rt: Runtime) -> None:
+    connection = await rt.broker()
     app[AMQP] = connection
     app[READINESS]["broker"] = _connected(connection)
-    yield
-    await connection.close()
 
 
-async def _claims(app: web.Application) -> AsyncIterator[None]:
+async def _claims(app: web.Application, rt: Runtime) -> None:
     s = app[SETTINGS]
     publisher = ClaimPublisher(
         app[AMQP],
@@ -151,9 +150,11 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
     )
     await publisher.open()
+    rt.on_exit(publisher.close, "claim publisher")
     results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds, s.fast_answer_ttl_seconds)
     replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
     await replies.start()
+    rt.on_exit(replies.stop, "reply listener")
     admission = (
         Admission(app[REPOSITORY].remaining, min(s.claim_hold_seconds, s.claim_wait_seconds))
         if s.claim_hold_seconds > 0
@@ -164,7 +165,7 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
     )
     if admission is not None:
         admission.on_exhausted = finals.sold_out
-    app[CLAIMS] = Claims(
+    claims = app[CLAIMS] = Claims(
         Coalescer(publisher.publish, s.publish_linger_ms / 1000, s.publish_max_claims),
         replies,
         results,
@@ -174,16 +175,10 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
         admission,
         app[METRICS],
     )
-    stop = asyncio.Event()
-    sampling = asyncio.create_task(
-        metrics.sample_every(1.0, stop, _sampler(app, publisher, admission)), name="metrics"
+    rt.on_exit(claims.drain, "answers given by the gateway")
+    rt.background(
+        metrics.sample_every(1.0, rt.stop, _sampler(app, publisher, admission)), "metrics"
     )
-    yield
-    stop.set()
-    await sampling
-    await app[CLAIMS].drain()
-    await replies.stop()
-    await publisher.close()
 
 
 def _sampler(

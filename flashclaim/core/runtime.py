@@ -12,8 +12,9 @@ The consumer, the relay and the admin API each run inside a :class:`Runtime`:
   absorbs: the process simply ends), a pause ends early (:meth:`Runtime.pause`), and
   the work in hand gets its grace period, then is cancelled (:meth:`Runtime.serve`).
 
-The gateway's workers open the same resources through aiohttp's cleanup contexts
-(gateway/app.py), the framework's own way; gunicorn's arbiter handles their signals.
+A gateway worker holds its resources in a runtime too, entered by the application's
+cleanup context (gateway/app.py): gunicorn's arbiter handles its signals, so its stop
+is set when aiohttp shuts the application down.
 """
 
 from __future__ import annotations
@@ -99,8 +100,11 @@ class Runtime:
         min_size: int,
         max_size: int,
         configure: Callable[[Any], Awaitable[None]] | None = None,
+        wait: bool = True,
     ) -> AsyncConnectionPool:
-        """A pool of ``min_size`` to ``max_size`` connections, its first ones open."""
+        """A pool of ``min_size`` to ``max_size`` connections, its first ones open (or
+        opening in the background: ``wait=False``, for a process that can serve without
+        the database)."""
         pool = create_pool(
             self.settings.database_url,
             min_size,
@@ -109,7 +113,10 @@ class Runtime:
             *((configure,) if configure is not None else ()),
         )
         self.on_exit(lambda: pool.close(timeout=2.0), "database pool")
-        await self.until_stopped(opened(pool))
+        if wait:
+            await self.until_stopped(opened(pool))
+        else:
+            await pool.open(wait=False)
         return pool
 
     def redis(self) -> aioredis.Redis:
