@@ -6,7 +6,7 @@ new one only while fewer than ``remaining`` are; the others are held, for at mos
 ``hold`` seconds, and then:
 
 - released, one for each claim in flight that came back without taking stock;
-- or answered from the final answers (gateway/finals.py) once the coupon is known sold
+- or answered by the gateway itself (gateway/gateway_answers.py) once the coupon is known sold
   out, which the gateway learns only from the database (a committed result saying the
   stock is gone, or the stock read as 0; then the holders read from the database);
 - or, if neither happens within ``hold``, published anyway.
@@ -15,7 +15,7 @@ new one only while fewer than ``remaining`` are; the others are held, for at mos
 from each result, which carries the stock left once its batch committed. Stock only goes
 down, so each figure is an upper bound of the stock now, and the smallest one seen is
 kept. An estimate that is too high publishes more than needed, never fewer; nothing here
-decides an answer (that is still the consumer's, or the final answers'), so a wrong
+decides an answer (that is still the consumer's, or the gateway's own), so a wrong
 figure costs speed, never correctness. Other gateway processes count their own claims:
 together they publish at most their number times the stock.
 """
@@ -64,8 +64,9 @@ class Admission:
         self._max = max_coupons
         self._coupons: collections.OrderedDict[str, _Coupon] = collections.OrderedDict()
         # Called with a coupon read from the database with no stock left: no result may
-        # ever come back to say so (another process's claims took it all), so the final
-        # answers are told directly (FinalAnswers.sold_out; they then call this object's sold_out).
+        # ever come back to say so (another process's claims took it all), so the
+        # gateway's answers are told directly (GatewayAnswers.sold_out, which then calls
+        # this object's sold_out).
         self.on_exhausted: Callable[[str], None] | None = None
 
     def holding(self) -> int:
@@ -75,7 +76,7 @@ class Admission:
     async def enter(self, coupon: str) -> bool:
         """``True`` once a claim for ``coupon`` may be published (it is then counted in
         flight until :meth:`leave`); ``False`` if the coupon became known sold out
-        meanwhile (not counted: answer it from the final answers, or :meth:`count` it
+        meanwhile (not counted: answer it from the gateway's answers, or :meth:`count` it
         and publish it)."""
         state = self._state(coupon)
         if state.sold_out:
@@ -124,7 +125,7 @@ class Admission:
         self._release(state)
 
     def sold_out(self, coupon: str) -> None:
-        """The final answers now know ``coupon`` is sold out: every held claim is
+        """The gateway's answers now know ``coupon`` is sold out: every held claim is
         answered from them."""
         state = self._state(coupon)
         state.sold_out = True

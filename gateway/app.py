@@ -21,7 +21,7 @@ from gateway.auth import Authenticator, bearer_token
 from gateway.claims import Claims
 from gateway.clientaddress import client_address
 from gateway.coalescer import Coalescer
-from gateway.finals import FinalAnswers
+from gateway.gateway_answers import GatewayAnswers
 from gateway.handlers import routes
 from gateway.idempotency import RequestIds, random_secret
 from gateway.middleware import tracing_middleware
@@ -151,7 +151,9 @@ async def _claims(app: web.Application, rt: Runtime) -> None:
     )
     await publisher.open()
     rt.on_exit(publisher.close, "claim publisher")
-    results = ResultStore(app[REDIS], s.namespace, s.result_ttl_seconds, s.fast_answer_ttl_seconds)
+    results = ResultStore(
+        app[REDIS], s.namespace, s.result_ttl_seconds, s.gateway_answer_ttl_seconds
+    )
     replies = ReplyListener(app[REDIS], results.reply_channel(s.instance_id))
     await replies.start()
     rt.on_exit(replies.stop, "reply listener")
@@ -160,18 +162,18 @@ async def _claims(app: web.Application, rt: Runtime) -> None:
         if s.claim_hold_seconds > 0
         else None
     )
-    finals = FinalAnswers(
+    known = GatewayAnswers(
         app[REPOSITORY].holders, on_sold_out=admission.sold_out if admission else None
     )
     if admission is not None:
-        admission.on_exhausted = finals.sold_out
+        admission.on_exhausted = known.sold_out
     claims = app[CLAIMS] = Claims(
         Coalescer(publisher.publish, s.publish_linger_ms / 1000, s.publish_max_claims),
         replies,
         results,
         s.claim_wait_seconds,
         s.max_in_flight_claims,
-        finals,
+        known,
         admission,
         app[METRICS],
     )

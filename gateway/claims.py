@@ -21,8 +21,7 @@ from flashclaim.core.metrics import GatewayMetrics
 from flashclaim.core.results import ResultStore
 from gateway.admission import Admission
 from gateway.coalescer import Coalescer
-from gateway.fastwriter import FastAnswerWriter
-from gateway.finals import FinalAnswers
+from gateway.gateway_answers import GatewayAnswers, GatewayAnswerWriter
 from gateway.replies import ReplyListener
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ class Claims:
         results: ResultStore,
         wait_seconds: float,
         max_in_flight: int,
-        finals: FinalAnswers | None = None,
+        known: GatewayAnswers | None = None,
         admission: Admission | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
@@ -54,8 +53,8 @@ class Claims:
         # Request ids this process answered 202 for, so that GET /api/claims/{id} says
         # "pending" (not 404) even while Redis, which normally keeps that mark, is away.
         self._accepted: OrderedDict[uuid.UUID, str] = OrderedDict()  # id -> its user
-        self._finals = finals
-        self._fast_answers = FastAnswerWriter(results.store_fast)
+        self._known = known
+        self._answer_writer = GatewayAnswerWriter(results.store_gateway_answers)
         self._metrics = metrics or GatewayMetrics(enabled=False)
 
     async def submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
@@ -90,15 +89,15 @@ class Claims:
             # the same key with another coupon is refused (422) even while the first
             # claim is still on its way.
             fingerprinted = await self._fingerprint(command)
-        fast = self._fast_answer(command, replayable, fingerprinted)
-        if fast is not None:
-            return self._answered(fast, "gateway")
+        answer = self._gateway_answer(command, replayable, fingerprinted)
+        if answer is not None:
+            return self._answered(answer, "gateway")
         started = time.monotonic()
         if self._admission is not None and not await self._admission.enter(command.coupon_name):
-            # Held until the coupon was known sold out: the final answers have it now.
-            fast = self._fast_answer(command, replayable, fingerprinted)
-            if fast is not None:
-                return self._answered(fast, "held")
+            # Held until the coupon was known sold out: the gateway's answers have it now.
+            answer = self._gateway_answer(command, replayable, fingerprinted)
+            if answer is not None:
+                return self._answered(answer, "held")
             self._admission.count(command.coupon_name)
         result: ClaimResult | None = None
         reply = self._replies.expect(command.request_id)
@@ -128,15 +127,15 @@ class Claims:
         if result is None:
             await self._mark_pending(command)
             return self._answered(None, "round_trip")
-        if self._finals is not None:
-            self._finals.learn(result)
+        if self._known is not None:
+            self._known.learn(result)
         return self._answered(_same_claim(result, command) if replayable else result, "round_trip")
 
-    def _fast_answer(
+    def _gateway_answer(
         self, command: ClaimCommand, replayable: bool, fingerprinted: bool
     ) -> ClaimResult | None:
         """A final answer known in this process, if it may be given without a round trip."""
-        outcome = self._finals.answer(command) if self._finals is not None else None
+        outcome = self._known.answer(command) if self._known is not None else None
         # A retried request may have been granted the first time: only "sold out" (which
         # a holder never gets) is safe to answer for it without asking the inbox, and
         # only once its key is known to stand for this very claim.
@@ -144,11 +143,11 @@ class Claims:
             replayable and not (outcome is Outcome.OUT_OF_STOCK and fingerprinted)
         ):
             return None
-        # Final whatever happens next (see gateway/finals.py): no round trip. It is kept
+        # Final whatever happens next (see gateway/gateway_answers.py): no round trip. It is kept
         # briefly (never over a real result) so GET /api/claims/{id} finds it.
-        fast = ClaimResult.of(command, outcome)
-        self._fast_answers.add(fast)
-        return fast
+        answer = ClaimResult.of(command, outcome)
+        self._answer_writer.add(answer)
+        return answer
 
     async def _fingerprint(self, command: ClaimCommand) -> bool:
         """Record which claim this request id stands for; ``False`` if Redis is away
@@ -166,7 +165,7 @@ class Claims:
 
     async def drain(self) -> None:
         """Finish the background writes (at shutdown)."""
-        await self._fast_answers.drain()
+        await self._answer_writer.drain()
 
     async def lookup(self, request_id: uuid.UUID) -> ClaimResult | None:
         """The result held in Redis, or ``None`` (also when Redis cannot be reached)."""

@@ -20,7 +20,7 @@ from flashclaim.core.http import (
     json_response,
 )
 from flashclaim.core.messages import ClaimCommand, ClaimResult
-from gateway import answers, auth, validation
+from gateway import auth, http_answers, validation
 from gateway.state import (
     CLAIMS,
     PRINCIPAL,
@@ -159,7 +159,7 @@ def _reason(exc: BaseException | None) -> str:
 
 
 def result_response(result: ClaimResult) -> web.Response:
-    return json_response(answers.body(result), status=answers.status(result))
+    return json_response(http_answers.body(result), status=http_answers.status(result))
 
 
 def pending_response(request_id: uuid.UUID, status: str = "pending") -> web.Response:

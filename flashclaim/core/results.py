@@ -4,8 +4,9 @@ Keys (``<ns>`` is the namespace setting):
 
 - ``<ns>:result:<request_id>``: the final result, JSON, with a TTL;
 - ``<ns>:pending:<request_id>``: set when a client was answered 202, until the result lands;
-- ``<ns>:fast:<request_id>``: an answer the gateway gave without a round trip (final, so
-  it is never overwritten), kept ``fast_ttl`` seconds;
+- ``<ns>:gateway:<request_id>``: an answer the gateway gave itself, without a round trip
+  (final, so it is never overwritten), kept ``gateway_answer_ttl_seconds``; the release
+  before wrote these under ``<ns>:fast:``, still read for as long as they can live;
 - ``<ns>:idem:<request_id>``: the claim an Idempotency-Key was first used for;
 - ``<ns>:replies:<gateway instance>``: the pub/sub channel one gateway listens on.
 """
@@ -150,13 +151,14 @@ def redis_client(
 class ResultStore:
     """The Redis keys of claim results (see the module docstring), over one client.
 
-    ``fast_ttl_seconds`` bounds answers the gateway gave itself (default: ``ttl_seconds``).
+    ``gateway_answer_ttl_seconds`` bounds answers the gateway gave itself (default:
+    ``ttl_seconds``).
     """
 
     redis: aioredis.Redis
     namespace: str
     ttl_seconds: int
-    fast_ttl_seconds: int | None = None
+    gateway_answer_ttl_seconds: int | None = None
 
     def result_key(self, request_id: uuid.UUID) -> str:
         return f"{self.namespace}:result:{request_id}"
@@ -164,7 +166,12 @@ class ResultStore:
     def pending_key(self, request_id: uuid.UUID) -> str:
         return f"{self.namespace}:pending:{request_id}"
 
-    def fast_key(self, request_id: uuid.UUID) -> str:
+    def gateway_answer_key(self, request_id: uuid.UUID) -> str:
+        return f"{self.namespace}:gateway:{request_id}"
+
+    def legacy_gateway_answer_key(self, request_id: uuid.UUID) -> str:
+        """Where the release before kept the gateway's answers (read, never written:
+        they expire within GATEWAY_ANSWER_TTL_SECONDS of the upgrade)."""
         return f"{self.namespace}:fast:{request_id}"
 
     def fingerprint_key(self, request_id: uuid.UUID) -> str:
@@ -205,7 +212,7 @@ class ResultStore:
                 *messages,
             )
 
-    async def store_fast(self, results: Sequence[ClaimResult]) -> None:
+    async def store_gateway_answers(self, results: Sequence[ClaimResult]) -> None:
         """Keep answers given without a round trip (one command for all), each unless its
         id has one already."""
         with redis_faults():
@@ -214,18 +221,20 @@ class ResultStore:
             await self.redis.eval(
                 _STORE_NEW,
                 len(results),
-                *(self.fast_key(r.request_id) for r in results),
-                self.fast_ttl_seconds or self.ttl_seconds,
+                *(self.gateway_answer_key(r.request_id) for r in results),
+                self.gateway_answer_ttl_seconds or self.ttl_seconds,
                 *(r.dumps() for r in results),
             )
 
     async def get(self, request_id: uuid.UUID) -> ClaimResult | None:
         """The consumer's result, else an answer the gateway gave by itself."""
         with redis_faults():
-            raw_result, raw_fast = await self.redis.mget(
-                self.result_key(request_id), self.fast_key(request_id)
+            raw_result, raw_gateway, raw_legacy = await self.redis.mget(
+                self.result_key(request_id),
+                self.gateway_answer_key(request_id),
+                self.legacy_gateway_answer_key(request_id),
             )
-            raw = raw_result if raw_result is not None else raw_fast
+            raw = next((r for r in (raw_result, raw_gateway, raw_legacy) if r is not None), None)
             return None if raw is None else ClaimResult.loads(raw)
 
     async def fingerprint(self, request_id: uuid.UUID, claim: bytes) -> bytes:

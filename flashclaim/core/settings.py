@@ -10,6 +10,7 @@ without patching ``os.environ``; reading the prefixed names is the few lines bel
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from flashclaim.core.topology import Topology
 
 PREFIX = "FLASHCLAIM_"
+log = logging.getLogger(__name__)
 ADMIN_TOKEN_MIN_LENGTH = 32
 IDEMPOTENCY_SECRET_MIN = 32
 AUTH_SECRET_MIN = 32
@@ -94,6 +96,10 @@ def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+# Variables of earlier releases, still read (with a warning) under their new names.
+RENAMED = {PREFIX + "FAST_ANSWER_TTL_SECONDS": "gateway_answer_ttl_seconds"}
+
+
 class Settings(BaseModel):
     """Everything a flashclaim process can be configured with.
 
@@ -142,7 +148,7 @@ class Settings(BaseModel):
     # How long an answer the gateway gave without a round trip (409 for a holder, 400
     # for a sold-out coupon) stays readable at /api/claims/{id}. Such answers can come
     # at HTTP speed after a sell-out, so they are kept briefly (bounds Redis memory).
-    fast_answer_ttl_seconds: Positive = 600
+    gateway_answer_ttl_seconds: Positive = 600
     max_body_bytes: Positive = 65_536
     # Claims of one coupon arriving together go in one message (gateway/coalescer.py):
     # a claim waits at most PUBLISH_LINGER_MS for others, and a message carries at most
@@ -284,6 +290,10 @@ class Settings(BaseModel):
         """Settings from ``environ`` (default ``os.environ``); a :class:`ConfigError`
         naming every bad variable if any is."""
         env = os.environ if environ is None else environ
+        for old, new in RENAMED.items():
+            if old in env and variable(new) not in env:
+                log.warning(f"{old} is now {variable(new)}: read as such; rename it")
+                env = {**env, variable(new): env[old]}
         values: dict[str, object] = {}
         for name in cls.model_fields:
             raw = env.get(PREFIX + name.upper())

@@ -90,15 +90,17 @@ async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) ->
     client = redis_client(settings.redis_url, settings.redis_sentinel_password.get_secret_value())
     try:
         store = ResultStore(client, settings.namespace, settings.result_ttl_seconds)
-        consumer_raw, fast_raw, pending_raw = await client.mget(
+        consumer_raw, gateway_raw, legacy_raw, pending_raw = await client.mget(
             store.result_key(request_id),
-            store.fast_key(request_id),
+            store.gateway_answer_key(request_id),
+            store.legacy_gateway_answer_key(request_id),
             store.pending_key(request_id),
         )
     finally:
         await client.aclose()
     redis = None
-    raw = consumer_raw if consumer_raw is not None else fast_raw
+    gateway_raw = gateway_raw if gateway_raw is not None else legacy_raw
+    raw = consumer_raw if consumer_raw is not None else gateway_raw
     if raw is None and pending_raw is not None:
         redis = {"source": "gateway", "outcome": "pending"}
     elif raw is not None:

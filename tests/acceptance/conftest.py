@@ -220,7 +220,7 @@ async def until_sold_out_in_gateway(
 ) -> None:
     """Until the gateway answers claims on the sold-out ``coupon`` by itself: a probe's
     answer is then kept under its fast-answer key, moments after it is given
-    (gateway/finals.py reads the holders of a sold-out coupon once, in the background)."""
+    (gateway/gateway_answers.py reads the holders of a sold-out coupon once, in the background)."""
     redis = aioredis.from_url(services.settings.redis_url)
     try:
         async with asyncio.timeout(timeout):
@@ -231,7 +231,7 @@ async def until_sold_out_in_gateway(
                 ) as r:
                     body = await r.json()
                 assert body.get("code") == "out_of_stock", body
-                # Kept a few milliseconds after the answer (gateway/fastwriter.py).
+                # Kept a few milliseconds after the answer (gateway/gateway_answers.py).
                 key = f"{services.settings.namespace}:fast:{body['request_id']}"
                 for _ in range(10):
                     if await redis.exists(key):

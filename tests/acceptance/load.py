@@ -21,7 +21,7 @@ from flashclaim.core.settings import Settings
 from flashclaim.devtools import promises
 from flashclaim.devtools.client import Answer, ClaimClient
 from flashclaim.devtools.tokens import headers_of
-from gateway import answers as http
+from gateway import http_answers as http
 from tests.acceptance.conftest import Services, service_env
 
 
@@ -208,7 +208,7 @@ async def verify(
                 " before the last grant was committed"
             )
     # Every answer is the one the inbox recorded for its request id. Those without an
-    # inbox row were given by the gateway itself (gateway/finals.py), which may only say
+    # inbox row were given by the gateway itself (gateway/gateway_answers.py), which may only say
     # "already claimed" to a holder and "sold out" to a non-holder of a sold-out coupon.
     # The inbox keeps outcomes; the gateway's mapping makes the answer each should be.
     with psycopg.connect(settings.database_url) as conn:

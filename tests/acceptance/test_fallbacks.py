@@ -49,10 +49,10 @@ async def test_answers_given_in_the_gateway_are_kept_briefly_and_never_overwrite
     services: Services, http: aiohttp.ClientSession, coupon_name: str
 ) -> None:
     """After a sell-out, claims are answered at HTTP speed; each answer is kept only
-    FAST_ANSWER_TTL_SECONDS (not the 24 h of a real result), so a storm of them cannot
+    GATEWAY_ANSWER_TTL_SECONDS (not the 24 h of a real result), so a storm of them cannot
     fill Redis, and none replaces a result the consumer recorded."""
     services.start_consumer()
-    await services.start_gateway(fast_answer_ttl_seconds=30)
+    await services.start_gateway(gateway_answer_ttl_seconds=30)
     await create(http, services, coupon_name, 1)
     winner = await claim(http, services, "alice", coupon_name)
     assert (await claim(http, services, "bob", coupon_name))[1]["code"] == "out_of_stock"
@@ -67,7 +67,7 @@ async def test_answers_given_in_the_gateway_are_kept_briefly_and_never_overwrite
             rid = uuid.UUID(body["request_id"])
             # Stored in the background once the answer is out: wait for it, briefly.
             for _ in range(50):
-                ttl = await client.ttl(store.fast_key(rid))
+                ttl = await client.ttl(store.gateway_answer_key(rid))
                 if ttl != -2:
                     break
                 await asyncio.sleep(0.05)

@@ -60,7 +60,7 @@ async def test_the_services_user_runs_flashclaims_redis_paths(compose_redis: int
         assert await asyncio.wait_for(waiting, 5) == result
         assert await store.get(request.request_id) == result
         fast = ClaimResult.of(ClaimCommand(uuid.uuid4(), "bob", "PROMO"), Outcome.OUT_OF_STOCK)
-        await store.store_fast([fast])
+        await store.store_gateway_answers([fast])
         assert await store.get(fast.request_id) == fast
         assert await store.fingerprint(request.request_id, b"x") == b"x"  # MULTI/EXEC
         limiter = RateLimiter(client, "flashclaim", per_second=1, burst=1)

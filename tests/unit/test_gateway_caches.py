@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
-from gateway.finals import FinalAnswers
+from gateway.gateway_answers import GatewayAnswers
 from gateway.nextflight import NextFlight
 
 
@@ -70,26 +70,26 @@ async def test_final_answers_come_from_grants_and_sold_out_coupons() -> None:
     async def holders(coupon: str) -> list[str]:
         return ["alice", "bob"]
 
-    finals = FinalAnswers(holders)
-    assert finals.answer(claim("alice")) is None
-    finals.learn(ClaimResult.of(claim("alice"), Outcome.CLAIMED))
-    assert finals.answer(claim("alice")) is Outcome.ALREADY_CLAIMED
-    assert finals.answer(claim("carol")) is None  # stock unknown: ask the consumer
-    finals.learn(ClaimResult.of(claim("carol"), Outcome.OUT_OF_STOCK))
+    known = GatewayAnswers(holders)
+    assert known.answer(claim("alice")) is None
+    known.learn(ClaimResult.of(claim("alice"), Outcome.CLAIMED))
+    assert known.answer(claim("alice")) is Outcome.ALREADY_CLAIMED
+    assert known.answer(claim("carol")) is None  # stock unknown: ask the consumer
+    known.learn(ClaimResult.of(claim("carol"), Outcome.OUT_OF_STOCK))
     await asyncio.sleep(0.01)
-    assert finals.answer(claim("bob")) is Outcome.ALREADY_CLAIMED
-    assert finals.answer(claim("dave")) is Outcome.OUT_OF_STOCK
-    assert finals.answer(claim("dave", "OTHER")) is None
+    assert known.answer(claim("bob")) is Outcome.ALREADY_CLAIMED
+    assert known.answer(claim("dave")) is Outcome.OUT_OF_STOCK
+    assert known.answer(claim("dave", "OTHER")) is None
 
 
 async def test_sold_out_is_not_assumed_when_holders_cannot_be_read() -> None:
     async def holders(coupon: str) -> list[str]:
         raise ConnectionError("database down")
 
-    finals = FinalAnswers(holders)
-    finals.learn(ClaimResult.of(claim("carol"), Outcome.OUT_OF_STOCK))
+    known = GatewayAnswers(holders)
+    known.learn(ClaimResult.of(claim("carol"), Outcome.OUT_OF_STOCK))
     await asyncio.sleep(0.01)
-    assert finals.answer(claim("dave")) is None
+    assert known.answer(claim("dave")) is None
 
 
 @pytest.mark.parametrize("outcome", [Outcome.NO_SUCH_COUPON, Outcome.ALREADY_CLAIMED])
@@ -97,33 +97,33 @@ def test_other_answers_teach_nothing(outcome: Outcome) -> None:
     async def holders(coupon: str) -> list[str]:
         raise AssertionError("not called")
 
-    finals = FinalAnswers(holders)
-    finals.learn(ClaimResult.of(claim("alice"), outcome))
-    assert finals.answer(claim("alice")) is None
+    known = GatewayAnswers(holders)
+    known.learn(ClaimResult.of(claim("alice"), outcome))
+    assert known.answer(claim("alice")) is None
 
 
 async def test_final_answers_stay_within_their_memory_bound() -> None:
     async def holders(coupon: str) -> list[str]:
         return [f"{coupon}-u{i}" for i in range(30)]
 
-    finals = FinalAnswers(holders, max_entries=100)
+    known = GatewayAnswers(holders, max_entries=100)
     for c in range(20):
         for u in range(10):
-            finals.learn(ClaimResult.of(claim(f"u{u}", f"C{c}"), Outcome.CLAIMED))
-        assert finals._size <= 100
-    assert finals.answer(claim("u1", "C19")) is Outcome.ALREADY_CLAIMED  # recent: kept
-    assert finals.answer(claim("u1", "C0")) is None  # oldest: forgotten, asks the consumer
+            known.learn(ClaimResult.of(claim(f"u{u}", f"C{c}"), Outcome.CLAIMED))
+        assert known._size <= 100
+    assert known.answer(claim("u1", "C19")) is Outcome.ALREADY_CLAIMED  # recent: kept
+    assert known.answer(claim("u1", "C0")) is None  # oldest: forgotten, asks the consumer
     for c in range(5):
-        finals.learn(ClaimResult.of(claim("x", f"S{c}"), Outcome.OUT_OF_STOCK))
+        known.learn(ClaimResult.of(claim("x", f"S{c}"), Outcome.OUT_OF_STOCK))
         await asyncio.sleep(0.01)
-        assert finals._size <= 100
-    assert finals.answer(claim("nobody", "S4")) is Outcome.OUT_OF_STOCK
+        assert known._size <= 100
+    assert known.answer(claim("nobody", "S4")) is Outcome.OUT_OF_STOCK
 
     async def crowd(coupon: str) -> list[str]:
         return [f"u{i}" for i in range(60)]  # more than half the bound: not kept
 
-    finals = FinalAnswers(crowd, max_entries=100)
-    finals.learn(ClaimResult.of(claim("x", "BIG"), Outcome.OUT_OF_STOCK))
+    known = GatewayAnswers(crowd, max_entries=100)
+    known.learn(ClaimResult.of(claim("x", "BIG"), Outcome.OUT_OF_STOCK))
     await asyncio.sleep(0.01)
-    assert finals.answer(claim("nobody", "BIG")) is None
-    assert finals._size == 0
+    assert known.answer(claim("nobody", "BIG")) is None
+    assert known._size == 0

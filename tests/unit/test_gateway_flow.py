@@ -18,7 +18,7 @@ from flashclaim.core.messages import (
 )
 from gateway.admission import Admission
 from gateway.coalescer import Coalescer
-from gateway.fastwriter import FastAnswerWriter
+from gateway.gateway_answers import GatewayAnswerWriter
 
 
 def claim(coupon: str = "C", user: str | None = None) -> ClaimCommand:
@@ -206,7 +206,7 @@ async def test_answers_given_by_the_gateway_are_written_many_to_a_command() -> N
     async def store(batch: Sequence[ClaimResult]) -> None:
         writes.append(list(batch))
 
-    writer = FastAnswerWriter(store, linger=0.01, max_batch=4)
+    writer = GatewayAnswerWriter(store, linger=0.01, max_batch=4)
     answers = [ClaimResult.of(claim(), Outcome.OUT_OF_STOCK) for _ in range(6)]
     for answer in answers:
         writer.add(answer)
@@ -223,7 +223,7 @@ async def test_a_failed_write_of_given_answers_is_logged_not_raised(
     async def store(batch: Sequence[ClaimResult]) -> None:
         raise DependencyUnavailable("redis", "ConnectionError('redis away')")
 
-    writer = FastAnswerWriter(store, linger=0.001)
+    writer = GatewayAnswerWriter(store, linger=0.001)
     writer.add(ClaimResult.of(claim(), Outcome.OUT_OF_STOCK))
     await writer.drain()
     assert "not kept in redis" in caplog.text

@@ -13,7 +13,7 @@ from flashclaim.core.messages import (
     decode_claims,
     encode_claims,
 )
-from gateway import answers
+from gateway import http_answers as answers
 
 
 def test_command_round_trips() -> None:

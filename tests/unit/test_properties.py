@@ -29,7 +29,7 @@ from consumer.decide import decide
 from flashclaim.core.messages import ClaimCommand, ClaimResult, Outcome
 from gateway.admission import Admission
 from gateway.coalescer import Coalescer
-from gateway.finals import FinalAnswers
+from gateway.gateway_answers import GatewayAnswers
 
 COUPONS = ["A", "B", "C"]
 USERS = [f"u{i}" for i in range(6)]
@@ -123,10 +123,10 @@ def test_already_claimed_comes_before_out_of_stock() -> None:
     assert outcomes == [Outcome.CLAIMED, Outcome.ALREADY_CLAIMED, Outcome.OUT_OF_STOCK]
 
 
-# ------------------------------------------------------------------------ FinalAnswers
+# ------------------------------------------------------------------------ GatewayAnswers
 
 
-class FinalAnswersMachine(RuleBasedStateMachine):
+class GatewayAnswersMachine(RuleBasedStateMachine):
     """Results reach the gateway late and out of order (they come back from several
     batches and partitions); its final answers are asked at any moment. Whatever they
     answer must be what the database would answer, now and for good."""
@@ -142,7 +142,7 @@ class FinalAnswersMachine(RuleBasedStateMachine):
             return list(self.db.holders[coupon])
 
         # A small bound, so that forgetting coupons is exercised too.
-        self.finals = FinalAnswers(holders, max_entries=4, on_sold_out=self.closed.append)
+        self.known = GatewayAnswers(holders, max_entries=4, on_sold_out=self.closed.append)
 
     def teardown(self) -> None:
         self.loop.run_until_complete(asyncio.sleep(0))
@@ -167,13 +167,13 @@ class FinalAnswersMachine(RuleBasedStateMachine):
     def a_result_arrives(self, data: st.DataObject) -> None:
         index = data.draw(st.integers(0, len(self.in_transit) - 1))
         result = self.in_transit.pop(index)
-        self.inside(lambda: self.finals.learn(result))
+        self.inside(lambda: self.known.learn(result))
 
     @rule(coupon=coupons)
     def the_stock_is_read(self, coupon: str) -> None:
         """The admission read the stock: at 0, it tells the final answers."""
         if self.db.stock[coupon] == 0:
-            self.inside(lambda: self.finals.sold_out(coupon))
+            self.inside(lambda: self.known.sold_out(coupon))
 
     @rule()
     def time_passes(self) -> None:
@@ -181,7 +181,7 @@ class FinalAnswersMachine(RuleBasedStateMachine):
 
     @rule(coupon=coupons, user=users)
     def a_claim_is_asked(self, coupon: str, user: str) -> None:
-        answer = self.finals.answer(command(coupon, user))
+        answer = self.known.answer(command(coupon, user))
         if answer is Outcome.ALREADY_CLAIMED:
             assert user in self.db.holders[coupon]
         elif answer is Outcome.OUT_OF_STOCK:
@@ -192,11 +192,11 @@ class FinalAnswersMachine(RuleBasedStateMachine):
     @invariant()
     def only_sold_out_coupons_are_closed(self) -> None:
         assert all(self.db.stock[c] == 0 for c in self.closed)
-        assert self.finals._size <= 4  # internal: user ids held
+        assert self.known._size <= 4  # internal: user ids held
 
 
-TestFinalAnswers = FinalAnswersMachine.TestCase
-TestFinalAnswers.settings = settings(max_examples=200, stateful_step_count=40)
+TestGatewayAnswers = GatewayAnswersMachine.TestCase
+TestGatewayAnswers.settings = settings(max_examples=200, stateful_step_count=40)
 
 
 # --------------------------------------------------------------------------- Admission
