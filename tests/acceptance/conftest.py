@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from flashclaim.core.results import ResultStore
 from flashclaim.core.settings import Settings, environ
 from flashclaim.devtools import processes
 from flashclaim.devtools.devstack import Stack
@@ -219,8 +220,9 @@ async def until_sold_out_in_gateway(
     http: aiohttp.ClientSession, services: Services, coupon: str, timeout: float = 10
 ) -> None:
     """Until the gateway answers claims on the sold-out ``coupon`` by itself: a probe's
-    answer is then kept under its fast-answer key, moments after it is given
-    (gateway/gateway_answers.py reads the holders of a sold-out coupon once, in the background)."""
+    answer is then kept under its key of the gateway's answers, moments after it is given
+    (gateway/gateway_answers.py reads the holders of a sold-out coupon once, in the
+    background)."""
     redis = aioredis.from_url(services.settings.redis_url)
     try:
         async with asyncio.timeout(timeout):
@@ -232,7 +234,9 @@ async def until_sold_out_in_gateway(
                     body = await r.json()
                 assert body.get("code") == "out_of_stock", body
                 # Kept a few milliseconds after the answer (gateway/gateway_answers.py).
-                key = f"{services.settings.namespace}:fast:{body['request_id']}"
+                key = ResultStore(redis, services.settings.namespace, 1).gateway_answer_key(
+                    uuid.UUID(body["request_id"])
+                )
                 for _ in range(10):
                     if await redis.exists(key):
                         return

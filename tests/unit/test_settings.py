@@ -124,3 +124,16 @@ def test_a_secret_can_come_from_a_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as short:
         Settings.from_env({"FLASHCLAIM_ADMIN_TOKEN_FILE": str(token)})
     assert "short" not in str(short.value)
+
+
+def test_a_renamed_variable_is_still_read_under_its_new_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old = Settings.from_env({"FLASHCLAIM_FAST_ANSWER_TTL_SECONDS": "30"})
+    assert old.gateway_answer_ttl_seconds == 30
+    assert "FLASHCLAIM_GATEWAY_ANSWER_TTL_SECONDS" in caplog.text
+    both = {
+        "FLASHCLAIM_FAST_ANSWER_TTL_SECONDS": "30",
+        "FLASHCLAIM_GATEWAY_ANSWER_TTL_SECONDS": "40",
+    }
+    assert Settings.from_env(both).gateway_answer_ttl_seconds == 40  # the new name wins
