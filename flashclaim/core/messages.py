@@ -184,7 +184,7 @@ def decode_claims(
 
 class Outcome(enum.Enum):
     """Each business answer a claim can get: its code, and what it says when it is a
-    refusal (HTTP statuses are the gateway's: gateway/answers.py)."""
+    refusal (HTTP statuses are the gateway's: gateway/http_answers.py)."""
 
     CLAIMED = ("claimed", "")
     ALREADY_CLAIMED = ("already_claimed", "this user already claimed this coupon")
