@@ -187,15 +187,18 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
     return response
 
 
+# Asked every few seconds by Prometheus, load balancers and Kubernetes' probes: a line
+# for each that succeeds would drown the rest (they are counted in the request metrics).
+_ROUTINE = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
 class CanonicalAccessLogger(AbstractAccessLogger):
-    """One line a request; none for a Prometheus scrape that succeeded (one every few
-    seconds from each Prometheus would drown the rest; the scrapes are counted in the
-    request metrics)."""
+    """One line a request, but none for a routine scrape or probe that succeeded."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        if request.path == "/metrics" and response.status == 200:
+        if response.status == 200 and request.path in _ROUTINE:
             return
         fields = {
             "http_request_id": request.get(HTTP_REQUEST_ID),

@@ -111,7 +111,7 @@ def configure(level: str, service: str, log_format: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter stays at warnings unless asked for.
-    for noisy in ("aio_pika", "aiormq", "psycopg.pool"):
+    for noisy in ("aio_pika", "aiormq", "psycopg.pool", "yoyo"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # Warnings (deprecations, resource warnings) become log lines too, not bare stderr.
     logging.captureWarnings(True)

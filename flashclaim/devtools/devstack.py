@@ -760,7 +760,13 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
         # Two gateway processes share the port unless told otherwise (2-core machines).
         owner = Settings.from_env({**environ(gateway_workers=2), **os.environ, **stack.urls()})
         # As the owner and the administrator: the schema, then the broker's policies.
-        migrate(owner.database_url)
+        applied = migrate(owner.database_url)
+        print(
+            "flashclaim: schema "
+            + (f"migrated ({', '.join(applied)})" if applied else "up to date"),
+            file=sys.stderr,
+            flush=True,
+        )
         asyncio.run(apply_configured(owner))
         # The services run with accounts of least privilege. Their lines reach this
         # terminal through supervisord: readable ones on a terminal, unless asked for.

@@ -9,8 +9,11 @@ import sys
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from flashclaim.core import logs
+from flashclaim.core.http import CanonicalAccessLogger
 
 
 def line(logger: logging.Logger, message: str, **extra: object) -> dict[str, object]:
@@ -74,3 +77,23 @@ def test_text_is_chosen_on_a_terminal_only_unless_asked_for(
         assert logs.as_text("auto") is tty
         assert logs.as_text("json") is False
         assert logs.as_text("text") is True
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "logged"),
+    [
+        ("/metrics", 200, False),
+        ("/readyz", 200, False),
+        ("/healthz", 200, False),
+        ("/readyz", 503, True),  # a failing probe is worth a line
+        ("/api/coupons/claim", 200, True),
+    ],
+)
+def test_routine_scrapes_and_probes_that_succeed_write_no_access_line(
+    path: str, status: int, logged: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    access = logging.getLogger("flashclaim.access-test")
+    caplog.set_level(logging.INFO, logger=access.name)
+    writer = CanonicalAccessLogger(access, "")
+    writer.log(make_mocked_request("GET", path), web.Response(status=status), 0.001)
+    assert bool([r for r in caplog.records if r.name == access.name]) is logged
