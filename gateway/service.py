@@ -59,8 +59,12 @@ def runner_factory(settings: Settings) -> Callable[[], Awaitable[web.AppRunner]]
     async def make_runner() -> web.AppRunner:
         # In the worker, after the fork: the SDK's export thread does not survive one.
         tracing.configure("gateway")
+        # The instance id was drawn (or given) once, for the arbiter: each worker is an
+        # instance of its own (its reply channel above all: a worker subscribed to a
+        # channel the others share would decode every reply of theirs too).
+        worker = settings.replace(instance_id=f"{settings.instance_id}.{os.getpid()}")
         return web.AppRunner(
-            create_app(settings),
+            create_app(worker),
             access_log_class=CanonicalAccessLogger,
             access_log=logging.getLogger("flashclaim.access"),
             # In-flight requests get the grace period once the worker stops listening.

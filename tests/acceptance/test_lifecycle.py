@@ -13,6 +13,7 @@ import aio_pika
 import aiohttp
 import psycopg
 import pytest
+import redis.asyncio as aioredis
 
 from flashclaim.core.messages import ClaimCommand
 from flashclaim.core.settings import Settings
@@ -300,3 +301,29 @@ async def test_a_gateway_that_cannot_boot_exits_instead_of_respawning(
     )
     code = await asyncio.to_thread(proc.wait, 60)
     assert code == 3  # the README's: a worker that fails at boot stops the gateway
+
+
+async def test_each_gateway_worker_has_a_reply_channel_of_its_own(
+    services: Services, http: aiohttp.ClientSession
+) -> None:
+    """A consumer publishes each reply to the channel of the worker that waits for it:
+    no worker decodes the replies of another."""
+    services.start_consumer()
+    supervisor = await services.start_gateway(gateway_workers=2)
+    redis = aioredis.from_url(services.settings.redis_url)
+    try:
+        pattern = f"{services.settings.namespace}:replies:*"
+        for _ in range(100):
+            channels = await redis.pubsub_channels(pattern)
+            if len(channels) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(channels) == 2, channels
+        counts = dict(await redis.pubsub_numsub(*channels))
+        assert list(counts.values()) == [1, 1], counts
+        report = await scenarios.flash_sale(http, services.base_url, users=50, stock=5)
+        assert report.violations == []
+    finally:
+        await redis.aclose()
+        supervisor.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(supervisor.wait, 30)

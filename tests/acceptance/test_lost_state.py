@@ -127,7 +127,10 @@ async def test_a_gateway_cut_from_redis_alone_mid_load(
     try:
         services.start_consumer()
         await services.start_gateway(redis_url=url, **GATEWAY)
-        load = await Load(services, http).start()
+        # No coupon sells out: every first claim needs its reply through Redis (a claim
+        # on a sold-out coupon is answered by the gateway alone, and the cut would pass
+        # it by), so the claims in flight at the cut are the ones it delays.
+        load = await Load(services, http, ample=Load.coupons).start()
 
         async def cut(window: Window) -> None:
             proxy.cut()
