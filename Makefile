@@ -44,7 +44,7 @@ lint: venv
 
 bench: deps venv  ## the figures beside their floors and ceilings, on servers of its own
 	bash deploy/install-deps.sh --bench
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 scenarios: venv  ## Flash Sale, Double Dip and a burst against a running `make run`
 	$(BIN)/flashclaim scenarios --url http://127.0.0.1:8080

@@ -30,6 +30,7 @@ people). One run on whatever machine runs it: compare figures only within one ru
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -498,7 +499,33 @@ def write_page(machine: str, table: str) -> None:
     DOC.write_text("\n".join(page) + (notes if notes else "\n"))
 
 
+def quick(bench: Bench) -> int:
+    """``--quick``: the sustained wrk run and its CPU a claim beside the pgbench ceiling,
+    printed; no page written (for trying a change: about a minute)."""
+    bench.sustained_wrk()
+    f = bench.figures
+    claims, one, cpu = f["wrk_claims"], f["pgbench_one_per_tx"], f["cpu_ms_per_claim"]
+    print(
+        f"sustained (wrk, 10 s): {claims['rate']:,.0f} claims/s = "
+        f"{claims['rate'] / one:.2f}x the pgbench ceiling ({one:,.0f} tx/s), "
+        f"p99 {claims['p99_ms']:.0f} ms; invalid-claim path {f['wrk_invalid']['rate']:,.0f} req/s"
+    )
+    print(
+        "CPU a claim (ms): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+        + f"; all {sum(cpu.values()):.3f}"
+    )
+    return 0
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the ceilings and the sustained wrk run with its CPU a claim; no page",
+    )
+    args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     stack = Stack("bench", root=ROOT / ".stack", fresh=True)
     say("starting servers")
@@ -519,6 +546,8 @@ def main() -> int:
         bench.gateway = start_service("gateway", settings.environ(), bench.log)
         wait_listening()
         time.sleep(1)
+        if args.quick:
+            return quick(bench)
 
         async def http_runs() -> None:
             assert bench is not None

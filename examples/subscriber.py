@@ -4,7 +4,9 @@ flashclaim delivers each event at least once: a relay that dies after publishing
 before recording it publishes it again, under the same ``event_id``. This subscriber
 keeps its own inbox table: each event is applied in one transaction with the insert of
 its id, so an event seen twice is applied once, and it is acknowledged only after that
-transaction commits. What it applies is a small projection, a coupon's issued and
+transaction commits. It reads both envelopes (docs/EVENTS.md): one event a message, and
+a run of events as a JSON array (``content_type`` ``BATCH``), whose events it applies
+in one transaction, in order. What it applies is a small projection, a coupon's issued and
 claimed counts::
 
     python examples/subscriber.py --amqp-url amqp://guest:guest@127.0.0.1:55672/ \\
@@ -28,6 +30,8 @@ import aio_pika
 import psycopg
 
 log = logging.getLogger("subscriber")
+# Envelope 2: the message's body is a JSON array of events (envelope 1: one event).
+BATCH = "application/vnd.flashclaim.events.v2+json"
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS subscriber_inbox (
@@ -66,20 +70,33 @@ APPLY = {
 }
 
 
+def events_of(message: aio_pika.IncomingMessage) -> list[dict[str, object]]:
+    """The events a message carries, whichever envelope; ValueError if not events."""
+    document = json.loads(message.body)
+    events = document if message.content_type == BATCH else [document]
+    if not isinstance(events, list) or not events:
+        raise ValueError("not an event batch")
+    for event in events:
+        if not isinstance(event, dict) or event.get("version") != 1:
+            raise ValueError("not a version 1 event")
+        if event.get("type") not in APPLY:
+            raise ValueError("unknown event type")
+    return events
+
+
 async def handle(conn: psycopg.AsyncConnection[object], message: aio_pika.IncomingMessage) -> None:
     try:
-        event = json.loads(message.body)
-        if event.get("version") != 1 or event.get("type") not in APPLY:
-            raise ValueError("unknown event")
+        events = events_of(message)
     except ValueError:
-        # Not an event this subscriber knows: set aside, never retried in a loop.
-        log.warning("event refused", extra={"message_id": message.message_id})
+        # Not events this subscriber knows: set aside, never retried in a loop.
+        log.warning("message refused", extra={"message_id": message.message_id})
         await message.reject(requeue=False)
         return
     async with conn.transaction():
-        cur = await conn.execute(RECORD, event)
-        if await cur.fetchone() is not None:  # first time: apply it
-            await conn.execute(APPLY[event["type"]], event)
+        for event in events:
+            cur = await conn.execute(RECORD, event)
+            if await cur.fetchone() is not None:  # first time: apply it
+                await conn.execute(APPLY[str(event["type"])], event)
     await message.ack()
 
 

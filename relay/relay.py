@@ -6,10 +6,11 @@ Protocol (one step, one PostgreSQL transaction):
    them before this transaction ends, so two relays never publish one row at the same
    time. A row is taken only with every pending row of its coupon before it, so a
    coupon's events are published in commit order (``outbox_take`` in queries.sql);
-2. publish them in that order on one channel (persistent, publisher confirms, the row id
-   as ``message_id``) and wait for every confirm;
+2. publish them in that order on one channel (persistent, publisher confirms; runs of one
+   type share a message, ``flashclaim/core/events.py``) and wait for every confirm;
 3. in the same transaction, mark the confirmed rows SENT and count each refused one
-   (nack) as an attempt, with a backoff before the next, FAILED at the bound; commit.
+   (a nack of its message) as an attempt, with a backoff before the next, FAILED at
+   the bound; commit.
 
 A relay that dies between 2 and 3 never commits: its rows stay PENDING and the next
 step publishes them again under the same event ids (at-least-once; subscribers
@@ -36,6 +37,7 @@ from pamqp.common import FieldTable
 from psycopg_pool import AsyncConnectionPool
 
 from flashclaim.core import broker, tracing
+from flashclaim.core import events as events_
 from flashclaim.core.db import queries
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.events import Event
@@ -75,9 +77,16 @@ class EventPublisher:
     retries would meet the same refusal.
     """
 
-    def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, topology: Topology, per_message: int = 100
+    ) -> None:
         self._connection = connection
         self._exchange = topology.events_exchange
+        # Events a message at most (envelope 2, flashclaim/core/events.py); 1: envelope 1.
+        self._per_message = per_message
+        self._content_type = (
+            events_.BATCH_CONTENT_TYPE if per_message > 1 else events_.SINGLE_CONTENT_TYPE
+        )
         self._channel = broker.PublishingChannel(connection, topology.declare_events)
 
     @property
@@ -92,15 +101,17 @@ class EventPublisher:
         await self._channel.close()
 
     async def publish(self, events: Sequence[Event], timeout: float) -> list[bool]:
-        """Whether each event was confirmed (``False``: the broker refused it); raise
-        ``DependencyUnavailable("broker")`` when the broker could not answer for all of
-        them (not connected, connection lost, no confirm in time): nothing is the rows'
-        fault."""
+        """Whether each event was confirmed (``False``: the broker refused its message);
+        raise ``DependencyUnavailable("broker")`` when the broker could not answer for all
+        of them (not connected, connection lost, no confirm in time): nothing is the
+        rows' fault."""
         if not broker.is_up(self._connection):
             raise DependencyUnavailable("broker", "not connected")
-        spans = [self._span(e) for e in events] if tracing.enabled() else []
+        batches = list(events_.messages(events, self._per_message))
+        # A traced event is alone in its message (events_.messages): one span a message.
+        spans = [self._span(b[0]) for b in batches] if tracing.enabled() else []
         try:
-            confirmed = await self._publish(events, spans, timeout)
+            confirmed = await self._publish(batches, spans, timeout)
         except BaseException as exc:  # cancellation too: the spans end, the error goes on
             for span in spans:
                 if span is not None:
@@ -115,7 +126,7 @@ class EventPublisher:
                 span.end()
         if not all(confirmed):
             await self._channel.renew()
-        return confirmed
+        return [ok for batch, ok in zip(batches, confirmed, strict=True) for _ in batch]
 
     def _span(self, event: Event) -> Span | None:
         """A span of the event's publish in the trace of its change (none if untraced)."""
@@ -144,10 +155,25 @@ class EventPublisher:
             return dict(carrier)
         return {"traceparent": event.trace} if event.trace else None
 
+    def _properties(
+        self, batch: Sequence[Event], span: Span | None
+    ) -> aiormq.spec.Basic.Properties:
+        first = batch[0]
+        return aiormq.spec.Basic.Properties(
+            content_type=self._content_type,
+            delivery_mode=2,
+            message_id=str(first.id),
+            message_type=first.type,
+            app_id=APP_ID,
+            timestamp=first.created_at,
+            headers=self._headers(first, span),
+        )
+
     async def _publish(
-        self, events: Sequence[Event], spans: Sequence[Span | None], timeout: float
+        self, batches: Sequence[Sequence[Event]], spans: Sequence[Span | None], timeout: float
     ) -> list[bool]:
-        spans = spans or [None] * len(events)
+        spans = spans or [None] * len(batches)
+        batched = self._per_message > 1
         try:
             # aio-pika's publish waits for each frame to be written before the next
             # (one event-loop turn per message); the channel underneath queues them all
@@ -159,25 +185,17 @@ class EventPublisher:
                 confirms = await asyncio.gather(
                     *(
                         channel.basic_publish(
-                            e.body(),
+                            events_.message_body(batch, batched),
                             exchange=self._exchange,
-                            routing_key=e.type,
-                            properties=aiormq.spec.Basic.Properties(
-                                content_type="application/json",
-                                delivery_mode=2,
-                                message_id=str(e.id),
-                                message_type=e.type,
-                                app_id=APP_ID,
-                                timestamp=e.created_at,
-                                headers=self._headers(e, span),
-                            ),
+                            routing_key=batch[0].type,
+                            properties=self._properties(batch, span),
                             wait=False,
                         )
-                        for e, span in zip(events, spans, strict=True)
+                        for batch, span in zip(batches, spans, strict=True)
                     ),
                     return_exceptions=True,
                 )
-            # A nack (aiormq raises it as DeliveryError) refuses that event alone;
+            # A nack (aiormq raises it as DeliveryError) refuses that message alone;
             # anything else failed the batch.
             for outcome in confirms:
                 if isinstance(outcome, BaseException) and not isinstance(

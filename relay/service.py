@@ -87,7 +87,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         wakeup = Wakeup(settings.database_url)
         rt.on_exit(wakeup.close, "notification listener")
         connection = await rt.broker()
-        publisher = EventPublisher(connection, settings.topology())
+        publisher = EventPublisher(
+            connection, settings.topology(), settings.outbox_events_per_message
+        )
         await publisher.open()  # the events exchange exists before any subscriber binds
         relay = OutboxRelay(
             pool,
@@ -107,6 +109,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             extra={
                 "exchange": settings.topology().events_exchange,
                 "batch_size": settings.outbox_batch_size,
+                "events_per_message": settings.outbox_events_per_message,
             },
         )
         async with asyncio.TaskGroup() as tasks:

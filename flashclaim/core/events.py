@@ -17,6 +17,20 @@ published event (JSON, version 1)::
 
 ``sequence`` increases in commit order within a coupon: a coupon's rows are written under
 its row lock, so one transaction's rows come after the previous one's.
+
+The message around the events (the envelope) is versioned apart from them:
+
+- envelope 1: one event a message, the document itself (``content_type``
+  ``application/json``, ``message_id`` = its ``event_id``);
+- envelope 2 (the default): a run of events of one type, consecutive in publish order, in
+  one message whose body is their documents as a JSON array (``content_type``
+  :data:`BATCH_CONTENT_TYPE`, ``message_id`` = the first one's ``event_id``). One AMQP
+  message, framed and confirmed once, carries up to ``OUTBOX_EVENTS_PER_MESSAGE`` of
+  them; a traced event travels alone, its trace in the message's headers.
+
+Either way the routing key is the events' type, so a queue bound to one type gets only
+that type, and a coupon's events keep their order across messages. :func:`decode` reads
+both.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +47,9 @@ import orjson
 from flashclaim.core.messages import ClaimCommand
 
 VERSION = 1
+# The media type of envelope 2, a JSON array of event documents.
+BATCH_CONTENT_TYPE = "application/vnd.flashclaim.events.v2+json"
+SINGLE_CONTENT_TYPE = "application/json"
 CREATED = "coupon.created"
 CLAIMED = "coupon.claimed"
 SOLD_OUT = "coupon.sold_out"
@@ -116,3 +133,43 @@ class Event:
                 **self.payload,
             }
         )
+
+
+def messages(events: Sequence[Event], per_message: int) -> Iterator[Sequence[Event]]:
+    """The events of one publish, in order, cut into messages: runs of one type of at
+    most ``per_message`` events; a traced event alone (its message carries its trace).
+    Joined back in order, the messages are ``events``: nothing is reordered."""
+    start = 0
+    for i, event in enumerate(events):
+        run = i - start
+        if i > start and (
+            run == per_message
+            or event.type != events[start].type
+            or event.trace is not None
+            or events[start].trace is not None
+        ):
+            yield events[start:i]
+            start = i
+    if start < len(events):
+        yield events[start:]
+
+
+def message_body(events: Sequence[Event], batched: bool) -> bytes:
+    """One message's body: envelope 2's JSON array, or envelope 1's lone document."""
+    if not batched:
+        (event,) = events
+        return event.body()
+    return b"[" + b",".join(e.body() for e in events) + b"]"
+
+
+def decode(content_type: str | None, body: bytes) -> list[dict[str, Any]]:
+    """The event documents of one published message, whichever its envelope; a
+    ``ValueError`` for a body that is neither."""
+    document = orjson.loads(body)  # orjson.JSONDecodeError is a ValueError
+    if content_type == BATCH_CONTENT_TYPE:
+        if not isinstance(document, list) or not all(isinstance(e, dict) for e in document):
+            raise ValueError("an event batch is a JSON array of event documents")
+        return document
+    if not isinstance(document, dict):
+        raise ValueError("an event is a JSON object")
+    return [document]

@@ -228,6 +228,9 @@ class Settings(BaseModel):
     # How long a relay woken by a notification waits for more events before it takes
     # them: under load, fewer and larger transactions (an event's delay grows by it).
     outbox_linger_ms: NonNegativeNumber = 20.0
+    # Events of one type that share an AMQP message (envelope 2, docs/EVENTS.md); 1
+    # publishes each event alone (envelope 1) for subscribers that read only that.
+    outbox_events_per_message: Annotated[int, Field(gt=0, le=1_000)] = 100
     outbox_max_attempts: Positive = 10
     outbox_retry_seconds: PositiveSeconds = 1.0
     outbox_retry_max_seconds: PositiveSeconds = 300.0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import uuid
 from collections import Counter, defaultdict
@@ -25,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from consumer.store import Delivery, apply_batch
 from flashclaim.core.db import queries
+from flashclaim.core.events import decode
 from flashclaim.core.messages import ClaimCommand
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
@@ -74,9 +74,10 @@ class Recorder:
                 if message is None:
                     await asyncio.sleep(0.05)
                     continue
-                body = json.loads(message.body)
-                assert message.message_id == body["event_id"]
-                self.bodies.append(body)
+                bodies = decode(message.content_type, message.body)
+                assert message.message_id == bodies[0]["event_id"]
+                assert {b["type"] for b in bodies} == {message.routing_key}
+                self.bodies.extend(bodies)
                 await message.ack()
         return self.bodies
 
@@ -88,7 +89,7 @@ class Recorder:
             channel = await connection.channel()
             queue = await channel.declare_queue(self.name, durable=True, passive=True)
             while (message := await queue.get(fail=False)) is not None:
-                self.bodies.append(json.loads(message.body))
+                self.bodies.extend(decode(message.content_type, message.body))
                 await message.ack()
         return self.bodies
 

@@ -34,6 +34,7 @@ import yaml
 from packaging.requirements import Requirement
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from flashclaim.core.events import decode
 from flashclaim.core.settings import Settings
 from flashclaim.devtools import scenarios
 from flashclaim.devtools.devstack import Stack
@@ -345,11 +346,11 @@ async def test_the_contract_scenarios_and_a_burst_through_the_gateway_container(
                     await asyncio.sleep(0.2)
                     continue
                 await message.ack()
-                event = json.loads(message.body)
-                assert event["coupon_name"] in coupons, event
-                received[event["type"]] += 1
-                if event["type"] == "coupon.claimed":
-                    claimed.add((event["coupon_name"], event["user_id"]))
+                for event in decode(message.content_type, message.body):
+                    assert event["coupon_name"] in coupons, event
+                    received[event["type"]] += 1
+                    if event["type"] == "coupon.claimed":
+                        claimed.add((event["coupon_name"], event["user_id"]))
         assert claimed == {
             (report.coupon, user) for report in (flash, dip, burst) for user in report.winners
         }

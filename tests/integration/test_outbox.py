@@ -18,6 +18,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.store import Delivery, apply_batch
+from flashclaim.core.events import BATCH_CONTENT_TYPE, decode
 from flashclaim.core.messages import ClaimCommand
 from flashclaim.core.settings import Settings
 from gateway.repository import Repository
@@ -105,9 +106,10 @@ async def bound_queue(
 
 
 async def drain(queue: aio_pika.abc.AbstractQueue, count: int) -> list[Any]:
+    """Messages until they carry ``count`` events (either envelope)."""
     got: list[Any] = []
     async with asyncio.timeout(10):
-        while len(got) < count:
+        while sum(len(decode(m.content_type, m.body)) for m in got) < count:
             message = await queue.get(fail=False)
             if message is None:
                 await asyncio.sleep(0.05)
@@ -117,20 +119,28 @@ async def drain(queue: aio_pika.abc.AbstractQueue, count: int) -> list[Any]:
     return got
 
 
+async def drain_events(queue: aio_pika.abc.AbstractQueue, count: int) -> list[dict[str, Any]]:
+    return [e for m in await drain(queue, count) for e in decode(m.content_type, m.body)]
+
+
 def relay_for(
     settings: Settings,
     pool: AsyncConnectionPool,
     channel: aio_pika.abc.AbstractChannel,
+    per_message: int = 100,
     **policy: Any,
 ) -> OutboxRelay:
-    publisher = EventPublisher(CONNECTIONS[channel], settings.topology())
+    publisher = EventPublisher(CONNECTIONS[channel], settings.topology(), per_message)
     return OutboxRelay(pool, publisher, RelayPolicy("relay-under-test", **policy))
 
 
 async def test_a_step_publishes_each_event_once_in_order_and_marks_it_sent(
     own_settings: Settings, own_pool: AsyncConnectionPool, channel: Any
 ) -> None:
+    """Envelope 2: a run of one type shares a message (its routing key, AMQP type and
+    the first event's id), the events in order, each the version 1 document."""
     queue = await bound_queue(channel, own_settings)
+    claimed = await bound_queue(channel, own_settings, "coupon.claimed")
     repo = Repository(own_pool)
     await repo.create_coupon("A", 2)
     async with own_pool.connection() as conn, conn.transaction():
@@ -140,16 +150,19 @@ async def test_a_step_publishes_each_event_once_in_order_and_marks_it_sent(
     assert (step.taken, step.sent, step.refused) == (4, 4, 0)
     assert (await relay.step()).taken == 0
     messages = await drain(queue, 4)
-    bodies = [json.loads(m.body) for m in messages]
-    assert [b["type"] for b in bodies] == [
-        "coupon.created",
-        "coupon.claimed",
-        "coupon.claimed",
-        "coupon.sold_out",
+    assert len(messages) == 3  # created | claimed, claimed | sold_out
+    assert {m.content_type for m in messages} == {BATCH_CONTENT_TYPE}
+    batches = [decode(m.content_type, m.body) for m in messages]
+    assert [[b["type"] for b in batch] for batch in batches] == [
+        ["coupon.created"],
+        ["coupon.claimed", "coupon.claimed"],
+        ["coupon.sold_out"],
     ]
-    assert [m.routing_key for m in messages] == [b["type"] for b in bodies]
-    assert [m.message_id for m in messages] == [b["event_id"] for b in bodies]
+    assert [m.routing_key for m in messages] == [batch[0]["type"] for batch in batches]
+    assert [m.type for m in messages] == [batch[0]["type"] for batch in batches]
+    assert [m.message_id for m in messages] == [batch[0]["event_id"] for batch in batches]
     assert all(m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT for m in messages)
+    bodies = [b for batch in batches for b in batch]
     sequences = [b["sequence"] for b in bodies]
     assert sequences == sorted(sequences)
     for body in bodies:
@@ -161,11 +174,38 @@ async def test_a_step_publishes_each_event_once_in_order_and_marks_it_sent(
         "user_id": "u1",
         "remaining_amount": 1,
     }
+    # A queue bound to one type gets that type alone.
+    assert [b["user_id"] for b in await drain_events(claimed, 2)] == ["u1", "u2"]
+    assert await claimed.get(fail=False) is None
     async with own_pool.connection() as conn:
         cur = await conn.execute("SELECT id::text, status, sent_by FROM outbox ORDER BY seq")
         rows = await cur.fetchall()
     assert [r[0] for r in rows] == [b["event_id"] for b in bodies]
     assert {(r[1], r[2]) for r in rows} == {("SENT", "relay-under-test")}
+
+
+async def test_one_event_a_message_for_subscribers_of_envelope_1(
+    own_settings: Settings, own_pool: AsyncConnectionPool, channel: Any
+) -> None:
+    """OUTBOX_EVENTS_PER_MESSAGE=1: each event alone, the document itself, its id the
+    message's."""
+    queue = await bound_queue(channel, own_settings)
+    await Repository(own_pool).create_coupon("A", 2)
+    async with own_pool.connection() as conn, conn.transaction():
+        await apply_batch(conn, [delivery("u1", "A"), delivery("u2", "A")], "w")
+    relay = relay_for(own_settings, own_pool, channel, per_message=1)
+    assert (await relay.step()).sent == 4
+    messages = await drain(queue, 4)
+    assert len(messages) == 4
+    assert {m.content_type for m in messages} == {"application/json"}
+    bodies = [json.loads(m.body) for m in messages]
+    assert [b["type"] for b in bodies] == [
+        "coupon.created",
+        "coupon.claimed",
+        "coupon.claimed",
+        "coupon.sold_out",
+    ]
+    assert [m.message_id for m in messages] == [b["event_id"] for b in bodies]
 
 
 async def test_an_earlier_event_held_elsewhere_holds_back_its_coupon_only(
@@ -187,10 +227,10 @@ async def test_an_earlier_event_held_elsewhere_holds_back_its_coupon_only(
             )
             step = await relay.step()
             assert (step.sent, step.held) == (4, 3)  # B's created + 3 claimed; A's 3 others
-            assert {json.loads(m.body)["coupon_name"] for m in await drain(queue, 4)} == {"B"}
+            assert {e["coupon_name"] for e in await drain_events(queue, 4)} == {"B"}
         step = await relay.step()
     assert step.sent == 4
-    bodies = [json.loads(m.body) for m in await drain(queue, 4)]
+    bodies = await drain_events(queue, 4)
     assert [b["coupon_name"] for b in bodies] == ["A"] * 4
     assert [b["type"] for b in bodies] == ["coupon.created"] + ["coupon.claimed"] * 3
     assert [b["sequence"] for b in bodies] == sorted(b["sequence"] for b in bodies)
@@ -241,7 +281,7 @@ async def test_refused_events_are_retried_then_failed_and_an_operator_retries_th
     assert retried.returncode == 0, retried.stderr
     assert "1 FAILED event(s) pending again" in retried.stdout
     assert (await relay.step()).sent == 1
-    assert json.loads((await drain(queue, 1))[0].body)["type"] == "coupon.created"
+    assert (await drain_events(queue, 1))[0]["type"] == "coupon.created"
     assert outbox_cli(own_settings, "retry", "--all").returncode == 1  # nothing left
     assert relay.publisher.renewals == 2  # one a refused batch
     await relay.publisher.close()

@@ -6,8 +6,21 @@ import datetime as dt
 import uuid
 
 import orjson
+import pytest
 
-from flashclaim.core.events import CLAIMED, SOLD_OUT, Coupon, Event, batch_events
+from flashclaim.core.events import (
+    BATCH_CONTENT_TYPE,
+    CLAIMED,
+    CREATED,
+    SINGLE_CONTENT_TYPE,
+    SOLD_OUT,
+    Coupon,
+    Event,
+    batch_events,
+    decode,
+    message_body,
+    messages,
+)
 from flashclaim.core.messages import ClaimCommand
 
 
@@ -64,3 +77,41 @@ def test_events_keep_the_trace_of_the_claim_that_caused_them() -> None:
     rows = batch_events({"X": Coupon(2, 2)}, [a, b])
     # Each grant in its claim's trace; the sell-out in the trace of the last one.
     assert [r["traceparent"] for r in rows] == [a.trace, b.trace, b.trace]
+
+
+def event(seq: int, type_: str = CLAIMED, trace: str | None = None) -> Event:
+    return Event(
+        uuid.uuid4(), seq, "X", type_, {"remaining_amount": 1}, dt.datetime.now(dt.UTC), trace
+    )
+
+
+def test_runs_of_one_type_share_a_message_in_order() -> None:
+    created = Event(uuid.uuid4(), 1, "X", CREATED, {"amount": 9}, dt.datetime.now(dt.UTC))
+    events = [created, *(event(i) for i in range(2, 7)), event(7, SOLD_OUT)]
+    cut = list(messages(events, per_message=3))
+    assert [[e.seq for e in m] for m in cut] == [[1], [2, 3, 4], [5, 6], [7]]
+    assert [e for m in cut for e in m] == events
+    assert [len(m) for m in messages(events, per_message=1)] == [1] * 7
+
+
+def test_a_traced_event_travels_alone() -> None:
+    trace = "00-" + "a" * 32 + "-" + "1" * 16 + "-01"
+    events = [event(1), event(2, trace=trace), event(3), event(4)]
+    assert [[e.seq for e in m] for m in messages(events, 100)] == [[1], [2], [3, 4]]
+
+
+def test_both_envelopes_decode_to_the_same_documents() -> None:
+    events = [event(1), event(2)]
+    batch = message_body(events, batched=True)
+    assert decode(BATCH_CONTENT_TYPE, batch) == [orjson.loads(e.body()) for e in events]
+    single = message_body(events[:1], batched=False)
+    assert single == events[0].body()
+    assert decode(SINGLE_CONTENT_TYPE, single) == [orjson.loads(single)]
+    for content_type, body in (
+        (BATCH_CONTENT_TYPE, b'{"event_id": "x"}'),
+        (BATCH_CONTENT_TYPE, b"[1, 2]"),
+        (SINGLE_CONTENT_TYPE, b"[]"),
+        (SINGLE_CONTENT_TYPE, b"not json"),
+    ):
+        with pytest.raises(ValueError):
+            decode(content_type, body)
