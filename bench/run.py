@@ -72,18 +72,30 @@ PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
 MEMORY_TARGET_MB = 200
 SINK_PORT = 24318
-# (name, metrics on, OTEL_* variables) of the observability runs; tracing exports to the
-# sink whenever variables are given.
-OBSERVABILITY: tuple[tuple[str, bool, dict[str, str]], ...] = (
-    ("metrics off, tracing off", False, {}),
-    ("metrics on, tracing off (the default)", True, {}),
+# (name, metrics on, log level, OTEL_* variables) of the observability runs; tracing
+# exports to the sink whenever variables are given.
+OBSERVABILITY: tuple[tuple[str, bool, str, dict[str, str]], ...] = (
+    ("metrics off, tracing off", False, "WARNING", {}),
+    ("metrics on, tracing off (the default)", True, "WARNING", {}),
+    ("metrics on, logs at INFO as under make run (an access line a request)", True, "INFO", {}),
     (
-        "metrics on, 10% of claims traced",
+        "metrics on, 1% of claims traced",
         True,
-        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+        "WARNING",
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
     ),
-    ("metrics on, every claim traced", True, {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
+    (
+        "metrics on, every claim traced",
+        True,
+        "WARNING",
+        {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+    ),
 )
+# The observability runs with a target: (name, of the bare run, of the pgbench ceiling).
+OBSERVABILITY_TARGETS = {
+    OBSERVABILITY[2][0]: (None, 2.5),
+    OBSERVABILITY[3][0]: (0.9, None),
+}
 
 
 def say(text: str) -> None:
@@ -282,11 +294,11 @@ class Bench:
         coupon = self.hot_coupon("OBS")
         script = ROOT / "bench" / "claims.lua"
         export = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{SINK_PORT}"}
-        samples: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in OBSERVABILITY}
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in OBSERVABILITY}
         try:
             for repeat in range(repeats):
-                for i, (name, metrics_on, otel) in enumerate(OBSERVABILITY):
-                    self.restart(metrics_on, {**export, **otel} if otel else {})
+                for i, (name, metrics_on, level, otel) in enumerate(OBSERVABILITY):
+                    self.restart(metrics_on, {**export, **otel} if otel else {}, level)
                     say(f"wrk: sustained claims, {name} ({repeat + 1}/{repeats}, 10 s)")
                     spans = _spans_received()
                     meter = self.meter()
@@ -326,11 +338,11 @@ class Bench:
             )
         return coupon
 
-    def restart(self, metrics_on: bool, otel: dict[str, str]) -> None:
-        """The gateway, the consumer and the relay again, with metrics on or off and
-        these OTEL_* variables (tracing on when any is given)."""
+    def restart(self, metrics_on: bool, otel: dict[str, str], log_level: str = "WARNING") -> None:
+        """The gateway, the consumer and the relay again, with metrics on or off, these
+        OTEL_* variables (tracing on when any is given) and this log level."""
         self.stop_services()
-        settings = self.settings.replace(metrics_enabled=metrics_on).environ()
+        settings = self.settings.replace(metrics_enabled=metrics_on, log_level=log_level).environ()
         base = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **otel}
         self.consumer = start_service("consumer", settings, self.log, base)
         self.relay = start_service("relay", settings, self.log, base)
@@ -413,14 +425,23 @@ class Bench:
         runs = f["observability"]
         bare = runs[0]
         for run in runs:
+            of_bare, of_ceiling = OBSERVABILITY_TARGETS.get(run["name"], (None, None))
+            goal = ""
+            if of_bare is not None:
+                goal = _target(run["rate"] >= of_bare * bare["rate"], f">= {of_bare}x the bare run")
+            if of_ceiling is not None:
+                goal = _target(
+                    run["rate"] >= of_ceiling * one, f">= {of_ceiling}x the pgbench ceiling"
+                )
             rows.append(
                 (
                     f"sustained (wrk, 10 s, median of 3), {run['name']}",
                     f"{run['rate']:,.0f} claims/s = {run['rate'] / bare['rate']:.2f}x the bare run"
+                    f" = {run['rate'] / one:.2f}x the pgbench ceiling"
                     f" (p99 {run['p99_ms']:.0f} ms), CPU {run['cpu_ms_per_claim']:.3f} ms a"
-                    f" claim, {run['spans_per_claim']:.1f} spans exported a claim",
+                    f" claim, {run['spans_per_claim']:.2f} spans exported a claim",
                     "" if run is bare else f"metrics and tracing off: {bare['rate']:,.0f}/s",
-                    "",
+                    goal,
                 )
             )
         worst = max(self.peaks.values())

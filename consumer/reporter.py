@@ -91,7 +91,8 @@ class Reporter:
         while (item := await self._committed.get()) is not None:
             received, outcome, trace = item
             if trace is None:
-                await self._report(received, outcome)
+                with tracing.untraced():
+                    await self._report(received, outcome)
             else:
                 with tracing.tracer().start_as_current_span("results report", context=trace):
                     await self._report(received, outcome)

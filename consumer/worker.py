@@ -296,6 +296,9 @@ class ClaimWorker:
         started = time.perf_counter()
         if not tracing.enabled():
             applied = Applied(await self._apply_through_faults(deliveries))
+        elif not any(d.command.trace for d in deliveries):  # none sampled: no span at all
+            with tracing.untraced():
+                applied = Applied(await self._apply_through_faults(deliveries))
         else:
             applied = await self._apply_traced(deliveries)
         outcome, m = applied.outcome, self.metrics

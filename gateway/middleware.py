@@ -12,13 +12,19 @@ from flashclaim.core.http import REQUEST_ID
 
 @web.middleware
 async def tracing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A server span for each request (when tracing is on), continuing the trace of a
-    ``traceparent`` the client sent; the claim's command carries it on."""
+    """A server span for each sampled request (when tracing is on), continuing the trace
+    of a ``traceparent`` the client sent; the claim's command carries it on. A request
+    that is not sampled makes no span, and its calls are not instrumented."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else None
+    name = f"{request.method} {route}" if route else request.method
+    context = tracing.sampled(request.headers, name)
+    if context is None:
+        with tracing.untraced():
+            return await handler(request)
     with tracing.tracer().start_as_current_span(
-        f"{request.method} {route}" if route else request.method,
-        context=tracing.extract(request.headers),
+        name,
+        context=context,
         kind=tracing.SpanKind.SERVER,
         attributes={
             "http.request.method": request.method,

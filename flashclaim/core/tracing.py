@@ -12,34 +12,79 @@ headers, resource attributes, ``OTEL_SERVICE_NAME``) is the SDK's own reading of
 How a claim's context travels (W3C ``traceparent``):
 
 - the gateway's server span continues a ``traceparent`` the client sent;
-- sampling is decided there, once (``OTEL_TRACES_SAMPLER``): only a sampled claim's
-  context travels on, so a claim that is not traced costs no span after the gateway's;
+- sampling is decided there, once (``OTEL_TRACES_SAMPLER``), before any span is made
+  (:func:`sampled`): a request that is not sampled makes no span at all, and its
+  PostgreSQL and Redis calls are not instrumented (:func:`untraced`); only a sampled
+  claim's context travels on;
 - the claim command carries that span's context: as the ``traceparent`` header of a
   message carrying one claim, in each claim of a message carrying several (each claim
   keeps its own trace, whatever message it rides in);
 - the consumer's span of a claim is a child of it; the batch span that applies it (with
-  PostgreSQL's and Redis's spans under it) links to every claim of the batch, and is a
-  child of the first one's;
+  PostgreSQL's and Redis's spans under it) links to every traced claim of the batch, and
+  is a child of the first one's; a batch with no traced claim makes no span;
 - the outbox row of a claim's event keeps the context (``outbox.traceparent``), and the
   relay's publish of the event is a child span of it; the published event carries a
-  ``traceparent`` header for its subscribers.
+  ``traceparent`` header for its subscribers. The relay's own statements are not
+  traced (a relay step serves many claims and is no claim's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+import random
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING
 
 from opentelemetry import propagate, trace
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key, set_value
 from opentelemetry.trace import Link, Span, SpanKind, StatusCode, Tracer
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.sampling import Sampler, SamplingResult
 
 TRACER = "flashclaim"
 # A batch links to each claim it applies (at most BATCH_SIZE, 200 by default).
 MAX_LINKS = 2_000
 _state = {"enabled": False}
 _tracers: list[Tracer] = []
+# Set in a context by :func:`sampled`: the root span started in it is sampled.
+_DECIDED = create_key("flashclaim-sampled")
+_samplers: list[Sampler] = []
+
+
+def _decided(configured: Sampler) -> Sampler:
+    """The configured sampler, except for a root span :func:`sampled` already chose: a
+    second draw would sample a ratio of the ratio. (Built here: the SDK is imported only
+    when tracing is on.)"""
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    class Decided(Sampler):
+        def __init__(self) -> None:
+            self.configured = configured
+
+        def should_sample(
+            self,
+            parent_context: Context | None,
+            trace_id: int,
+            name: str,
+            kind: SpanKind | None = None,
+            attributes: Attributes = None,
+            links: Sequence[Link] | None = None,
+            trace_state: TraceState | None = None,
+        ) -> SamplingResult:
+            if parent_context is not None and parent_context.get(_DECIDED):
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+            return self.configured.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
+
+        def get_description(self) -> str:
+            return self.configured.get_description()
+
+    return Decided()
 
 
 def wanted(environ: Mapping[str, str] | None = None) -> bool:
@@ -91,7 +136,13 @@ def install(provider: trace.TracerProvider) -> None:
     """Trace through ``provider`` from now on, PostgreSQL and Redis calls included."""
     from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 
+    _samplers.clear()
+    if isinstance(provider, SdkTracerProvider):  # its sampler, asked by sampled() first
+        configured = getattr(provider.sampler, "configured", provider.sampler)
+        provider.sampler = _decided(configured)
+        _samplers.append(configured)
     trace.set_tracer_provider(provider)
     # Looked up once: the provider builds and compares a scope at every get_tracer().
     _tracers.clear()
@@ -104,6 +155,25 @@ def install(provider: trace.TracerProvider) -> None:
 
 def enabled() -> bool:
     return _state["enabled"]
+
+
+def sampled(headers: Mapping[str, str], name: str) -> Context | None:
+    """The context to trace a request in, or ``None``: not sampled, so make no span and
+    run it :func:`untraced`. The configured sampler decides, as it would for the span:
+    a ``traceparent`` the client sent, or a draw for a new trace (kept: the span then
+    started in the context is sampled)."""
+    ctx = propagate.extract(headers) if "traceparent" in headers else Context()
+    if not _samplers:  # a provider that is not the SDK's decides for itself
+        return ctx
+    parent = trace.get_current_span(ctx).get_span_context()
+    trace_id = parent.trace_id if parent.is_valid else random.getrandbits(128)
+
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    decision = _samplers[0].should_sample(ctx, trace_id, name).decision
+    if decision is not Decision.RECORD_AND_SAMPLE:
+        return None
+    return ctx if parent.is_valid else set_value(_DECIDED, True, ctx)
 
 
 @contextlib.contextmanager
@@ -180,6 +250,7 @@ __all__ = [
     "inject",
     "install",
     "links",
+    "sampled",
     "tracer",
     "untraced",
     "wanted",

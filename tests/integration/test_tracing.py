@@ -13,9 +13,11 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
 from consumer import service as consumer_service
@@ -199,6 +201,59 @@ async def test_without_a_traceparent_each_claim_starts_its_own_trace(
         assert [(s.attributes or {}).get("flashclaim.request_id") for s in processed] == [
             request_id
         ]
+
+
+async def test_a_claim_not_sampled_makes_no_span_anywhere(
+    stack: tuple[TestClient, Settings],  # type: ignore[type-arg]
+    spans: InMemorySpanExporter,
+    coupon_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half the claims sampled (OTEL_TRACES_SAMPLER=parentbased_traceidratio, 0.5): the
+    gateway decides before any span, so about half the claims have a trace (not a
+    quarter: the span is not drawn for again) and every span of the run, PostgreSQL's,
+    Redis's and the relay's included, is in one of theirs."""
+    client, settings = stack
+    r = await client.post("/api/coupons", json={"name": coupon_name, "amount": 1000})
+    assert r.status == 201
+    created = next(hex_trace(s) for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER)
+    await until_spans(spans, created, f"{settings.topology().events_exchange} publish")
+    half = ParentBased(TraceIdRatioBased(0.5))
+    monkeypatch.setattr(tracing, "_samplers", [half])  # as configure() would set it
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    monkeypatch.setattr(provider.sampler, "configured", half)
+    spans.clear()
+    claims = 400
+    for start in range(0, claims, 50):
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    "/api/coupons/claim", json={"user_id": f"u{i}", "coupon_name": coupon_name}
+                )
+                for i in range(start, start + 50)
+            )
+        )
+        assert {a.status for a in answers} == {200}
+    servers = {
+        hex_trace(s): (s.attributes or {}).get("flashclaim.request_id")
+        for s in spans.get_finished_spans()
+        if s.kind is SpanKind.SERVER
+    }
+    assert 150 <= len(servers) <= 250, len(servers)
+    async with asyncio.timeout(20):
+        while True:
+            done = [s for s in spans.get_finished_spans() if s.name == "claim process"]
+            if len(done) >= len(servers):
+                break
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # the relay's publishes of their events
+    outside = [s.name for s in spans.get_finished_spans() if hex_trace(s) not in servers]
+    assert outside == []
+    processed = [s for s in spans.get_finished_spans() if s.name == "claim process"]
+    assert sorted(str((s.attributes or {})["flashclaim.request_id"]) for s in processed) == sorted(
+        str(r) for r in servers.values()
+    )
 
 
 def test_a_line_logged_in_a_span_carries_its_trace_and_span_ids(

@@ -97,3 +97,19 @@ def test_routine_scrapes_and_probes_that_succeed_write_no_access_line(
     writer = CanonicalAccessLogger(access, "")
     writer.log(make_mocked_request("GET", path), web.Response(status=status), 0.001)
     assert bool([r for r in caplog.records if r.name == access.name]) is logged
+
+
+def test_an_error_carries_its_traceback_and_any_extra_is_written() -> None:
+    log = logging.getLogger("flashclaim.e")
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        record = log.makeRecord(
+            log.name, logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info()
+        )
+    record.__dict__.update({"when": dt.date(2026, 12, 1), "size": 3})
+    out = dict(orjson.loads(logs.formatter("relay").format(record)))
+    assert out["event"] == "failed x"
+    assert "ZeroDivisionError: division by zero" in str(out["exc_info"])
+    assert (out["when"], out["size"]) == ("2026-12-01", 3)
+    assert not {"args", "msg", "levelno", "pathname", "exc_text"} & set(out)
