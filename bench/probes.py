@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from flashclaim.devtools.loadreport import Recorder
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -124,6 +128,43 @@ def wrk(
         "non_2xx": float(bad.group(1)) if bad else 0.0,
         "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
     }
+
+
+def build_openloop(out: Path) -> Path:
+    """Compile bench/openloop (Go, standard library only) to ``out``."""
+    source = Path(__file__).parent / "openloop" / "main.go"
+    subprocess.run(["go", "build", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def openloop(
+    binary: Path, url: str, coupon: str, rate: int, seconds: int, users: str
+) -> tuple[Recorder, float]:
+    """Claims at ``rate`` a second for ``seconds`` (bench/openloop): each one's latency
+    from when it was due, by the second it was due in; and how long the sending took."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            str(binary),
+            f"-url={url}",
+            f"-coupon={coupon}",
+            f"-rate={rate}",
+            f"-duration={seconds}s",
+            f"-users={users}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    recorder = Recorder()
+    for line in done.stdout.splitlines():
+        due_us, latency_us, status = (int(x) for x in line.split())
+        recorder.record_at(due_us / 1e6, status, latency_us / 1e6)
+    recorder.sent = int(rate * seconds)
+    recorder.dropped = recorder.sent - recorder.done
+    for line in done.stderr.splitlines():
+        print(f"bench: {line}", file=sys.stderr)
+    return recorder, time.monotonic() - started
 
 
 def pgbench(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages flashclaim's local stack needs, if any is missing;
-# with --bench, also what `make bench` drives the load with (wrk); with --image, what
+# with --bench, also what `make bench` drives the load with (wrk, and Go to build its
+# open-loop generator, bench/openloop); with --image, what
 # `make image` and `make test-image` build and run the image with (podman, runc,
 # mmdebstrap).
 # Idempotent: does nothing when everything is there.
@@ -20,6 +21,7 @@ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
   || missing+=(prometheus)
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  command -v go >/dev/null 2>&1 || missing+=(golang-go)
 fi
 if [ "${1:-}" = "--image" ]; then
   command -v podman >/dev/null 2>&1 || missing+=(podman)

@@ -34,9 +34,13 @@ class Recorder:
     errors: Counter[str] = field(default_factory=Counter)
 
     def record(self, status: int, latency_s: float) -> None:
+        self.record_at(time.monotonic() - self.started, status, latency_s)
+
+    def record_at(self, offset_s: float, status: int, latency_s: float) -> None:
+        """An answer in the second ``offset_s`` falls in (from :attr:`started`)."""
         micros = min(max(1, int(latency_s * 1_000_000)), _MAX_US)
         self.overall.record_value(micros)
-        second = int(time.monotonic() - self.started)
+        second = int(offset_s)
         if second not in self.per_second:
             self.per_second[second] = _histogram()
         self.per_second[second].record_value(micros)

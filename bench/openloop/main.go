@@ -1,0 +1,106 @@
+// Command openloop sends claims at a fixed rate, whatever became of the earlier ones,
+// and writes each one's latency measured from the moment it was due (an open loop:
+// a slow answer cannot slow the load down and hide itself, as a closed loop would).
+//
+// It is compiled (Go, standard library only) so that the load costs little CPU beside
+// what it measures: `make bench` runs it on the two cores the services use. Output, one
+// line a request on stdout: "<due offset µs> <latency µs> <status>" (status 0: no
+// answer, the error on stderr once per kind); then a summary line on stderr.
+//
+//	openloop -url http://127.0.0.1:18080/api/coupons/claim -coupon HOT -rate 1000 -duration 10s
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+type result struct {
+	due     time.Duration // since the start
+	latency time.Duration
+	status  int
+}
+
+func main() {
+	url := flag.String("url", "http://127.0.0.1:8080/api/coupons/claim", "the claim endpoint")
+	coupon := flag.String("coupon", "", "the coupon every claim is for")
+	users := flag.String("users", "openloop", "user ids are <users>_<n>")
+	rate := flag.Float64("rate", 1000, "claims a second")
+	duration := flag.Duration("duration", 10*time.Second, "how long to send")
+	timeout := flag.Duration("timeout", 30*time.Second, "how long to wait for one answer")
+	outstanding := flag.Int("max-outstanding", 20000, "claims in flight at most (more are not sent, and counted)")
+	flag.Parse()
+	if *coupon == "" || *rate <= 0 {
+		fmt.Fprintln(os.Stderr, "openloop: -coupon and a positive -rate are required")
+		os.Exit(2)
+	}
+
+	transport := &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+		MaxIdleConns:        0,
+		MaxIdleConnsPerHost: *outstanding,
+		IdleConnTimeout:     90 * time.Second,
+	}
+	client := &http.Client{Transport: transport, Timeout: *timeout}
+
+	total := int(*rate * duration.Seconds())
+	results := make([]result, 0, total)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	var inFlight, dropped int64
+	var errorsSeen sync.Map
+
+	send := func(i int, due time.Duration, start time.Time) {
+		defer wg.Done()
+		defer atomic.AddInt64(&inFlight, -1)
+		body := []byte(fmt.Sprintf(`{"user_id":"%s_%d","coupon_name":"%s"}`, *users, i, *coupon))
+		status := 0
+		resp, err := client.Post(*url, "application/json", bytes.NewReader(body))
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			status = resp.StatusCode
+		} else if _, seen := errorsSeen.LoadOrStore(fmt.Sprintf("%T", err), true); !seen {
+			fmt.Fprintln(os.Stderr, "openloop:", err)
+		}
+		latency := time.Since(start) - due
+		mu.Lock()
+		results = append(results, result{due, latency, status})
+		mu.Unlock()
+	}
+
+	interval := time.Duration(float64(time.Second) / *rate)
+	start := time.Now()
+	for i := 0; i < total; i++ {
+		due := time.Duration(i) * interval
+		if wait := due - time.Since(start); wait > 0 {
+			time.Sleep(wait)
+		}
+		if atomic.LoadInt64(&inFlight) >= int64(*outstanding) {
+			dropped++
+			continue
+		}
+		atomic.AddInt64(&inFlight, 1)
+		wg.Add(1)
+		go send(i, due, start)
+	}
+	sent := time.Since(start)
+	wg.Wait()
+
+	out := bufio.NewWriterSize(os.Stdout, 1<<16)
+	for _, r := range results {
+		fmt.Fprintf(out, "%d %d %d\n", r.due.Microseconds(), r.latency.Microseconds(), r.status)
+	}
+	out.Flush()
+	fmt.Fprintf(os.Stderr, "openloop: %d due, %d sent in %.2f s, %d answered, %d not sent (too many in flight)\n",
+		total, total-int(dropped), sent.Seconds(), len(results), dropped)
+}
