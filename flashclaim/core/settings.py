@@ -226,8 +226,9 @@ class Settings(BaseModel):
     outbox_batch_size: Annotated[int, Field(gt=0, le=10_000)] = 500
     outbox_poll_seconds: PositiveSeconds = 2.0
     # How long a relay woken by a notification waits for more events before it takes
-    # them: under load, fewer and larger transactions (an event's delay grows by it).
-    outbox_linger_ms: NonNegativeNumber = 20.0
+    # them: under load, fewer and larger transactions and messages (an event's delay
+    # grows by it; README).
+    outbox_linger_ms: NonNegativeNumber = 100.0
     # Events of one type that share an AMQP message (envelope 2, docs/EVENTS.md); 1
     # publishes each event alone (envelope 1) for subscribers that read only that.
     outbox_events_per_message: Annotated[int, Field(gt=0, le=1_000)] = 100
