@@ -256,12 +256,12 @@ class Bench:
         }
         self.note_memory()
 
-    def open_loop(self) -> None:
+    def open_loop(self, rates: tuple[int, ...] = (1000, 2000)) -> None:
         """Claims at 1,000 and 2,000 a second on one hot coupon, from bench/openloop (a
         compiled open-loop generator: the load's own CPU stays small beside the system's,
         which a Python generator's was not)."""
         binary = probes.build_openloop(OUT / "openloop")
-        for rate in (1000, 2000):
+        for rate in rates:
             coupon = self.hot_coupon(f"OPEN{rate}")
             say(f"open loop: {rate:,} claims a second on one hot coupon (10 s)")
             meter = self.meter()
@@ -538,9 +538,11 @@ def write_page(machine: str, table: str) -> None:
 
 
 def quick(bench: Bench) -> int:
-    """``--quick``: the sustained wrk run and its CPU a claim beside the pgbench ceiling,
-    printed; no page written (for trying a change: about a minute)."""
+    """``--quick``: the sustained wrk run and the open loop at 1,000/s, with their CPU a
+    claim, beside the pgbench ceiling, printed; no page written (for trying a change:
+    about a minute and a half)."""
     bench.sustained_wrk()
+    bench.open_loop(rates=(1000,))
     f = bench.figures
     claims, one, cpu = f["wrk_claims"], f["pgbench_one_per_tx"], f["cpu_ms_per_claim"]
     print(
@@ -550,6 +552,13 @@ def quick(bench: Bench) -> int:
     )
     print(
         "CPU a claim (ms): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+        + f"; all {sum(cpu.values()):.3f}"
+    )
+    lat = bench.reports["fixed_1000"].percentiles_ms()
+    cpu = f["cpu_ms_per_claim_1000"]
+    print(
+        f"open loop 1,000/s: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms; CPU a claim (ms): "
         + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
         + f"; all {sum(cpu.values()):.3f}"
     )

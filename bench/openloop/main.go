@@ -13,6 +13,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"flag"
 	"fmt"
 	"io"
@@ -44,8 +45,13 @@ func main() {
 		os.Exit(2)
 	}
 
+	var dials int64
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
 	transport := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			atomic.AddInt64(&dials, 1)
+			return dialer.DialContext(ctx, network, addr)
+		},
 		MaxIdleConns:        0,
 		MaxIdleConnsPerHost: *outstanding,
 		IdleConnTimeout:     90 * time.Second,
@@ -101,6 +107,6 @@ func main() {
 		fmt.Fprintf(out, "%d %d %d\n", r.due.Microseconds(), r.latency.Microseconds(), r.status)
 	}
 	out.Flush()
-	fmt.Fprintf(os.Stderr, "openloop: %d due, %d sent in %.2f s, %d answered, %d not sent (too many in flight)\n",
-		total, total-int(dropped), sent.Seconds(), len(results), dropped)
+	fmt.Fprintf(os.Stderr, "openloop: %d due, %d sent in %.2f s, %d answered, %d not sent (too many in flight), %d connections opened\n",
+		total, total-int(dropped), sent.Seconds(), len(results), dropped, atomic.LoadInt64(&dials))
 }
