@@ -141,7 +141,8 @@ def openloop(
     binary: Path, url: str, coupon: str, rate: int, seconds: int, users: str
 ) -> tuple[Recorder, float]:
     """Claims at ``rate`` a second for ``seconds`` (bench/openloop): each one's latency
-    from when it was due, by the second it was due in; and how long the sending took."""
+    from when it was due, by the second of the run it was answered in; and how long the
+    run took (until the last answer)."""
     started = time.monotonic()
     done = subprocess.run(
         [
@@ -159,7 +160,8 @@ def openloop(
     recorder = Recorder()
     for line in done.stdout.splitlines():
         due_us, latency_us, status = (int(x) for x in line.split())
-        recorder.record_at(due_us / 1e6, status, latency_us / 1e6)
+        # By the second it was answered in, as the project's own generator records.
+        recorder.record_at((due_us + latency_us) / 1e6, status, latency_us / 1e6)
     recorder.sent = int(rate * seconds)
     recorder.dropped = recorder.sent - recorder.done
     for line in done.stderr.splitlines():
