@@ -39,6 +39,7 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "how long to send")
 	timeout := flag.Duration("timeout", 30*time.Second, "how long to wait for one answer")
 	outstanding := flag.Int("max-outstanding", 20000, "claims in flight at most (more are not sent, and counted)")
+	connections := flag.Int("connections", 512, "connections at most; a claim due when all are busy waits for one (its wait counts)")
 	flag.Parse()
 	if *coupon == "" || *rate <= 0 {
 		fmt.Fprintln(os.Stderr, "openloop: -coupon and a positive -rate are required")
@@ -53,7 +54,8 @@ func main() {
 			return dialer.DialContext(ctx, network, addr)
 		},
 		MaxIdleConns:        0,
-		MaxIdleConnsPerHost: *outstanding,
+		MaxIdleConnsPerHost: *connections,
+		MaxConnsPerHost:     *connections,
 		IdleConnTimeout:     90 * time.Second,
 	}
 	client := &http.Client{Transport: transport, Timeout: *timeout}
