@@ -181,6 +181,7 @@ async def _claims(app: web.Application, rt: Runtime) -> None:
     rt.background(
         metrics.sample_every(1.0, rt.stop, _sampler(app, publisher, admission)), "metrics"
     )
+    rt.on_exit(app[METRICS].flush, "metrics counted since the last second")
 
 
 def _sampler(
@@ -192,6 +193,7 @@ def _sampler(
     def sample() -> None:
         if not m.enabled:
             return
+        m.flush()
         m.sample_pool(app[REPOSITORY].pool_stats())
         m.breaker_open.set(1 if publisher.breaker_open else 0)
         m.in_flight.set(app[CLAIMS].in_flight)

@@ -119,7 +119,7 @@ class Claims:
             except TimeoutError:
                 # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)
-            self._metrics.result_wait.observe(time.monotonic() - published)
+            self._metrics.result_waited(time.monotonic() - published)
         finally:
             self._replies.forget(command.request_id, reply)
             if self._admission is not None:

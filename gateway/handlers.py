@@ -127,7 +127,8 @@ async def get_claim(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics_page(request: web.Request) -> web.Response:
     """Prometheus's text format; with several gateway workers, their sum (whichever
-    worker answers)."""
+    worker answers; the others' figures are at most a second late: metrics.Tally)."""
+    request.app[METRICS].flush()
     body = metrics.exposition(request.app[METRICS])
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 

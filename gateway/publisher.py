@@ -86,8 +86,7 @@ class ClaimPublisher:
             raise DependencyUnavailable("broker", "circuit open", retry_after=wait)
         started = time.perf_counter()
         await self._breaker.call_async(self._publish, commands)
-        self._metrics.publish_confirm.observe(time.perf_counter() - started)
-        self._metrics.publish_claims.observe(len(commands))
+        self._metrics.published(time.perf_counter() - started, len(commands))
 
     @property
     def breaker_open(self) -> bool:

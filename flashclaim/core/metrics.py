@@ -19,6 +19,7 @@ Prometheus plugin), not counted here.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import glob
 import json
@@ -137,9 +138,50 @@ class _Set:
         self.pool_waiting.set(stats.get("requests_waiting", 0))
 
 
+class Tally:
+    """A gateway worker's counts and observations since the last :meth:`flush`.
+
+    In multiprocess mode each increment prometheus-client makes is a locked write to the
+    worker's memory-mapped file: the figures of one claim cost 18 µs that way, against
+    under 2 here. The gateway adds them up in the worker and hands the sums over once a
+    second, before it answers a scrape and at exit: a figure is at most a second late
+    on ``/metrics``, and never lost by a worker that stops. (An event loop's own: not
+    thread-safe.) The histograms' sums and buckets are written as prometheus-client's
+    ``Histogram.observe`` writes them; ``tests/unit/test_metrics.py`` holds the two to
+    the same exposition."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Counter, float] = {}
+        self._observed: dict[Histogram, tuple[list[float], list[int]]] = {}
+
+    def inc(self, child: Counter, amount: float = 1.0) -> None:
+        self._counts[child] = self._counts.get(child, 0.0) + amount
+
+    def observe(self, child: Histogram, value: float) -> None:
+        seen = self._observed.get(child)
+        bounds: list[float] = child._upper_bounds
+        if seen is None:
+            seen = self._observed[child] = ([0.0], [0] * len(bounds))
+        seen[0][0] += value
+        # The first bucket whose bound is at least the value (the last is +Inf).
+        seen[1][bisect.bisect_left(bounds, value)] += 1
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for counter, amount in counts.items():
+            counter.inc(amount)
+        observed, self._observed = self._observed, {}
+        for histogram, (total, buckets) in observed.items():
+            histogram._sum.inc(total[0])
+            for value, count in zip(histogram._buckets, buckets, strict=True):
+                if count:
+                    value.inc(count)
+
+
 class GatewayMetrics(_Set):
     def __init__(self, enabled: bool = True) -> None:
         super().__init__(enabled)
+        self.tally = Tally()
         self.http_requests = self._counter(
             "flashclaim_http_requests",
             "HTTP requests answered, by route, method and status.",
@@ -204,9 +246,24 @@ class GatewayMetrics(_Set):
     def claim_answered(self, outcome: str, path: str) -> None:
         child = self._claims.get((outcome, path))
         if child is not None:
-            child.inc()
+            self.tally.inc(child)
+
+    def result_waited(self, seconds: float) -> None:
+        if self.enabled:
+            self.tally.observe(self.result_wait, seconds)
+
+    def published(self, seconds: float, claims: int) -> None:
+        if self.enabled:
+            self.tally.observe(self.publish_confirm, seconds)
+            self.tally.observe(self.publish_claims, claims)
+
+    def flush(self) -> None:
+        """The figures counted since the last flush, handed to prometheus-client."""
+        self.tally.flush()
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        if not self.enabled:
+            return
         key = (route, method, status)
         children = self._requests.get(key)
         if children is None:
@@ -214,8 +271,8 @@ class GatewayMetrics(_Set):
                 self.http_requests.labels(route, method, str(status)),
                 self.http_duration.labels(route, method),
             )
-        children[0].inc()
-        children[1].observe(seconds)
+        self.tally.inc(children[0])
+        self.tally.observe(children[1], seconds)
 
 
 class ConsumerMetrics(_Set):
