@@ -92,6 +92,8 @@ OBSERVABILITY: tuple[tuple[str, bool, str, dict[str, str]], ...] = (
         {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
     ),
 )
+# CPU a claim over every process (the load generator's included) in the wrk run.
+CPU_TARGET_MS = 0.35
 # The observability runs with a target: (name, of the bare run, of the pgbench ceiling).
 OBSERVABILITY_TARGETS = {
     OBSERVABILITY[2][0]: (None, 2.5),
@@ -373,7 +375,7 @@ class Bench:
         f, r = self.figures, self.reports
         one, batched = f["pgbench_one_per_tx"], f["pgbench_batched"]
         rows = []
-        for clients in (1000, 10_000):
+        for clients, bound in ((1000, 1.3), (10_000, 1.2)):
             burst, floor = r[f"burst_{clients}"], r[f"floor_{clients}"]
             statuses = burst.recorder.statuses
             ratio = burst.seconds / floor.seconds
@@ -384,7 +386,7 @@ class Bench:
                     f"({statuses[200]} winners, {statuses[202]} x 202, "
                     f"{sum(v for k, v in statuses.items() if k >= 500)} x 5xx)",
                     f"the same burst of GET /healthz: {floor.seconds:.2f} s",
-                    _target(ratio <= 1.5, "<= 1.5x the floor"),
+                    _target(ratio <= bound, f"<= {bound}x the floor (the contract's: 1.5x)"),
                 )
             )
         claims, invalid = f["wrk_claims"], f["wrk_invalid"]
@@ -415,7 +417,7 @@ class Bench:
                 "one consumer draining one hot coupon (100,000 claims queued first)",
                 f"{f['drain']:,.0f} claims/s",
                 f"batched SQL ceiling (pgbench, 100 claims/tx): {batched:,.0f} claims/s",
-                _target(f["drain"] >= 10_000, ">= 10,000 claims/s"),
+                _target(f["drain"] >= 20_000, ">= 20,000 claims/s"),
             )
         )
         rows.append(
@@ -430,13 +432,15 @@ class Bench:
         )
         for key, run in (("cpu_ms_per_claim", "the wrk run"), ("cpu_ms_per_claim_1000", "1,000/s")):
             cpu = f[key]
+            total = sum(cpu.values())
             rows.append(
                 (
                     f"CPU per claim in {run}, by process (ms)",
-                    ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
-                    + f"; all {sum(cpu.values()):.3f}",
+                    ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()) + f"; all {total:.3f}",
                     "",
-                    "",
+                    _target(total <= CPU_TARGET_MS, f"<= {CPU_TARGET_MS} ms, all")
+                    if key == "cpu_ms_per_claim"
+                    else "",
                 )
             )
         runs = f["observability"]
@@ -565,12 +569,29 @@ def quick(bench: Bench) -> int:
     return 0
 
 
+def drain_only(bench: Bench) -> int:
+    """``--drain``: one consumer draining 100,000 queued claims, then one relay publishing
+    their events, beside the batched ceiling, printed; no page written."""
+    bench.drain()
+    f = bench.figures
+    print(
+        f"one consumer draining: {f['drain']:,.0f} claims/s (batched SQL ceiling "
+        f"{f['pgbench_batched']:,.0f} claims/s); one relay: {f['relay_rate']:,.0f} events/s"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick",
         action="store_true",
         help="only the ceilings and the sustained wrk run with its CPU a claim; no page",
+    )
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="only the ceilings, the consumer draining a backlog and the relay; no page",
     )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -595,6 +616,8 @@ def main() -> int:
         time.sleep(1)
         if args.quick:
             return quick(bench)
+        if args.drain:
+            return drain_only(bench)
 
         async def http_runs() -> None:
             assert bench is not None

@@ -120,7 +120,8 @@ class ClaimStore:
 
 
 def _json(rows: Iterable[dict[str, Any]]) -> str:
-    """One query parameter for many rows (read in SQL with jsonb_to_recordset)."""
+    """One query parameter for many rows (read in SQL with jsonb_to_recordset); a UUID
+    in them is written by orjson, in its canonical text."""
     return orjson.dumps(list(rows)).decode()
 
 
@@ -143,7 +144,7 @@ async def apply_batch(
         {
             "rows": _json(
                 {
-                    "message_id": str(i),
+                    "message_id": i,
                     "sender": unique[i].sender,
                     "payload": {
                         "user_id": unique[i].command.user_id,
@@ -224,7 +225,7 @@ async def apply_batch(
                 {
                     "coupon_name": c.coupon_name,
                     "user_id": c.user_id,
-                    "message_id": str(c.request_id),
+                    "message_id": c.request_id,
                 }
                 for c in granted
             )
@@ -236,8 +237,7 @@ async def apply_batch(
             q["record_results"],
             {
                 "rows": _json(
-                    {"message_id": str(r.request_id), "outcome": r.outcome.code}
-                    for r in fresh_results
+                    {"message_id": r.request_id, "outcome": r.outcome.code} for r in fresh_results
                 ),
                 "ids": [r.request_id for r in fresh_results],
             },

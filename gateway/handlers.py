@@ -19,7 +19,7 @@ from flashclaim.core.http import (
     json_object,
     json_response,
 )
-from flashclaim.core.messages import ClaimCommand, ClaimResult
+from flashclaim.core.messages import ClaimCommand, ClaimResult, uuid_text
 from gateway import auth, http_answers, validation
 from gateway.state import (
     CLAIMS,
@@ -66,7 +66,7 @@ async def claim(request: web.Request) -> web.Response:
     # With a key, the id is the client's own (scoped to user_id, unguessable: see
     # gateway/idempotency.py); without one, every request is a new claim.
     request_id = ids.for_key(user_id, key) if key else ids.fresh()
-    request[REQUEST_ID] = str(request_id)
+    request[REQUEST_ID] = uuid_text(request_id)
     request[COUPON] = coupon_name
     command = ClaimCommand(request_id, user_id, coupon_name)
     result = await request.app[CLAIMS].submit(command, replayable=key is not None)
@@ -164,8 +164,9 @@ def result_response(result: ClaimResult) -> web.Response:
 
 
 def pending_response(request_id: uuid.UUID, status: str = "pending") -> web.Response:
+    text = uuid_text(request_id)
     return json_response(
-        {"request_id": str(request_id), "status": status},
+        {"request_id": text, "status": status},
         status=202,
-        headers={"Location": f"/api/claims/{request_id}"},
+        headers={"Location": f"/api/claims/{text}"},
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashclaim.core.messages import ClaimResult, Outcome
+from flashclaim.core.messages import ClaimResult, Outcome, uuid_text
 
 # The REST contract's statuses.
 STATUS: dict[Outcome, int] = {
@@ -23,7 +23,7 @@ def body(result: ClaimResult) -> dict[str, Any]:
     common = {
         "user_id": result.user_id,
         "coupon_name": result.coupon_name,
-        "request_id": str(result.request_id),
+        "request_id": uuid_text(result.request_id),
     }
     if result.outcome is Outcome.CLAIMED:
         return {"status": "claimed", **common}

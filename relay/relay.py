@@ -84,9 +84,6 @@ class EventPublisher:
         self._exchange = topology.events_exchange
         # Events a message at most (envelope 2, flashclaim/core/events.py); 1: envelope 1.
         self._per_message = per_message
-        self._content_type = (
-            events_.BATCH_CONTENT_TYPE if per_message > 1 else events_.SINGLE_CONTENT_TYPE
-        )
         self._channel = broker.PublishingChannel(connection, topology.declare_events)
 
     @property
@@ -156,11 +153,11 @@ class EventPublisher:
         return {"traceparent": event.trace} if event.trace else None
 
     def _properties(
-        self, batch: Sequence[Event], span: Span | None
+        self, batch: Sequence[Event], content_type: str, span: Span | None
     ) -> aiormq.spec.Basic.Properties:
         first = batch[0]
         return aiormq.spec.Basic.Properties(
-            content_type=self._content_type,
+            content_type=content_type,
             delivery_mode=2,
             message_id=str(first.id),
             message_type=first.type,
@@ -173,7 +170,7 @@ class EventPublisher:
         self, batches: Sequence[Sequence[Event]], spans: Sequence[Span | None], timeout: float
     ) -> list[bool]:
         spans = spans or [None] * len(batches)
-        batched = self._per_message > 1
+        bodies = [events_.envelope(batch, self._per_message) for batch in batches]
         try:
             # aio-pika's publish waits for each frame to be written before the next
             # (one event-loop turn per message); the channel underneath queues them all
@@ -185,13 +182,15 @@ class EventPublisher:
                 confirms = await asyncio.gather(
                     *(
                         channel.basic_publish(
-                            events_.message_body(batch, batched),
+                            body,
                             exchange=self._exchange,
                             routing_key=batch[0].type,
-                            properties=self._properties(batch, span),
+                            properties=self._properties(batch, content_type, span),
                             wait=False,
                         )
-                        for batch, span in zip(batches, spans, strict=True)
+                        for batch, (content_type, body), span in zip(
+                            batches, bodies, spans, strict=True
+                        )
                     ),
                     return_exceptions=True,
                 )

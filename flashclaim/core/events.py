@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 
-from flashclaim.core.messages import ClaimCommand
+from flashclaim.core.messages import ClaimCommand, uuid_text
 
 VERSION = 1
 # The media type of envelope 2, a JSON array of event documents.
@@ -84,7 +84,7 @@ def batch_events(
                 "event_type": CLAIMED,
                 "payload": {
                     "user_id": claim.user_id,
-                    "request_id": str(claim.request_id),
+                    "request_id": uuid_text(claim.request_id),
                     "remaining_amount": coupons[claim.coupon_name].remaining
                     - taken[claim.coupon_name],
                 },
@@ -124,7 +124,7 @@ class Event:
         """The published JSON document."""
         return orjson.dumps(
             {
-                "event_id": str(self.id),
+                "event_id": self.id,  # orjson writes a UUID's canonical text
                 "type": self.type,
                 "version": VERSION,
                 "occurred_at": self.created_at.isoformat(),
@@ -154,12 +154,14 @@ def messages(events: Sequence[Event], per_message: int) -> Iterator[Sequence[Eve
         yield events[start:]
 
 
-def message_body(events: Sequence[Event], batched: bool) -> bytes:
-    """One message's body: envelope 2's JSON array, or envelope 1's lone document."""
-    if not batched:
+def envelope(events: Sequence[Event], per_message: int) -> tuple[str, bytes]:
+    """``(content_type, body)`` of one message of ``events`` (cut by :func:`messages`
+    with the same ``per_message``): envelope 2's JSON array, or with ``per_message`` 1,
+    envelope 1's lone document."""
+    if per_message == 1:
         (event,) = events
-        return event.body()
-    return b"[" + b",".join(e.body() for e in events) + b"]"
+        return SINGLE_CONTENT_TYPE, event.body()
+    return BATCH_CONTENT_TYPE, b"[" + b",".join(e.body() for e in events) + b"]"
 
 
 def decode(content_type: str | None, body: bytes) -> list[dict[str, Any]]:

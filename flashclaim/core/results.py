@@ -25,7 +25,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from flashclaim.core.errors import DependencyUnavailable
 from flashclaim.core.hosts import split_hosts
-from flashclaim.core.messages import ClaimResult
+from flashclaim.core.messages import ClaimResult, uuid_text
 
 # KEYS: the result keys. ARGV: the TTL, n, the n values (one a key), then pairs of
 # (channel, message).
@@ -161,21 +161,21 @@ class ResultStore:
     gateway_answer_ttl_seconds: int | None = None
 
     def result_key(self, request_id: uuid.UUID) -> str:
-        return f"{self.namespace}:result:{request_id}"
+        return f"{self.namespace}:result:{uuid_text(request_id)}"
 
     def pending_key(self, request_id: uuid.UUID) -> str:
-        return f"{self.namespace}:pending:{request_id}"
+        return f"{self.namespace}:pending:{uuid_text(request_id)}"
 
     def gateway_answer_key(self, request_id: uuid.UUID) -> str:
-        return f"{self.namespace}:gateway:{request_id}"
+        return f"{self.namespace}:gateway:{uuid_text(request_id)}"
 
     def legacy_gateway_answer_key(self, request_id: uuid.UUID) -> str:
         """Where the release before kept the gateway's answers (read, never written:
         they expire within GATEWAY_ANSWER_TTL_SECONDS of the upgrade)."""
-        return f"{self.namespace}:fast:{request_id}"
+        return f"{self.namespace}:fast:{uuid_text(request_id)}"
 
     def fingerprint_key(self, request_id: uuid.UUID) -> str:
-        return f"{self.namespace}:idem:{request_id}"
+        return f"{self.namespace}:idem:{uuid_text(request_id)}"
 
     def reply_channel(self, instance_id: str) -> str:
         return f"{self.namespace}:replies:{instance_id}"

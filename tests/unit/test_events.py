@@ -18,7 +18,7 @@ from flashclaim.core.events import (
     Event,
     batch_events,
     decode,
-    message_body,
+    envelope,
     messages,
 )
 from flashclaim.core.messages import ClaimCommand
@@ -102,11 +102,14 @@ def test_a_traced_event_travels_alone() -> None:
 
 def test_both_envelopes_decode_to_the_same_documents() -> None:
     events = [event(1), event(2)]
-    batch = message_body(events, batched=True)
-    assert decode(BATCH_CONTENT_TYPE, batch) == [orjson.loads(e.body()) for e in events]
-    single = message_body(events[:1], batched=False)
-    assert single == events[0].body()
-    assert decode(SINGLE_CONTENT_TYPE, single) == [orjson.loads(single)]
+    content_type, batch = envelope(events, 100)
+    assert content_type == BATCH_CONTENT_TYPE
+    assert decode(content_type, batch) == [orjson.loads(e.body()) for e in events]
+    # Envelope 2 even for one event, unless one event a message is asked for.
+    assert envelope(events[:1], 100) == (BATCH_CONTENT_TYPE, b"[" + events[0].body() + b"]")
+    content_type, single = envelope(events[:1], 1)
+    assert (content_type, single) == (SINGLE_CONTENT_TYPE, events[0].body())
+    assert decode(content_type, single) == [orjson.loads(single)]
     for content_type, body in (
         (BATCH_CONTENT_TYPE, b'{"event_id": "x"}'),
         (BATCH_CONTENT_TYPE, b"[1, 2]"),
