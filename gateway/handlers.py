@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
@@ -131,6 +132,17 @@ async def metrics_page(request: web.Request) -> web.Response:
     request.app[METRICS].flush()
     body = metrics.exposition(request.app[METRICS])
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+# The public API's description (OpenAPI 3.1), kept beside the handlers it describes;
+# tests/unit/test_openapi.py holds it to the routes and tests/acceptance/test_openapi.py
+# holds the gateway's answers to it.
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
 
 
 @routes.get("/healthz")
