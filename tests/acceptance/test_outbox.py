@@ -30,6 +30,7 @@ from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
 from tests.acceptance.conftest import LOGS, Services, queue_depth, until_logged
 from tests.acceptance.load import Load, verify
+from tests.asyncapi import check_message
 
 
 @pytest.fixture
@@ -48,7 +49,8 @@ async def recorder(own_settings: Settings) -> AsyncIterator[Recorder]:
 
 
 class Recorder:
-    """A durable queue of the test's own on the events exchange, read in arrival order."""
+    """A durable queue of the test's own on the events exchange, read in arrival order;
+    each message checked against the events' AsyncAPI description (tests/asyncapi.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -74,6 +76,8 @@ class Recorder:
                 if message is None:
                     await asyncio.sleep(0.05)
                     continue
+                assert message.routing_key is not None
+                check_message(message.routing_key, message.content_type, message.body)
                 bodies = decode(message.content_type, message.body)
                 assert message.message_id == bodies[0]["event_id"]
                 assert {b["type"] for b in bodies} == {message.routing_key}
@@ -89,6 +93,8 @@ class Recorder:
             channel = await connection.channel()
             queue = await channel.declare_queue(self.name, durable=True, passive=True)
             while (message := await queue.get(fail=False)) is not None:
+                assert message.routing_key is not None
+                check_message(message.routing_key, message.content_type, message.body)
                 self.bodies.extend(decode(message.content_type, message.body))
                 await message.ack()
         return self.bodies
