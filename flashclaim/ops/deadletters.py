@@ -219,6 +219,10 @@ class BadSelection(InvalidInput):
     """A selection an operator gave that cannot be used; the message says why."""
 
 
+class NotReplayable(InvalidInput):
+    """A selected dead letter names no exchange to go back to."""
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which dead letters an operation applies to."""
@@ -349,14 +353,20 @@ class DeadLetterQueue:
         ``operator`` names who asked, for the audit event."""
         moved: list[DeadLetter] = []
         async with self._held(scan) as held:
+            chosen = [(m, letter) for m in held if selection.matches(letter := _dead_letter(m))]
+            # Checked before anything moves: a selection is replayed whole or not at all.
+            stranded = [letter.message_id for _, letter in chosen if not letter.origin[0]]
+            if stranded:
+                raise NotReplayable(
+                    f"{len(stranded)} selected message(s) name no exchange to go back to"
+                    f" (not dead-lettered by flashclaim): {', '.join(stranded[:5])};"
+                    " export or purge them instead"
+                )
             publisher = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             try:
-                for message in held:
-                    letter = _dead_letter(message)
-                    if not selection.matches(letter):
-                        continue
+                for message, letter in chosen:
                     if not dry_run:
                         await self._republish(publisher, letter)
                         await message.ack()
@@ -367,8 +377,9 @@ class DeadLetterQueue:
                     moved.append(letter)
             finally:
                 await publisher.close()
-        if not dry_run:
-            _record("replay", moved, operator)
+                # What did move is audited, whatever stopped the rest.
+                if not dry_run:
+                    _record("replay", moved, operator)
         return moved
 
     async def purge(

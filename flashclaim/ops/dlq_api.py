@@ -14,6 +14,7 @@ user's name) and the remote address.
     POST /admin/dlq/replay               {"message_ids": [...] | filters | "all": true,
                                           "dry_run": false, "rate": null}
     POST /admin/dlq/purge                the same selection, plus "confirm": true
+    GET  /openapi.json                   this API's description (OpenAPI 3.1), no token
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -59,6 +61,8 @@ def create_admin_app(settings: Settings) -> web.Application:
 
 @web.middleware
 async def _bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == "/openapi.json" and request.method in ("GET", "HEAD"):
+        return await handler(request)  # the description is public; every operation is not
     expected = f"Bearer {request.app[SETTINGS].admin_token.get_secret_value()}".encode()
     # Header bytes that are not UTF-8 arrive as surrogate escapes: compare raw bytes.
     given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
@@ -102,6 +106,16 @@ def _selection(data: dict[str, Any], required: bool = True) -> Selection:
         raise InvalidInput(str(exc)) from None
 
 
+# This API's description, kept beside it; tests/unit/test_openapi.py holds it to the
+# routes and tests/acceptance/test_openapi.py holds the answers to it.
+OPENAPI = (Path(__file__).parent / "openapi-admin.json").read_bytes()
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
+
+
 @routes.get("/admin/dlq")
 async def stats(request: web.Request) -> web.Response:
     return json_response(await request.app[DLQ].stats())
@@ -137,7 +151,10 @@ async def replay(request: web.Request) -> web.Response:
         isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
     ):
         raise InvalidInput("'rate' must be a positive number")
-    dry_run = data.get("dry_run") is True
+    dry_run = data.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        # "true" as a string must not replay for real.
+        raise InvalidInput("'dry_run' must be true or false")
     moved = await request.app[DLQ].replay(
         _selection(data), dry_run=dry_run, rate=rate, operator=_operator(request)
     )

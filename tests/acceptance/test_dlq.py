@@ -533,3 +533,46 @@ async def test_admin_api_needs_the_bearer_token(
     finally:
         admin.stop()
     assert await depth(settings) == 2
+
+
+async def test_a_replay_that_cannot_be_done_whole_is_refused_and_moves_nothing(
+    settings: Settings, letters: Letters
+) -> None:
+    """A dead letter with no exchange to go back to (not dead-lettered by flashclaim) in
+    a selection: 400 and nothing replayed, not a replay cut short; and a ``dry_run`` that
+    is not a boolean ("true" as text) is refused, not taken for a real replay."""
+    topology = settings.topology()
+    stranded = str(uuid.uuid4())
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        dlx = await channel.get_exchange(topology.dead_letter_exchange)
+        body = ClaimCommand(uuid.UUID(stranded), "s", letters.coupon).body()
+        await dlx.publish(
+            aio_pika.Message(body, message_id=stranded, headers={"x-flashclaim-reason": "failed"}),
+            "claim",
+        )
+    await wait_depth(settings, 4)
+    admin = Services(settings)
+    port = free_port()
+    token = "r" * 40
+    try:
+        await admin.start_admin(port, admin_token=token)
+        base = f"http://127.0.0.1:{port}/admin/dlq"
+        auth = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as http:
+            for selection in ({"all": True}, {"reason": "failed", "dry_run": True}):
+                async with http.post(f"{base}/replay", json=selection, headers=auth) as r:
+                    assert r.status == 400
+                    answer = await r.json()
+                    assert answer["code"] == "invalid_request" and stranded in answer["error"]
+            async with http.post(
+                f"{base}/replay", json={"all": True, "dry_run": "true"}, headers=auth
+            ) as r:
+                assert r.status == 400
+                assert "dry_run" in (await r.json())["error"]
+    finally:
+        admin.stop()
+    assert await depth(settings) == 4
+    refused = dlq(settings, "replay", "--all")
+    assert refused.returncode == 2 and stranded in refused.stderr
+    assert await depth(settings) == 4

@@ -1,14 +1,17 @@
-"""The gateway answers as its OpenAPI description (gateway/openapi.json) says, for
-requests Schemathesis generates from that description, valid and invalid: never a
-``5xx``, only the statuses described, bodies and headers as their schemas say, and
-invalid input refused."""
+"""The gateway and the admin API answer as their OpenAPI descriptions say
+(gateway/openapi.json, flashclaim/ops/openapi-admin.json), for requests Schemathesis
+generates from them, valid and invalid: never a ``5xx``, only the statuses described,
+bodies and headers as described, and invalid input refused."""
 
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -16,9 +19,13 @@ from schemathesis import GenerationMode, checks
 from schemathesis.generation.case import Case
 
 import gateway
-from tests.acceptance.conftest import Services
+from flashclaim.core.messages import ClaimCommand
+from flashclaim.ops import dlq_api
+from tests.acceptance.conftest import Services, free_port
 
-DESCRIPTION = Path(gateway.__file__).parent / "openapi.json"
+PUBLIC = Path(gateway.__file__).parent / "openapi.json"
+ADMIN = Path(dlq_api.__file__).parent / "openapi-admin.json"
+TOKEN = "t" * 40
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,
@@ -29,18 +36,45 @@ CHECKS = [
 ]
 
 
-@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
-def test_the_gateway_answers_as_described(api: Services, mode: GenerationMode) -> None:
-    """Each operation in turn, with valid requests, then with invalid ones."""
-    schema = schemathesis.openapi.from_path(DESCRIPTION)
-    schema.config.update(base_url=api.base_url, request_timeout=30)
-    document = json.loads(DESCRIPTION.read_text())
+@pytest.fixture(scope="module")
+async def admin_url(api: Services) -> AsyncIterator[str]:
+    """The admin API of the module's services, with two dead letters to show."""
+    admin = Services(api.settings)
+    port = free_port()
+    await admin.start_admin(port, admin_token=TOKEN)
+    topology = api.settings.topology()
+    async with await aio_pika.connect(api.settings.amqp_url) as connection:
+        channel = await connection.channel()
+        await topology.declare(channel)
+        dlx = await channel.get_exchange(topology.dead_letter_exchange)
+        for user in ("a", "b"):
+            message_id = str(uuid.uuid4())
+            await dlx.publish(
+                aio_pika.Message(
+                    ClaimCommand(uuid.UUID(message_id), user, "OPENAPI").body(),
+                    message_id=message_id,
+                    headers={"x-flashclaim-reason": "failed", "x-flashclaim-error-type": "Test"},
+                ),
+                "claim",
+            )
+    yield f"http://127.0.0.1:{port}"
+    admin.stop()
+
+
+def check(description: Path, base_url: str, mode: GenerationMode, **headers: str) -> None:
+    """Each operation of ``description`` in turn, with requests of ``mode``."""
+    schema = schemathesis.openapi.from_path(description)
+    schema.config.update(base_url=base_url, request_timeout=30, headers=headers or None)
+    document = json.loads(description.read_text())
     operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
-    assert len(operations) >= 8
+    assert len(operations) >= 6
     for operation in operations:
         described = document["paths"][operation.path][operation.method.lower()]
-        if mode is GenerationMode.NEGATIVE and "requestBody" not in described:
-            continue  # nothing to make invalid (any text is a path segment)
+        invalid_possible = "requestBody" in described or any(
+            p.get("in") == "query" for p in described.get("parameters", [])
+        )
+        if mode is GenerationMode.NEGATIVE and not invalid_possible:
+            continue  # nothing to make invalid (any text is a path segment or a header)
 
         @given(case=operation.as_strategy(mode))
         @settings(
@@ -53,3 +87,13 @@ def test_the_gateway_answers_as_described(api: Services, mode: GenerationMode) -
             case.call_and_validate(checks=CHECKS)
 
         answers_as_described()
+
+
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
+def test_the_gateway_answers_as_described(api: Services, mode: GenerationMode) -> None:
+    check(PUBLIC, api.base_url, mode)
+
+
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
+def test_the_admin_api_answers_as_described(admin_url: str, mode: GenerationMode) -> None:
+    check(ADMIN, admin_url, mode, Authorization=f"Bearer {TOKEN}")

@@ -1,5 +1,6 @@
-"""The public API's description (gateway/openapi.json) and the gateway's routes are one:
-every route is described, every described operation is routed."""
+"""The APIs' descriptions and their routes are one: every route is described, every
+described operation is routed (the public API: gateway/openapi.json; the admin API:
+flashclaim/ops/openapi-admin.json)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 import gateway
+from flashclaim.ops import dlq_api
 from gateway.handlers import routes
 
-DESCRIPTION = Path(gateway.__file__).parent / "openapi.json"
+DESCRIPTIONS = {
+    "public": (Path(gateway.__file__).parent / "openapi.json", routes),
+    "admin": (Path(dlq_api.__file__).parent / "openapi-admin.json", dlq_api.routes),
+}
 
 
-def _routed() -> set[tuple[str, str]]:
+def _routed(table: web.RouteTableDef) -> set[tuple[str, str]]:
     out = set()
-    for route in routes:
+    for route in table:
         assert isinstance(route, web.RouteDef)
         # aiohttp's {name:regex} is OpenAPI's {name}.
         path = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", route.path)
@@ -25,17 +31,20 @@ def _routed() -> set[tuple[str, str]]:
     return out
 
 
-def test_every_route_is_described_and_every_description_routed() -> None:
-    document = json.loads(DESCRIPTION.read_text())
-    described = {(method, path) for path, item in document["paths"].items() for method in item}
-    assert described == _routed()
+@pytest.mark.parametrize("api", DESCRIPTIONS)
+def test_every_route_is_described_and_every_description_routed(api: str) -> None:
+    path, table = DESCRIPTIONS[api]
+    document = json.loads(path.read_text())
+    described = {(method, p) for p, item in document["paths"].items() for method in item}
+    assert described == _routed(table)
 
 
-def test_the_description_is_openapi_3_1_with_every_reference_defined() -> None:
-    document = json.loads(DESCRIPTION.read_text())
+@pytest.mark.parametrize("api", DESCRIPTIONS)
+def test_the_description_is_openapi_3_1_with_every_reference_defined(api: str) -> None:
+    path, _ = DESCRIPTIONS[api]
+    document = json.loads(path.read_text())
     assert document["openapi"].startswith("3.1")
-    text = DESCRIPTION.read_text()
-    for kind, name in re.findall(r'"#/components/(\w+)/(\w+)"', text):
+    for kind, name in re.findall(r'"#/components/(\w+)/(\w+)"', path.read_text()):
         assert name in document["components"][kind], f"{kind}/{name} is not defined"
     for item in document["paths"].values():
         for operation in item.values():
