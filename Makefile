@@ -13,6 +13,7 @@ stop: venv  ## stop what a `make run` that was killed left running (pid files in
 	$(BIN)/flashclaim stack stop --profile run
 
 test: deps venv  ## the whole suite, against servers it starts on ports of its own
+	bash deploy/install-deps.sh --test
 	$(BIN)/pytest -m "not faults and not cluster and not image"
 
 # Faults injected under load (servers crashed, stopped, flushed, alarmed; processes

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages flashclaim's local stack needs, if any is missing;
+# with --test, also what `make test` drives the operators' console with (chromium and
+# chromium-driver, headless, through selenium);
 # with --bench, also what `make bench` drives the load with (wrk, and Go to build its
 # open-loop generator, bench/openloop); with --image, what
 # `make image` and `make test-image` build and run the image with (podman, runc,
@@ -19,6 +21,10 @@ command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 # `make run` shows live metrics in a Prometheus of its own; the tests check its rules.
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
   || missing+=(prometheus)
+if [ "${1:-}" = "--test" ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+fi
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
   command -v go >/dev/null 2>&1 || missing+=(golang-go)

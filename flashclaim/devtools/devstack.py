@@ -869,6 +869,11 @@ def _print_summary(
         f"  PostgreSQL       {without_password(settings.database_url)}",
         f"  RabbitMQ         {without_password(settings.amqp_url)}",
     ]
+    if settings.admin_token.get_secret_value():
+        lines.append(
+            f"  console          http://{settings.admin_host}:{settings.admin_port}/console"
+            "  (sign in with FLASHCLAIM_ADMIN_TOKEN)"
+        )
     if stack.rabbitmq is not None:
         lines.append(f"  RabbitMQ UI      {stack.rabbitmq.management_url}  (guest / guest)")
     lines += [

@@ -15,6 +15,8 @@ user's name) and the remote address.
                                           "dry_run": false, "rate": null}
     POST /admin/dlq/purge                the same selection, plus "confirm": true
     GET  /openapi.json                   this API's description (OpenAPI 3.1), no token
+
+and the operators' console, pages for a browser under ``/console`` (console.py).
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ from flashclaim.core.http import (
 )
 from flashclaim.core.runtime import Runtime
 from flashclaim.core.settings import PREFIX, Settings
+from flashclaim.ops import console
+from flashclaim.ops.admin_state import DLQ, SETTINGS
 from flashclaim.ops.deadletters import BadSelection, DeadLetterQueue, Selection
 
 log = logging.getLogger(__name__)
-SETTINGS = web.AppKey("admin_settings", Settings)
-DLQ = web.AppKey("dlq", DeadLetterQueue)
 routes = web.RouteTableDef()
 
 
@@ -55,6 +57,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app.add_routes(routes)
+    app.add_subapp("/console", console.create_console_app())
     app.cleanup_ctx.append(_broker)
     return app
 
@@ -63,6 +66,8 @@ def create_admin_app(settings: Settings) -> web.Application:
 async def _bearer_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == "/openapi.json" and request.method in ("GET", "HEAD"):
         return await handler(request)  # the description is public; every operation is not
+    if request.path == "/console" or request.path.startswith("/console/"):
+        return await handler(request)  # signed in with a session of its own (console.py)
     expected = f"Bearer {request.app[SETTINGS].admin_token.get_secret_value()}".encode()
     # Header bytes that are not UTF-8 arrive as surrogate escapes: compare raw bytes.
     given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
