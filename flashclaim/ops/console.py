@@ -1,8 +1,10 @@
 """The operators' console: pages for a browser, served by the admin API under ``/console``.
 
 The same operations as ``flashclaim dlq`` and the JSON admin API (ops/deadletters.py),
-for a person: the dead letters by reason and error type, a filterable list, one message
-in full, replay and purge of a selection, and a claim's story.
+``flashclaim outbox`` and ``flashclaim claim show``, for a person: the dead letters by
+reason and error type, a filterable list, one message in full, replay and purge of a
+selection; the outbox's pending and failed events, and retrying failed ones; a claim's
+story.
 
 Who may do what (the invariants each handler relies on):
 
@@ -23,20 +25,24 @@ Who may do what (the invariants each handler relies on):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp_jinja2
 import jinja2
+import psycopg
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from psycopg.rows import dict_row
 
-from flashclaim.ops import claim_story
+from flashclaim.ops import claim_story, outbox_cli
 from flashclaim.ops.admin_state import DLQ, SETTINGS
 from flashclaim.ops.deadletters import BadSelection, DeadLetter, NotReplayable, Selection
 
@@ -55,6 +61,7 @@ SECURITY_HEADERS = {
 }
 ACTIONS = ("replay", "purge")
 HERE = Path(__file__).parent
+T = TypeVar("T")
 
 
 @dataclass
@@ -334,6 +341,44 @@ async def apply(request: web.Request) -> web.Response:
     except NotReplayable as exc:
         return _page("error.html", request, {"message": str(exc)}, status=400)
     return _page("done.html", request, {"action": action, "ids": [x.message_id for x in done]})
+
+
+# -- the outbox ---------------------------------------------------------------------------
+
+
+def _in_database(database_url: str, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        return work(conn)
+
+
+@routes.get("/outbox")
+async def outbox(request: web.Request) -> web.Response:
+    return await _outbox_page(request, message=None)
+
+
+async def _outbox_page(request: web.Request, message: str | None) -> web.Response:
+    url = request.config_dict[SETTINGS].database_url
+    figures = await asyncio.to_thread(_in_database, url, lambda c: outbox_cli.stats(c, 100))
+    return _page("outbox.html", request, {"figures": figures, "message": message})
+
+
+@routes.post("/outbox/retry")
+async def outbox_retry(request: web.Request) -> web.Response:
+    """FAILED events (those selected, or all) pending again: the relays publish them."""
+    form = await request.post()
+    every = form.get("all") == "yes"
+    try:
+        ids = None if every else [uuid.UUID(str(i)) for i in form.getall("id", [])]
+    except ValueError:
+        return _page("error.html", request, {"message": "Not an event id."}, status=400)
+    if ids == []:
+        return _page("error.html", request, {"message": "Select failed events."}, status=400)
+    url = request.config_dict[SETTINGS].database_url
+    operator = _operator(request)
+    retried = await asyncio.to_thread(
+        _in_database, url, lambda c: outbox_cli.retry(c, ids, operator)
+    )
+    return await _outbox_page(request, f"{len(retried)} failed event(s) pending again.")
 
 
 # -- a claim's story ----------------------------------------------------------------------

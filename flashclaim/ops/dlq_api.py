@@ -83,6 +83,11 @@ async def _bearer_token(request: web.Request, handler: Handler) -> web.StreamRes
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     connection = await broker.connect(s.amqp_url, f"gateway admin {s.instance_id}")
+    # Declared as every service declares it (idempotent): the dead-letter queue is there
+    # to be read, empty, before any consumer ran.
+    channel = await connection.channel()
+    await s.topology().declare(channel)
+    await channel.close()
     app[DLQ] = DeadLetterQueue(connection, s.topology())
     yield
     await connection.close()

@@ -47,53 +47,63 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return _retry(conn, args)
 
 
-def _stats(conn: psycopg.Connection[dict[str, Any]], args: argparse.Namespace) -> int:
+def stats(conn: psycopg.Connection[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """Pending, failed, the oldest pending row's age, the last send, and up to ``limit``
+    FAILED rows (``failed_rows``)."""
     q = queries()
-    stats = conn.execute(q["outbox_stats"].encode()).fetchone() or {}
-    failed = conn.execute(q["outbox_failed"].encode(), {"limit": args.limit}).fetchall()
+    figures = conn.execute(q["outbox_stats"].encode()).fetchone() or {}
+    failed = conn.execute(q["outbox_failed"].encode(), {"limit": limit}).fetchall()
+    return {**figures, "failed_rows": failed}
+
+
+def retry(
+    conn: psycopg.Connection[dict[str, Any]], ids: list[uuid.UUID] | None, operator: str
+) -> list[str]:
+    """Make FAILED rows (``ids``, or all with ``None``) pending again, their attempts
+    from 0, and wake the relays; audited under ``operator``. Returns the ids retried."""
+    rows = conn.execute(
+        queries()["outbox_retry"].encode(), {"ids": ids, "channel": NOTIFY_CHANNEL}
+    ).fetchall()
+    conn.commit()
+    retried = [str(r["id"]) for r in rows]
+    operations_log.warning(
+        "outbox retry",
+        extra={
+            "audit": True,
+            "action": "outbox retry",
+            "operator": operator,
+            "count": len(retried),
+            "event_ids": retried[:1000],
+        },
+    )
+    return retried
+
+
+def _stats(conn: psycopg.Connection[dict[str, Any]], args: argparse.Namespace) -> int:
+    figures = stats(conn, args.limit)
+    failed = figures["failed_rows"]
     if args.json:
-        print(
-            json.dumps(
-                {**stats, "failed_rows": failed},
-                default=str,
-                indent=2,
-            )
-        )
+        print(json.dumps(figures, default=str, indent=2))
         return 0
-    oldest = stats.get("oldest_pending_seconds")
-    print(f"pending              {stats.get('pending', 0)}")
-    print(f"failed               {stats.get('failed', 0)}")
+    oldest = figures.get("oldest_pending_seconds")
+    print(f"pending              {figures.get('pending', 0)}")
+    print(f"failed               {figures.get('failed', 0)}")
     print(f"oldest pending       {'-' if oldest is None else f'{oldest:.1f} s'}")
-    print(f"last sent            {stats.get('last_sent_at') or '-'}")
+    print(f"last sent            {figures.get('last_sent_at') or '-'}")
     for row in failed:
         print(
             f"  FAILED {row['id']} {row['event_type']} coupon={row['aggregate']!r}"
             f" attempts={row['attempts']} error={row['last_error']!r}"
         )
-    if failed and stats.get("failed", 0) > len(failed):
-        print(f"  ... and {stats['failed'] - len(failed)} more")
+    if failed and figures.get("failed", 0) > len(failed):
+        print(f"  ... and {figures['failed'] - len(failed)} more")
     return 0
 
 
 def _retry(conn: psycopg.Connection[dict[str, Any]], args: argparse.Namespace) -> int:
     if bool(args.ids) == bool(args.all):
         raise InvalidInput("give event ids, or --all")
-    rows = conn.execute(
-        queries()["outbox_retry"].encode(),
-        {"ids": None if args.all else args.ids, "channel": NOTIFY_CHANNEL},
-    ).fetchall()
-    conn.commit()
-    ids = [str(r["id"]) for r in rows]
-    operations_log.warning(
-        "outbox retry",
-        extra={
-            "audit": True,
-            "action": "outbox retry",
-            "operator": local_operator(),
-            "count": len(ids),
-            "event_ids": ids[:1000],
-        },
-    )
+    ids = retry(conn, None if args.all else args.ids, local_operator())
     if args.json:
         print(json.dumps({"retried": ids}))
     else:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
+import psycopg
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -188,3 +189,37 @@ async def test_an_operator_reads_a_poison_claim_replays_a_fixed_one_and_purges_a
     assert all(
         re.fullmatch(r"ops-alice via console from 127\.0\.0\.1", a["operator"]) for a in audit
     )
+
+
+async def test_an_operator_retries_a_failed_event_of_the_outbox(
+    browser: WebDriver, console: str, settings: Settings
+) -> None:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO outbox (aggregate, event_type, payload, status, attempts, last_error)"
+            " VALUES ('CONSOLE', 'coupon.created', '{\"amount\": 1, \"remaining_amount\": 1}',"
+            " 'FAILED', 8, 'refused by the broker') RETURNING id"
+        ).fetchone()
+    assert row is not None
+    event_id = str(row[0])
+    sign_in(browser, console, "ops-alice", TOKEN)
+    # No consumer has run in this namespace yet: the dead letters are there, and none.
+    assert text(browser, "depth") == "0"
+    browser.find_element(By.LINK_TEXT, "Outbox").click()
+    assert text(browser, "failed") == "1"
+    assert "refused by the broker" in text(browser, "failed-events")
+    shot(browser, "10-outbox-failed")
+    browser.find_element(By.ID, f"pick-{event_id}").click()
+    browser.find_element(By.ID, "retry").click()
+    assert text(browser, "message") == "1 failed event(s) pending again."
+    assert text(browser, "failed") == "0"
+    shot(browser, "11-outbox-retried")
+    with psycopg.connect(settings.database_url) as conn:
+        status = conn.execute(
+            "SELECT status, attempts FROM outbox WHERE id = %s", (event_id,)
+        ).fetchone()
+    assert status == ("PENDING", 0)
+    log = (LOGS / f"{settings.namespace}-console.log").read_text()
+    (audit,) = [json.loads(line) for line in log.splitlines() if '"audit"' in line]
+    assert audit["action"] == "outbox retry" and audit["event_ids"] == [event_id]
+    assert audit["operator"] == "ops-alice via console from 127.0.0.1"
