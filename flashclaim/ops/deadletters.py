@@ -247,7 +247,7 @@ class Selection:
         """A selection from what a front end was given (parsed JSON or command-line
         values), checked: raises :class:`BadSelection` with a message for the operator.
         ``required``: refuse an empty selection (replay and purge must name something)."""
-        ids = message_ids or []
+        ids = [] if message_ids is None else message_ids  # false is not "none given"
         if not isinstance(ids, list | tuple | frozenset) or not all(
             isinstance(i, str) for i in ids
         ):

@@ -109,7 +109,7 @@ def _selection(data: dict[str, Any], required: bool = True) -> Selection:
             data.get("reason"),
             data.get("coupon"),
             data.get("older_than"),
-            data.get("all") is True,
+            data.get("all", False),  # a boolean, or refused: "yes" is not true
             required=required,
         )
     except BadSelection as exc:

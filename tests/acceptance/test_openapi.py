@@ -77,10 +77,13 @@ def check(description: Path, base_url: str, mode: GenerationMode, **headers: str
             continue  # nothing to make invalid (any text is a path segment or a header)
 
         @given(case=operation.as_strategy(mode))
+        # The same examples on every run (CI's verdict is the code's, not the draw's);
+        # a new finding comes with a change of the descriptions or of max_examples.
         @settings(
             max_examples=40,
             deadline=None,
             database=None,
+            derandomize=True,
             suppress_health_check=list(HealthCheck),
         )
         def answers_as_described(case: Case[Any]) -> None:
