@@ -197,6 +197,9 @@ class GatewayMetrics(_Set):
             "flashclaim_http_errors",
             "Error answers, by the code of their JSON body (overloaded, service_unavailable...).",
             ["code"],
+            # Shown at 0 before the first: a dashboard (and the console) reads refusals
+            # as none rather than unknown.
+            [("overloaded",), ("service_unavailable",)],
         )
         self.claims = self._counter(
             "flashclaim_claims",

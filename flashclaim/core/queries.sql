@@ -329,3 +329,15 @@ WHERE event_type = 'coupon.claimed' AND payload ->> 'request_id' = %(request_id)
 -- Dead-lettered commands waiting for an operator (a consumer's gauge, read every few
 -- seconds: a walk of the partial index inbox_failed).
 SELECT count(*) FROM inbox WHERE status = 'FAILED';
+
+-- name: sale_coupon
+-- The console's live view of a sale: one coupon's stock (the claims granted a second
+-- are the fall of remaining_amount between two reads: console.py).
+SELECT name, amount, remaining_amount, created_at FROM coupons WHERE name = %(name)s;
+
+-- name: sale_recent_coupons
+-- The coupons created last, to pick one to watch (a scan of coupons: an operator's page).
+SELECT name, amount, remaining_amount, created_at
+FROM coupons
+ORDER BY created_at DESC
+LIMIT %(limit)s;

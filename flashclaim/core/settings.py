@@ -17,6 +17,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -70,6 +71,24 @@ def proxy_networks(text: str) -> tuple[ProxyNetwork, ...]:
     return tuple(
         ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
     )
+
+
+def url_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of URLs (``CONSOLE_METRICS_URLS``)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _http_urls(text: str) -> str:
+    for url in url_list(text):
+        try:
+            parts = urlsplit(url)
+            good = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 (ValueError when it is no port)
+        except ValueError:
+            good = False
+        if not good:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+    return text
 
 
 def _proxies(text: str) -> str:
@@ -133,6 +152,12 @@ class Settings(BaseModel):
     admin_token: SecretStr = SecretStr("")
     admin_host: str = "127.0.0.1"
     admin_port: Port = 8081
+    # The /metrics pages the console's live view of a sale reads (comma-separated: every
+    # gateway, and any consumer's or relay's METRICS_PORT); empty: the gateway of these
+    # settings, at HTTP_HOST:HTTP_PORT.
+    console_metrics_urls: Annotated[str, AfterValidator(_http_urls)] = ""
+    # How often the live view refreshes itself, and the span its rates are taken over.
+    console_refresh_seconds: Annotated[int, Field(ge=1, le=60)] = 2
     # Key of the HMAC that turns an Idempotency-Key into a request id (at least 32
     # characters; every gateway of a deployment needs the same one). Unset: each
     # gateway supervisor draws one at start, so retries are recognised by the gateway
@@ -326,6 +351,19 @@ class Settings(BaseModel):
     def environ(self) -> dict[str, str]:
         """These settings as the variables a process reads them back from."""
         return environ(**self.values())
+
+    def console_metrics(self) -> tuple[str, ...]:
+        """The /metrics pages of the live view (``CONSOLE_METRICS_URLS``, or the gateway
+        at ``HTTP_HOST:HTTP_PORT``, reached on loopback when it binds every address)."""
+        listed = url_list(self.console_metrics_urls)
+        if listed:
+            return listed
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+            self.http_host, self.http_host
+        )
+        if ":" in host:
+            host = f"[{host}]"
+        return (f"http://{host}:{self.http_port}/metrics",)
 
     def topology(self) -> Topology:
         from flashclaim.core.topology import Topology

@@ -777,11 +777,15 @@ def run_foreground(profile: str, consumers: int = 1) -> int:
             **stack.service_urls(owner.namespace),
         }
         settings = Settings.from_env(env)
+        targets = stack.ports.metrics_targets(settings.http_port, consumers)
+        # The console's live view reads every service's figures, unless told otherwise.
+        services = ("gateway", "consumer", "relay")
+        pages = [f"http://{t}/metrics" for role in services for t in targets[role]]
+        env = {**environ(console_metrics_urls=",".join(pages)), **env}
         grace = settings.shutdown_grace_seconds
         conf = supervision.config(stack.root, consumers, env, grace, stack.ports.metrics)
         supervisor = subprocess.Popen(supervision.command(conf), env=env, start_new_session=True)
         record_pid(stack.root, "supervisord", supervisor.pid)
-        targets = stack.ports.metrics_targets(settings.http_port, consumers)
         prometheus = Prometheus(stack.root, stack.ports.prometheus_server, Targets(**targets))
         prometheus.start()
         missing = _until_answering(settings.http_port, targets, stop)

@@ -4,7 +4,7 @@ The same operations as ``flashclaim dlq`` and the JSON admin API (ops/deadletter
 ``flashclaim outbox`` and ``flashclaim claim show``, for a person: the dead letters by
 reason and error type, a filterable list, one message in full, replay and purge of a
 selection; the outbox's pending and failed events, and retrying failed ones; a claim's
-story.
+story; and a live view of a sale (live.py), refreshing itself.
 
 Who may do what (the invariants each handler relies on):
 
@@ -30,20 +30,22 @@ import hmac
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import aiohttp_jinja2
 import jinja2
 import psycopg
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import MultiDictProxy
 from psycopg.rows import dict_row
 
-from flashclaim.ops import claim_story, outbox_cli
-from flashclaim.ops.admin_state import DLQ, SETTINGS
+from flashclaim.ops import claim_story, live, outbox_cli
+from flashclaim.ops.admin_state import BROKER, DATABASE, DLQ, SETTINGS
 from flashclaim.ops.deadletters import BadSelection, DeadLetter, NotReplayable, Selection
 
 SESSION_COOKIE = "flashclaim_console"
@@ -99,6 +101,8 @@ class Sessions:
 
 
 SESSIONS = web.AppKey("console_sessions", Sessions)
+RATES = web.AppKey("console_rates", live.Rates)
+HTTP = web.AppKey("console_http", aiohttp.ClientSession)
 SESSION = web.RequestKey("console_session", Session)
 routes = web.RouteTableDef()
 
@@ -106,6 +110,7 @@ routes = web.RouteTableDef()
 def create_console_app() -> web.Application:
     app = web.Application(middlewares=[_guard])
     app[SESSIONS] = Sessions()
+    app[RATES] = live.Rates(window=10.0)
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(HERE / "templates" / "console"),
@@ -114,7 +119,15 @@ def create_console_app() -> web.Application:
     )
     app.add_routes(routes)
     app.router.add_static("/static", HERE / "static")
+    app.cleanup_ctx.append(_http)
     return app
+
+
+async def _http(app: web.Application) -> AsyncIterator[None]:
+    """The client the live view reads the services' /metrics pages with."""
+    async with aiohttp.ClientSession() as http:
+        app[HTTP] = http
+        yield
 
 
 def _open_path(request: web.Request) -> bool:
@@ -272,34 +285,52 @@ def _story_id(letter: DeadLetter) -> str | None:
         return None
 
 
+def _chosen(form: MultiDictProxy[Any]) -> tuple[str, list[str]] | None:
+    """The action and the dead letters a form chose, or ``None`` if it chose none."""
+    action = str(form.get("action", ""))
+    ids = sorted({str(i) for i in form.getall("id", [])})
+    return (action, ids) if action in ACTIONS and ids else None
+
+
+async def _run(
+    request: web.Request, action: str, ids: list[str], dry_run: bool
+) -> list[DeadLetter] | web.Response:
+    """The replay or purge of ``ids`` (or what it would move), or the page that says why
+    it cannot be done whole."""
+    dlq = request.config_dict[DLQ]
+    selection = Selection(message_ids=frozenset(ids))
+    try:
+        if dry_run:
+            if action == "replay":
+                return await dlq.replay(selection, dry_run=True)
+            return await dlq.select(selection)
+        if action == "replay":
+            return await dlq.replay(selection, operator=_operator(request))
+        return await dlq.purge(selection, operator=_operator(request))
+    except NotReplayable as exc:
+        return _page("error.html", request, {"message": str(exc)}, status=400)
+
+
 @routes.post("/dlq/preview")
 async def preview(request: web.Request) -> web.Response:
     """The dry run of a replay or a purge of the selected dead letters."""
-    form = await request.post()
-    action = str(form.get("action", ""))
-    ids = sorted({str(i) for i in form.getall("id", [])})
-    if action not in ACTIONS or not ids:
+    chosen = _chosen(await request.post())
+    if chosen is None:
         return _page(
             "error.html",
             request,
             {"message": "Select dead letters, then replay or purge them."},
             status=400,
         )
-    return await _confirmation(request, action, ids, error=None)
+    return await _confirmation(request, *chosen, error=None)
 
 
 async def _confirmation(
     request: web.Request, action: str, ids: list[str], error: str | None, status: int = 200
 ) -> web.Response:
-    dlq = request.config_dict[DLQ]
-    selection = Selection(message_ids=frozenset(ids))
-    try:
-        if action == "replay":
-            letters = await dlq.replay(selection, dry_run=True)
-        else:
-            letters = await dlq.select(selection)
-    except NotReplayable as exc:
-        return _page("error.html", request, {"message": str(exc)}, status=400)
+    letters = await _run(request, action, ids, dry_run=True)
+    if isinstance(letters, web.Response):
+        return letters
     return _page(
         "confirm.html",
         request,
@@ -318,10 +349,10 @@ async def _confirmation(
 async def apply(request: web.Request) -> web.Response:
     """The replay or purge the operator confirmed by typing it."""
     form = await request.post()
-    action = str(form.get("action", ""))
-    ids = sorted({str(i) for i in form.getall("id", [])})
-    if action not in ACTIONS or not ids:
+    chosen = _chosen(form)
+    if chosen is None:
         return _page("error.html", request, {"message": "Nothing selected."}, status=400)
+    action, ids = chosen
     phrase = f"{action} {len(ids)}"
     if str(form.get("confirmation", "")).strip() != phrase:
         return await _confirmation(
@@ -331,15 +362,9 @@ async def apply(request: web.Request) -> web.Response:
             error=f"Type “{phrase}” to confirm: nothing was done.",
             status=400,
         )
-    dlq = request.config_dict[DLQ]
-    selection = Selection(message_ids=frozenset(ids))
-    try:
-        if action == "replay":
-            done = await dlq.replay(selection, operator=_operator(request))
-        else:
-            done = await dlq.purge(selection, operator=_operator(request))
-    except NotReplayable as exc:
-        return _page("error.html", request, {"message": str(exc)}, status=400)
+    done = await _run(request, action, ids, dry_run=False)
+    if isinstance(done, web.Response):
+        return done
     return _page("done.html", request, {"action": action, "ids": [x.message_id for x in done]})
 
 
@@ -408,3 +433,72 @@ async def claim(request: web.Request) -> web.Response:
         {"request_id": str(request_id), "story": story, "parts": parts, "error": None},
         status=200 if story.known else 404,
     )
+
+
+# -- a sale, live -------------------------------------------------------------------------
+
+
+@routes.get("/sale")
+async def sale(request: web.Request) -> web.Response:
+    """One coupon's stock and the claims it gets, the gateways' figures and the queues,
+    as they are now; the page reloads itself every ``CONSOLE_REFRESH_SECONDS``."""
+    settings = request.config_dict[SETTINGS]
+    name = request.query.get("coupon", "").strip()
+    pool = request.config_dict[DATABASE]
+    rates = request.app[RATES]
+    (chosen, recent, (texts, unread), queues) = await asyncio.gather(
+        _attempt(live.coupon(pool, name)) if name else _nothing(),
+        _attempt(live.recent_coupons(pool)),
+        live.pages(request.app[HTTP], settings.console_metrics()),
+        _attempt(live.queue_depths(request.config_dict[BROKER], settings.topology())),
+    )
+    now = time.monotonic()
+    services = live.figures(texts) if texts else dict.fromkeys(live.FIGURES)
+    rate: dict[str, float | None] = dict.fromkeys(live.COUNTERS)
+    for key in live.COUNTERS:
+        value = services[key]
+        if value is not None:
+            rate[key] = rates.read(f"services {key}", value, now)
+    row = chosen.value
+    if row is not None:
+        claimed = row["amount"] - row["remaining_amount"]
+        row = {**row, "claimed": claimed, "rate": rates.read(f"coupon {name}", claimed, now)}
+    unknown = bool(name) and chosen.error is None and row is None
+    failures = {("database", r.error) for r in (chosen, recent) if r.error}
+    if queues.error:
+        failures.add(("broker", queues.error))
+    return _page(
+        "sale.html",
+        request,
+        {
+            "name": name,
+            "coupon": row,
+            "unknown": unknown,
+            "recent": recent.value or [],
+            "services": services,
+            "rate": rate,
+            "queues": queues.value,
+            "failures": sorted(failures | set(unread.items())),
+            "refresh": settings.console_refresh_seconds,
+            "read_at": time.strftime("%H:%M:%S"),
+        },
+        status=404 if unknown else 200,
+    )
+
+
+@dataclass(frozen=True)
+class _Read:
+    value: Any = None
+    error: str | None = None
+
+
+async def _attempt(work: Awaitable[Any]) -> _Read:
+    """A figure read, or why not: a server away shows on the page, not as a 500."""
+    try:
+        return _Read(await work)
+    except Exception as exc:  # any failure of one source, named on the page
+        return _Read(error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+
+
+async def _nothing() -> _Read:
+    return _Read()

@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashclaim.core import broker
+from flashclaim.core import broker, db
 from flashclaim.core.errors import ConfigError, InvalidInput
 from flashclaim.core.http import (
     CanonicalAccessLogger,
@@ -43,7 +43,7 @@ from flashclaim.core.http import (
 from flashclaim.core.runtime import Runtime
 from flashclaim.core.settings import PREFIX, Settings
 from flashclaim.ops import console
-from flashclaim.ops.admin_state import DLQ, SETTINGS
+from flashclaim.ops.admin_state import BROKER, DATABASE, DLQ, SETTINGS
 from flashclaim.ops.deadletters import BadSelection, DeadLetterQueue, Selection
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.add_routes(routes)
     app.add_subapp("/console", console.create_console_app())
     app.cleanup_ctx.append(_broker)
+    app.cleanup_ctx.append(_database)
     return app
 
 
@@ -89,8 +90,18 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
     await s.topology().declare(channel)
     await channel.close()
     app[DLQ] = DeadLetterQueue(connection, s.topology())
+    app[BROKER] = connection
     yield
     await connection.close()
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    pool = db.create_pool(s.database_url, 0, 2, f"flashclaim admin {s.instance_id}")
+    await pool.open(wait=False)
+    app[DATABASE] = pool
+    yield
+    await pool.close()
 
 
 def _operator(request: web.Request) -> str:

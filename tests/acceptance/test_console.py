@@ -1,8 +1,8 @@
 """The operators' console, driven in a real headless browser (Debian's chromium and
 chromium-driver, through selenium): signing in, reading the dead letters, a dry run then
 a replay, a purge with its typed confirmation, a claim's story; and the refusals of a
-request without the session or the CSRF token. Each test saves screenshots to
-reports/console/."""
+request without the session or the CSRF token; a sale watched live while it sells. Each
+test saves screenshots to reports/console/."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import json
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import psycopg
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -223,3 +225,84 @@ async def test_an_operator_retries_a_failed_event_of_the_outbox(
     (audit,) = [json.loads(line) for line in log.splitlines() if '"audit"' in line]
     assert audit["action"] == "outbox retry" and audit["event_ids"] == [event_id]
     assert audit["operator"] == "ops-alice via console from 127.0.0.1"
+
+
+def until_shown(
+    browser: WebDriver, element_id: str, wanted: Callable[[str], bool], timeout: float = 20
+) -> str:
+    """The text of ``element_id`` once ``wanted`` holds of it, on a page that reloads
+    itself (no refresh from here): the last text seen if it never does."""
+    deadline, seen = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        try:
+            seen = text(browser, element_id)
+        except WebDriverException:  # between two loads of the page
+            seen = ""
+        if wanted(seen):
+            return seen
+        time.sleep(0.2)
+    return seen
+
+
+def number(shown: str) -> float | None:
+    return None if shown == "-" else float(shown.replace(",", ""))
+
+
+async def test_an_operator_watches_a_sale_live_from_the_services_own_figures(
+    browser: WebDriver, settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    services = Services(settings)
+    services.start_consumer()
+    await services.start_gateway()
+    away = f"http://127.0.0.1:{free_port()}/metrics"  # a gateway that is not running
+    port = free_port()
+    await services.start_admin(
+        port,
+        admin_token=TOKEN,
+        instance_id="console",
+        console_metrics_urls=f"{services.base_url}/metrics, {away}",
+        console_refresh_seconds=1,
+    )
+    console = f"http://127.0.0.1:{port}/console"
+    coupon = f"LIVE_{uuid.uuid4().hex[:8]}"
+    try:
+        async with http.post(
+            f"{services.base_url}/api/coupons", json={"name": coupon, "amount": 300}
+        ) as r:
+            assert r.status == 201
+        sign_in(browser, console, "ops-alice", TOKEN)
+        browser.find_element(By.LINK_TEXT, "Sale").click()
+        assert coupon in text(browser, "recent")
+        browser.find_element(By.LINK_TEXT, coupon).click()
+        assert text(browser, "remaining") == "300"
+        assert text(browser, "claimed") == "0"
+        # The page names the source it could not read and shows the others.
+        assert f"{away} not read" in text(browser, "failures")
+        queues = text(browser, "queues")
+        for name in settings.topology().claims_queues:
+            assert re.search(rf"{re.escape(name)} \d+ 1\b", queues), queues
+        shot(browser, "12-sale-before")
+
+        async def claim(i: int) -> int:
+            async with http.post(
+                f"{services.base_url}/api/coupons/claim",
+                json={"user_id": f"u{i}", "coupon_name": coupon},
+            ) as r:
+                return r.status
+
+        assert await asyncio.gather(*(claim(i) for i in range(200))) == [200] * 200
+        # Seen by the page as it reloads itself: the stock fell, at a rate.
+        assert until_shown(browser, "remaining", lambda t: t == "100") == "100"
+        assert text(browser, "claimed") == "200"
+        rate = until_shown(browser, "coupon-rate", lambda t: (number(t) or 0) > 0)
+        assert (number(rate) or 0) > 0, rate
+        answered = until_shown(browser, "answered-rate", lambda t: (number(t) or 0) > 0)
+        assert (number(answered) or 0) > 0, answered
+        assert number(text(browser, "held")) is not None  # read from the gateway
+        assert number(text(browser, "overloaded-rate")) == 0
+        shot(browser, "13-sale-selling")
+
+        browser.get(f"{console}/sale?coupon=NO_SUCH_{coupon}")
+        assert "No coupon named" in text(browser, "error")
+    finally:
+        services.stop()
