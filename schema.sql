@@ -166,6 +166,10 @@ CREATE INDEX inbox_pending_age ON public.inbox USING btree (created_at) WHERE (s
 
 COMMENT ON INDEX public.inbox_pending_age IS 'Finds PENDING rows by age (the audit of stale commands).';
 
+CREATE INDEX inbox_processed_age ON public.inbox USING btree (updated_at) WHERE (status = 'PROCESSED'::text);
+
+COMMENT ON INDEX public.inbox_processed_age IS 'Finds PROCESSED rows past the deduplication window (the prune).';
+
 CREATE INDEX outbox_failed ON public.outbox USING btree (seq) WHERE (status = 'FAILED'::text);
 
 CREATE INDEX outbox_pending ON public.outbox USING btree (seq) WHERE (status = 'PENDING'::text);

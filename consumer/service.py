@@ -10,6 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 from consumer.dlq_publisher import DeadLetterPublisher
 from consumer.receiver import BatchReceiver
 from consumer.reporter import Reporter
+from consumer.retention import InboxPruner
 from consumer.slots import ConsumerSlot
 from consumer.store import ClaimStore
 from consumer.worker import ClaimWorker
@@ -102,6 +103,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             ),
             "metrics",
         )
+        pruner = InboxPruner(pool, settings.inbox_retention_seconds, settings.inbox_prune_batch)
+        rt.background(pruner.run(settings.inbox_prune_seconds, rt.pause), "inbox prune")
         log.info(
             "consumer started",
             extra={

@@ -153,6 +153,7 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
         pending_older_than=args.pending_older_than,
         coupons=args.coupon,
         outbox_retention=settings.outbox_retention_seconds,
+        inbox_retention=settings.inbox_retention_seconds,
     )
     if args.json:
         print(

@@ -113,6 +113,19 @@ SELECT status, outcome, payload ->> 'user_id' AS user_id,
 FROM inbox
 WHERE message_id = %(message_id)s;
 
+-- name: inbox_prune
+-- PROCESSED commands past the deduplication window, a bounded number at a time, each
+-- call its own short transaction (consumer/retention.py). FAILED rows (their commands
+-- wait in the dead-letter queue) and PENDING ones stay. SKIP LOCKED: a row a batch
+-- holds, or another consumer's prune, is left for the next call.
+DELETE FROM inbox
+WHERE message_id IN (SELECT message_id FROM inbox
+                     WHERE status = 'PROCESSED'
+                       AND updated_at < now() - make_interval(secs => %(retention)s::float8)
+                     ORDER BY updated_at
+                     LIMIT %(limit)s
+                     FOR UPDATE SKIP LOCKED);
+
 -- name: inbox_record_failure
 -- A failed attempt, counted here rather than by the broker (whose x-delivery-count
 -- stops counting requeues in RabbitMQ 4.3), in its own transaction (the batch's was
@@ -160,11 +173,21 @@ WHERE NOT EXISTS (
 );
 
 -- name: audit_claims_without_success
--- Every claim row must come from a command whose recorded outcome was 'claimed'.
+-- Every claim row must come from a command whose recorded outcome was 'claimed'. Past
+-- the inbox's deduplication window (%(inbox_retention)s) its command row may be gone
+-- (pruned; the claim is made in the transaction that processes it, so their times are
+-- the same), or made again by a retry that came after the window, which found the
+-- claim and was refused as a second one (consumer/retention.py).
 SELECT cl.message_id, cl.coupon_name, i.status, i.outcome
 FROM claims cl
 LEFT JOIN inbox i ON i.message_id = cl.message_id
-WHERE (i.message_id IS NULL OR i.status <> 'PROCESSED' OR i.outcome <> 'claimed')
+WHERE (CASE WHEN i.message_id IS NULL
+            THEN cl.claimed_at >= now() - make_interval(secs => %(inbox_retention)s::float8)
+            ELSE i.status <> 'PROCESSED'
+                 OR (i.outcome <> 'claimed'
+                     AND NOT (i.outcome = 'already_claimed' AND i.created_at
+                              >= cl.claimed_at + make_interval(secs => %(inbox_retention)s::float8)))
+       END)
   AND (%(coupons)s::text[] IS NULL OR cl.coupon_name = ANY(%(coupons)s::text[]))
 LIMIT 100;
 

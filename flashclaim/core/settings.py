@@ -168,8 +168,17 @@ class Settings(BaseModel):
     # How long a claim request waits for its result before answering 202.
     claim_wait_seconds: PositiveSeconds = 5.0
     # How long results stay in Redis for GET /api/claims/{id} and Idempotency-Key replays
-    # (PostgreSQL's inbox keeps them for good).
+    # (PostgreSQL's inbox keeps them for INBOX_RETENTION_SECONDS).
     result_ttl_seconds: Positive = 86_400
+    # The deduplication window: how long a processed command stays in the inbox, to be
+    # recognised if delivered again and answered at /api/claims/{id} (consumer/retention.py).
+    # Longer than RESULT_TTL_SECONDS and GATEWAY_ANSWER_TTL_SECONDS; FAILED rows (their
+    # commands wait in the dead-letter queue) stay whatever their age.
+    inbox_retention_seconds: PositiveSeconds = 7 * 86_400.0
+    # How often a consumer deletes processed rows past the window, and how many at most
+    # in one statement (its own short transaction).
+    inbox_prune_seconds: PositiveSeconds = 60.0
+    inbox_prune_batch: Annotated[int, Field(gt=0, le=100_000)] = 5_000
     # How long an answer the gateway gave without a round trip (409 for a holder, 400
     # for a sold-out coupon) stays readable at /api/claims/{id}. Such answers can come
     # at HTTP speed after a sell-out, so they are kept briefly (bounds Redis memory).
@@ -285,6 +294,14 @@ class Settings(BaseModel):
         if self.outbox_retry_seconds > self.outbox_retry_max_seconds:
             raise ValueError(
                 f"{PREFIX}OUTBOX_RETRY_SECONDS exceeds {PREFIX}OUTBOX_RETRY_MAX_SECONDS"
+            )
+        if self.inbox_retention_seconds <= max(
+            self.result_ttl_seconds, self.gateway_answer_ttl_seconds
+        ):
+            raise ValueError(
+                f"{PREFIX}INBOX_RETENTION_SECONDS must exceed {PREFIX}RESULT_TTL_SECONDS and"
+                f" {PREFIX}GATEWAY_ANSWER_TTL_SECONDS: a retry must find its answer in"
+                " Redis or the inbox for as long as either keeps it"
             )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError(f"{PREFIX}DB_POOL_MIN_SIZE exceeds {PREFIX}DB_POOL_MAX_SIZE")

@@ -61,8 +61,14 @@ def verdict(
     inbox: dict[str, Any] | None,
     redis: dict[str, Any] | None,
     dead_letter: dict[str, Any] | None,
+    claim: dict[str, Any] | None = None,
 ) -> str:
     """One line: what became of the claim, from the most authoritative source."""
+    if claim is not None and (inbox is None or inbox["outcome"] != "claimed"):
+        # Its command row went with the inbox's deduplication window, or was made again by
+        # a retry after it (consumer/retention.py).
+        after = "pruned" if inbox is None else f"retried after it: {inbox['outcome']}"
+        return f"granted (its command is past the inbox's deduplication window, {after})"
     if inbox is not None and inbox["status"] == "PROCESSED":
         if inbox["outcome"] == "claimed":
             return "granted"
@@ -77,7 +83,10 @@ def verdict(
     if redis is not None:
         where = "answered by the gateway" if redis["source"] == "gateway" else "answered"
         return f"{where}: {redis['outcome']}"
-    return "unknown: no trace of this request id (expired, or never accepted)"
+    return (
+        "unknown: no trace of this request id (expired, pruned after the deduplication"
+        " window, or never accepted)"
+    )
 
 
 async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) -> ClaimStory:
@@ -121,7 +130,7 @@ async def tell(settings: Settings, request_id: uuid.UUID, scan: int = 10_000) ->
     )
     return ClaimStory(
         str(request_id),
-        verdict(inbox, redis, dead),
+        verdict(inbox, redis, dead, claim),
         _plain(inbox),
         _plain(claim),
         redis,

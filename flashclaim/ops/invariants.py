@@ -18,7 +18,10 @@ CHECKS: tuple[tuple[str, str], ...] = (
         "audit_guarantees",
         "a constraint missing or not validated (one claim per user, stock in range, answers)",
     ),
-    ("audit_claims_without_success", "a claim whose command was not recorded as granted"),
+    (
+        "audit_claims_without_success",
+        "a claim whose command was not recorded as granted (within the inbox retention)",
+    ),
     ("audit_success_without_claim", "a command recorded as granted without its claim"),
     ("audit_stale_pending", "a command left PENDING longer than the threshold"),
     (
@@ -59,6 +62,7 @@ def run_audit(
     pending_older_than: float = 60.0,
     coupons: Sequence[str] | None = None,
     outbox_retention: float = 86_400.0,
+    inbox_retention: float = 7 * 86_400.0,
 ) -> AuditReport:
     """Run every check in one repeatable-read snapshot, so they see one state; over the
     whole database, or only what concerns ``coupons`` (one sale's coupons)."""
@@ -69,6 +73,8 @@ def run_audit(
         "coupons": list(coupons) if coupons else None,
         # Events of changes older than this may have been pruned once sent.
         "retention": outbox_retention,
+        # Commands processed longer ago than this may have been pruned from the inbox.
+        "inbox_retention": inbox_retention,
     }
     with psycopg.connect(conninfo, row_factory=dict_row) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ

@@ -45,6 +45,13 @@ def test_values_are_read_with_the_prefix_and_typed() -> None:
         ({"FLASHCLAIM_ADMIN_TOKEN": "short"}, "ADMIN_TOKEN must be at least 32"),
         ({"FLASHCLAIM_AMQP_URL": "127.0.0.1:5672"}, "AMQP_URL='127.0.0.1:5672': not a URL"),
         ({"FLASHCLAIM_AMQP_MANAGEMENT_URL": "http://a,,b/"}, "MANAGEMENT_URL=.*empty host"),
+        ({"FLASHCLAIM_INBOX_RETENTION_SECONDS": "86400"}, "must exceed .*RESULT_TTL_SECONDS"),
+        (
+            {"FLASHCLAIM_RESULT_TTL_SECONDS": "60", "FLASHCLAIM_INBOX_RETENTION_SECONDS": "600"},
+            "must exceed .*GATEWAY_ANSWER_TTL_SECONDS",
+        ),
+        ({"FLASHCLAIM_CONSOLE_METRICS_URLS": "ftp://x/"}, "not an http.s. URL: 'ftp://x/'"),
+        ({"FLASHCLAIM_CONSOLE_METRICS_URLS": "http://x:99999/"}, "not an http.s. URL"),
     ],
 )
 def test_bad_values_fail_clearly(env: dict[str, str], message: str) -> None:
