@@ -23,6 +23,8 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import LOGS, Services, free_port
@@ -74,7 +76,10 @@ def sign_in(browser: WebDriver, console: str, name: str, token: str) -> None:
     browser.get(f"{console}/login")
     browser.find_element(By.ID, "operator-name").send_keys(name)
     browser.find_element(By.ID, "token").send_keys(token)
-    browser.find_element(By.ID, "sign-in").click()
+    button = browser.find_element(By.ID, "sign-in")
+    button.click()
+    # The click returns before the answer's page is loaded: wait for it to replace this one.
+    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(button))
 
 
 def text(browser: WebDriver, element_id: str) -> str:
