@@ -569,6 +569,21 @@ def quick(bench: Bench) -> int:
     return 0
 
 
+def bursts_only(bench: Bench) -> int:
+    """``--bursts``: the two bursts beside their floors, and every process's peak memory
+    after them (for trying a change to what a connection costs)."""
+    asyncio.run(bench.bursts())
+    bench.note_memory()
+    for clients in (1000, 10_000):
+        burst, floor = bench.reports[f"burst_{clients}"], bench.reports[f"floor_{clients}"]
+        print(
+            f"burst, {clients:,} clients: {burst.seconds:.2f} s = "
+            f"{burst.seconds / floor.seconds:.2f}x the floor ({floor.seconds:.2f} s)"
+        )
+    print("peak memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in bench.peaks.items()))
+    return 0 if all(r.ok for r in bench.reports.values()) else 1
+
+
 def drain_only(bench: Bench) -> int:
     """``--drain``: one consumer draining 100,000 queued claims, then one relay publishing
     their events, beside the batched ceiling, printed; no page written."""
@@ -592,6 +607,11 @@ def main() -> int:
         "--drain",
         action="store_true",
         help="only the ceilings, the consumer draining a backlog and the relay; no page",
+    )
+    parser.add_argument(
+        "--bursts",
+        action="store_true",
+        help="only the ceilings, the two bursts and the peak memory after them; no page",
     )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -618,6 +638,8 @@ def main() -> int:
             return quick(bench)
         if args.drain:
             return drain_only(bench)
+        if args.bursts:
+            return bursts_only(bench)
 
         async def http_runs() -> None:
             assert bench is not None

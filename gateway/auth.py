@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import orjson
 
 from flashclaim.core.errors import (
@@ -163,6 +162,8 @@ class Keys:
         """The signing keys of a JWKS document that may sign with an accepted algorithm
         (RSA, EC and OKP keys: a symmetric key has no place in a public document)."""
         entries = document.get("keys") if isinstance(document, dict) else None
+        import jwt  # PyJWT and cryptography: some 9 MB a process, loaded with tokens on
+
         keys = []
         for entry in entries if isinstance(entries, list) else []:
             if not isinstance(entry, dict) or entry.get("kty") not in _FAMILIES:
@@ -267,6 +268,8 @@ class Authenticator:
         )
 
     async def principal(self, token: str) -> Principal:
+        import jwt  # loaded only with tokens on (Keys._usable)
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -292,6 +295,8 @@ class Authenticator:
         return Principal(user_id, _scopes(claims))
 
     def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
+        import jwt
+
         try:
             return jwt.decode(
                 token,

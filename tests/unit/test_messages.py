@@ -11,6 +11,7 @@ from flashclaim.core.messages import (
     ClaimResult,
     Outcome,
     decode_claims,
+    dumps,
     encode_claims,
 )
 from gateway import http_answers as answers
@@ -189,3 +190,31 @@ def test_a_poison_claims_dead_letter_leaves_its_trace_out_of_the_body() -> None:
     )
     decoded = decode_claims(str(uuid.uuid4()), body, None)
     assert orjson.loads(decoded.poison[0].body) == {"v": 1, "user_id": "", "coupon_name": "P"}
+
+
+def test_a_short_json_text_holds_only_its_own_length() -> None:
+    """orjson hands back a buffer of 4 KiB at least; what flashclaim keeps (responses,
+    command bodies, results) is copied to its length (a burst holds thousands)."""
+    import tracemalloc
+
+    value = {"error": "no stock left", "code": "out_of_stock", "request_id": str(uuid.uuid4())}
+    assert dumps(value) == orjson.dumps(value)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        kept = [dumps(value) for _ in range(500)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert grown / len(kept) < 400, f"{grown / len(kept):.0f} bytes a text of {len(kept[0])}"
+
+
+def test_the_gateway_loads_no_token_library_while_tokens_are_off() -> None:
+    """PyJWT and the cryptography it brings cost some 9 MB a gateway process."""
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.service; print('jwt' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
