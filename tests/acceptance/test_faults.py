@@ -25,7 +25,14 @@ from flashclaim.devtools.devstack import Stack
 from tests.acceptance.conftest import LOGS, Services, until_queued
 from tests.acceptance.load import Load, Window, verify
 
-pytestmark = pytest.mark.faults
+pytestmark = [
+    pytest.mark.faults,
+    # Servers die under these tests' clients mid-connection: a client socket finalised
+    # without its close (seen once, in the load client) is no finding here.
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <socket\.socket:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
 
 # Short waits so that outages produce 202s, which the clients then follow.
 GATEWAY = {"claim_wait_seconds": 2, "breaker_recovery_seconds": 1}

@@ -22,7 +22,14 @@ from tests.acceptance.conftest import LOGS, Services, queue_depth, scrape, total
 from tests.acceptance.load import Load, Window, faulted, verify
 from tests.proxy import Proxy
 
-pytestmark = pytest.mark.faults
+pytestmark = [
+    pytest.mark.faults,
+    # Servers die under these tests' clients mid-connection: a client socket finalised
+    # without its close (seen once, in the load client) is no finding here.
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <socket\.socket:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
 
 # Short waits so that outages produce 202s, which the clients then follow; one secret
 # for both gateways, so that a key retried on the other is the same claim.

@@ -19,7 +19,14 @@ from tests.acceptance.conftest import Services
 from tests.acceptance.load import Load, Window, faulted, verify
 from tests.proxy import Proxy
 
-pytestmark = pytest.mark.faults
+pytestmark = [
+    pytest.mark.faults,
+    # Servers die under these tests' clients mid-connection: a client socket finalised
+    # without its close (seen once, in the load client) is no finding here.
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <socket\.socket:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
 
 GATEWAY = {"claim_wait_seconds": 2, "breaker_recovery_seconds": 1}
 REACHED = 10  # claims in flight the fault must have reached (see test_faults.py)
