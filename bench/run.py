@@ -50,7 +50,7 @@ import drain
 import probes
 import psycopg
 
-from flashclaim.core.db import migrate
+from flashclaim.core.schema_migrations import migrate
 from flashclaim.core.settings import Settings
 from flashclaim.devtools.devstack import Stack
 from flashclaim.devtools.loadreport import Report

@@ -72,9 +72,9 @@ def _relay(settings: Settings, args: argparse.Namespace) -> int:
 def _schema(settings: Settings, args: argparse.Namespace) -> int:
     from tenacity import RetryCallState
 
-    from flashclaim.core.db import migrate, pending_migrations
     from flashclaim.core.privileges import grant_services
     from flashclaim.core.retry import is_outage, outage_wait
+    from flashclaim.core.schema_migrations import migrate, pending_migrations
 
     def waiting(state: RetryCallState) -> None:
         # A progress line a try: a container started with its database shows why it waits.

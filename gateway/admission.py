@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -47,8 +46,12 @@ class _Coupon:
     remaining: int | None = None
     in_flight: int = 0
     sold_out: bool = False
-    held: collections.deque[asyncio.Future[bool]] = field(default_factory=collections.deque)
+    # Turns of the claims held, oldest first: True (go), False (sold out), None (the
+    # hold ran out); one settled otherwise (its request gone) is skipped.
+    held: collections.deque[asyncio.Future[bool | None]] = field(default_factory=collections.deque)
     loading: asyncio.Task[None] | None = None
+    # The claims waiting for the read under way.
+    readers: list[asyncio.Future[bool | None]] = field(default_factory=list)
     loaded_at: float = float("-inf")
 
 
@@ -71,7 +74,9 @@ class Admission:
 
     def holding(self) -> int:
         """Claims held back now, over all coupons."""
-        return sum(len(state.held) for state in self._coupons.values())
+        return sum(
+            sum(1 for turn in state.held if not turn.done()) for state in self._coupons.values()
+        )
 
     async def enter(self, coupon: str) -> bool:
         """``True`` once a claim for ``coupon`` may be published (it is then counted in
@@ -83,29 +88,35 @@ class Admission:
             return False
         if state.remaining is None:
             await self._refresh(state, coupon)
+            if state.sold_out:  # learnt while the stock was read
+                return False
+        _drop_settled(state.held)
         if state.remaining is None or (state.in_flight < state.remaining and not state.held):
             state.in_flight += 1
             return True
-        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        # Held: a future and a timer, nothing more. In a sell-out nearly every claim of a
+        # burst waits here at once, so what one wait costs is what a burst costs (a
+        # wait_for over a shield was three futures, a task's frame and callbacks more).
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[bool | None] = loop.create_future()
         state.held.append(turn)
+        expiry = loop.call_later(self._hold, _settle, turn, None)
         try:
-            return await asyncio.wait_for(asyncio.shield(turn), self._hold)
-        except TimeoutError:
-            if turn.done():  # released or answered just as the hold ran out
-                return turn.result()
-            state.held.remove(turn)
-            turn.cancel()
-            state.in_flight += 1
-            return True
+            granted = await turn
         except asyncio.CancelledError:
-            # The request went away while held: it takes no place in flight.
-            if turn.done() and turn.result():  # released just before: pass the place on
+            # The request went away while held: it takes no place in flight. A turn
+            # released just before the cancellation passes its place on; one still
+            # waiting was cancelled with the request and is skipped when released.
+            if turn.done() and not turn.cancelled() and turn.result():
                 state.in_flight = max(0, state.in_flight - 1)
                 self._release(state)
-            elif not turn.done():
-                state.held.remove(turn)
-                turn.cancel()
             raise
+        finally:
+            expiry.cancel()
+        if granted is None:  # the hold ran out: published anyway
+            state.in_flight += 1
+            return True
+        return granted
 
     def count(self, coupon: str) -> None:
         """Count in flight a claim that is published without :meth:`enter`'s consent."""
@@ -143,16 +154,23 @@ class Admission:
 
     async def _refresh(self, state: _Coupon, coupon: str) -> None:
         """Read the coupon's stock (once at a time, at most every RELOAD_SECONDS while
-        unknown); the first claim waits for it, briefly."""
+        unknown); the claims that come meanwhile wait for it, LOAD_TIMEOUT_SECONDS at
+        most (one timer for them all)."""
+        loop = asyncio.get_running_loop()
         if state.loading is None:
             if time.monotonic() - state.loaded_at < RELOAD_SECONDS:
                 return
             state.loaded_at = time.monotonic()
-            state.loading = asyncio.create_task(self._read(state, coupon))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(state.loading), LOAD_TIMEOUT_SECONDS)
+            state.readers = []
+            state.loading = asyncio.create_task(self._read(state, coupon, state.readers))
+            loop.call_later(LOAD_TIMEOUT_SECONDS, _settle_all, state.readers)
+        reader: asyncio.Future[bool | None] = loop.create_future()
+        state.readers.append(reader)
+        await reader
 
-    async def _read(self, state: _Coupon, coupon: str) -> None:
+    async def _read(
+        self, state: _Coupon, coupon: str, readers: list[asyncio.Future[bool | None]]
+    ) -> None:
         try:
             remaining = await self._load(coupon)
         except Exception as exc:  # a background read: claims go on without holding
@@ -160,6 +178,7 @@ class Admission:
             return
         finally:
             state.loading = None
+            _settle_all(readers)
         if remaining is not None:
             known = state.remaining
             state.remaining = remaining if known is None else min(known, remaining)
@@ -181,7 +200,26 @@ class Admission:
             return
         for name in list(self._coupons)[:-1]:  # not the one just added
             state = self._coupons[name]
+            _drop_settled(state.held)
             if not state.in_flight and not state.held and state.loading is None:
                 del self._coupons[name]
                 if len(self._coupons) <= self._max:
                     return
+
+
+def _settle(turn: asyncio.Future[bool | None], value: bool | None) -> None:
+    if not turn.done():
+        turn.set_result(value)
+
+
+def _settle_all(waiting: list[asyncio.Future[bool | None]]) -> None:
+    for turn in waiting:
+        _settle(turn, None)
+    waiting.clear()
+
+
+def _drop_settled(held: collections.deque[asyncio.Future[bool | None]]) -> None:
+    """Forget the turns at the head that are settled already (their hold ran out, or
+    their request went away), so that they hold no later claim back."""
+    while held and held[0].done():
+        held.popleft()

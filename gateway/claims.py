@@ -66,39 +66,37 @@ class Claims:
         if self._in_flight >= self._max_in_flight:
             raise Overloaded("too many claims in flight; retry shortly")
         self._in_flight += 1
+        # One frame for a claim held back (in a sell-out, nearly every claim of a burst
+        # waits in Admission.enter at once, and each frame is memory).
         try:
-            return await self._submit(command, replayable)
+            fingerprinted = False
+            if replayable:
+                prior = await self.lookup(command.request_id)
+                if prior is not None:
+                    return self._answered(_same_claim(prior, command), "gateway")
+                # The key is taken for this claim before anything is published, so that
+                # the same key with another coupon is refused (422) even while the first
+                # claim is still on its way.
+                fingerprinted = await self._fingerprint(command)
+            answer = self._gateway_answer(command, replayable, fingerprinted)
+            if answer is not None:
+                return self._answered(answer, "gateway")
+            started = time.monotonic()
+            if self._admission is not None and not await self._admission.enter(command.coupon_name):
+                # Held until the coupon was known sold out: the gateway's answers have it now.
+                answer = self._gateway_answer(command, replayable, fingerprinted)
+                if answer is not None:
+                    return self._answered(answer, "held")
+                self._admission.count(command.coupon_name)
+            return await self._round_trip(command, replayable, started)
         finally:
             self._in_flight -= 1
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def _answered(self, result: ClaimResult | None, path: str) -> ClaimResult | None:
-        self._metrics.claim_answered(result.outcome.code if result else "pending", path)
-        return result
-
-    async def _submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
-        fingerprinted = False
-        if replayable:
-            prior = await self.lookup(command.request_id)
-            if prior is not None:
-                return self._answered(_same_claim(prior, command), "gateway")
-            # The key is taken for this claim before anything is published, so that
-            # the same key with another coupon is refused (422) even while the first
-            # claim is still on its way.
-            fingerprinted = await self._fingerprint(command)
-        answer = self._gateway_answer(command, replayable, fingerprinted)
-        if answer is not None:
-            return self._answered(answer, "gateway")
-        started = time.monotonic()
-        if self._admission is not None and not await self._admission.enter(command.coupon_name):
-            # Held until the coupon was known sold out: the gateway's answers have it now.
-            answer = self._gateway_answer(command, replayable, fingerprinted)
-            if answer is not None:
-                return self._answered(answer, "held")
-            self._admission.count(command.coupon_name)
+    async def _round_trip(
+        self, command: ClaimCommand, replayable: bool, started: float
+    ) -> ClaimResult | None:
+        """Publish the claim (counted in flight by the admission, if any) and wait for
+        its result until ``wait_seconds`` after ``started``."""
         result: ClaimResult | None = None
         reply = self._replies.expect(command.request_id)
         try:
@@ -113,9 +111,10 @@ class Claims:
                 )
             )
             published = time.monotonic()
-            wait = max(self._wait - (published - started), 0.0)
             try:
-                result = await asyncio.wait_for(reply, wait)
+                # asyncio.timeout: lighter than a wait_for (no second future, no frame).
+                async with asyncio.timeout(max(self._wait - (published - started), 0.0)):
+                    result = await reply
             except TimeoutError:
                 # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)
@@ -130,6 +129,14 @@ class Claims:
         if self._known is not None:
             self._known.learn(result)
         return self._answered(_same_claim(result, command) if replayable else result, "round_trip")
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _answered(self, result: ClaimResult | None, path: str) -> ClaimResult | None:
+        self._metrics.claim_answered(result.outcome.code if result else "pending", path)
+        return result
 
     def _gateway_answer(
         self, command: ClaimCommand, replayable: bool, fingerprinted: bool

@@ -21,7 +21,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from flashclaim.core.db import migrate, queries
+from flashclaim.core.db import queries
+from flashclaim.core.schema_migrations import migrate
 from flashclaim.core.settings import PREFIX, Settings
 from flashclaim.devtools.devstack import ENV_URLS, PROFILES, Stack, leftovers, port_is_open
 

@@ -117,8 +117,23 @@ def error_response(
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer gets its ``X-Request-Id``, every failure a JSON error, every request
+    its metrics. One layer (each costs every request in flight a frame, in a burst
+    thousands at once)."""
     started = time.perf_counter()
-    response = await _answered(request, handler)
+    incoming = request.headers.get("X-Request-Id", "")
+    request[HTTP_REQUEST_ID] = incoming if _HTTP_REQUEST_ID.match(incoming) else _new_http_id()
+    try:
+        # Every line logged while the request is handled carries its id.
+        with logs.bind(http_request_id=request[HTTP_REQUEST_ID]):
+            response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _refusal(request, exc)
+    except Exception as exc:
+        response = _refusal(request, exc)
+    response.headers["X-Request-Id"] = request[HTTP_REQUEST_ID]
     metrics = request.app.get(METRICS)
     if metrics is not None and metrics.enabled:
         resource = request.match_info.route.resource
@@ -127,6 +142,40 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if ERROR_CODE in request:
             metrics.http_errors.labels(request[ERROR_CODE]).inc()
     return response
+
+
+def _refusal(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON error for what a handler raised: ours (FlashclaimError), aiohttp's
+    (an HTTPException of 400 and above), or a bug (500, logged with its trace: the one
+    boundary left)."""
+    if isinstance(exc, FlashclaimError):
+        status, code = next(
+            (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")
+        )
+        request[ERROR] = str(exc)
+        request[ERROR_CODE] = code
+        # A claim refused after it got its id (503, 422...) says which claim it was.
+        extra = {"request_id": request[REQUEST_ID]} if REQUEST_ID in request else {}
+        response = error_response(
+            status, code, str(exc), getattr(exc, "retry_after", None), **extra
+        )
+        if challenge := _challenge(exc):
+            response.headers["WWW-Authenticate"] = challenge
+        return response
+    if isinstance(exc, web.HTTPException):
+        code = re.sub(r"\W+", "_", exc.reason.lower()).strip("_")
+        response = error_response(exc.status, code, exc.reason)
+        request[ERROR_CODE] = code
+        if allow := exc.headers.get("Allow"):
+            response.headers["Allow"] = allow
+        return response
+    log.error(
+        "unhandled error",
+        exc_info=exc,
+        extra={"http_request_id": request[HTTP_REQUEST_ID], "path": request.path},
+    )
+    request[ERROR_CODE] = "internal_error"
+    return error_response(500, "internal_error", "internal server error")
 
 
 def _challenge(exc: FlashclaimError) -> str | None:
@@ -148,45 +197,6 @@ def hide_server_version() -> None:
     runs (a malformed request line): setting it there is the one place that covers all.
     """
     web_response.SERVER_SOFTWARE = "flashclaim"  # type: ignore[attr-defined]
-
-
-async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get("X-Request-Id", "")
-    request[HTTP_REQUEST_ID] = incoming if _HTTP_REQUEST_ID.match(incoming) else _new_http_id()
-    try:
-        # Every line logged while the request is handled carries its id.
-        with logs.bind(http_request_id=request[HTTP_REQUEST_ID]):
-            response = await handler(request)
-    except FlashclaimError as exc:
-        status, code = next(
-            (v for k, v in ERRORS.items() if isinstance(exc, k)), (500, "internal_error")
-        )
-        request[ERROR] = str(exc)
-        request[ERROR_CODE] = code
-        # A claim refused after it got its id (503, 422...) says which claim it was.
-        extra = {"request_id": request[REQUEST_ID]} if REQUEST_ID in request else {}
-        response = error_response(
-            status, code, str(exc), getattr(exc, "retry_after", None), **extra
-        )
-        if challenge := _challenge(exc):
-            response.headers["WWW-Authenticate"] = challenge
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = re.sub(r"\W+", "_", exc.reason.lower()).strip("_")
-        response = error_response(exc.status, code, exc.reason)
-        request[ERROR_CODE] = code
-        if allow := exc.headers.get("Allow"):
-            response.headers["Allow"] = allow
-    except Exception:  # the one boundary left: a bug answers 500, logged with its trace
-        log.exception(
-            "unhandled error",
-            extra={"http_request_id": request[HTTP_REQUEST_ID], "path": request.path},
-        )
-        response = error_response(500, "internal_error", "internal server error")
-        request[ERROR_CODE] = "internal_error"
-    response.headers["X-Request-Id"] = request[HTTP_REQUEST_ID]
-    return response
 
 
 # Asked every few seconds by Prometheus, load balancers and Kubernetes' probes: a line

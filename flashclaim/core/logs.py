@@ -11,12 +11,11 @@ personal data beyond ids is logged: user ids are ids, and nothing else of a clie
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import datetime as dt
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -45,15 +44,26 @@ _bound: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def bind(**fields: Any) -> Iterator[None]:
+def bind(**fields: Any) -> _Binding:
     """Add ``fields`` to every line logged in this block (this task and what it
     awaits); ``None`` values are left out."""
-    token = _bound.set({**_bound.get(), **{k: v for k, v in fields.items() if v is not None}})
-    try:
-        yield
-    finally:
-        _bound.reset(token)
+    return _Binding({k: v for k, v in fields.items() if v is not None})
+
+
+class _Binding:
+    """:func:`bind`'s block: a plain object, not a generator (one per request, held for
+    as long as the request is, in every burst)."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+
+    def __enter__(self) -> None:
+        self._token = _bound.set({**_bound.get(), **self._fields})
+
+    def __exit__(self, *exc: object) -> None:
+        _bound.reset(self._token)
 
 
 # A record's own attributes; any other is a field given as ``extra``.

@@ -744,8 +744,8 @@ class Stack:
 def run_foreground(profile: str, consumers: int = 1) -> int:
     """``make run``: the servers, the schema, then the gateway and consumers under
     supervisord (flashclaim/devtools/supervision.py), until Ctrl-C or SIGTERM."""
-    from flashclaim.core.db import migrate
     from flashclaim.core.policies import apply_configured
+    from flashclaim.core.schema_migrations import migrate
     from flashclaim.devtools import supervision
     from flashclaim.devtools.processes import StopRequest, terminate
     from flashclaim.devtools.prometheus import Prometheus, Targets

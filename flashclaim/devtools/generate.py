@@ -99,7 +99,7 @@ def k8s_observability() -> str:
 
 def schema_sql() -> str:
     """The migrations applied to an empty database of a scratch PostgreSQL, dumped."""
-    from flashclaim.core.db import migrate
+    from flashclaim.core.schema_migrations import migrate
     from flashclaim.devtools import schemafile
     from flashclaim.devtools.devstack import Postgres
 

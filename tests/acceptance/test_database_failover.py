@@ -26,7 +26,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from flashclaim.core.db import migrate
+from flashclaim.core.schema_migrations import migrate
 from flashclaim.devtools.devstack import Postgres, Stack
 from tests.acceptance.conftest import Services, free_port
 from tests.acceptance.load import verify

@@ -12,7 +12,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from flashclaim.core.db import migrate, pending_migrations, schema_sql
+from flashclaim.core.db import schema_sql
+from flashclaim.core.schema_migrations import migrate, pending_migrations
 from flashclaim.devtools import schemafile
 from flashclaim.devtools.devstack import Stack
 

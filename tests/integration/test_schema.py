@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from flashclaim.core.db import migrate
+from flashclaim.core.schema_migrations import migrate
 from flashclaim.core.settings import Settings
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from flashclaim.core.db import pending_migrations
+from flashclaim.core.schema_migrations import pending_migrations
 from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import service_env
 from tests.proxy import Proxy

@@ -239,3 +239,47 @@ async def test_a_stock_read_as_zero_tells_the_final_answers_at_once() -> None:
     assert told == ["C"] and not held.done()
     admission.sold_out("C")  # what the final answers call once they hold the answers
     assert await asyncio.wait_for(held, 1.0) is False
+
+
+@pytest.mark.parametrize("waiting_for", ["its turn", "the stock read"])
+async def test_a_held_claim_costs_little_memory(waiting_for: str) -> None:
+    """In a sell-out nearly every claim of a burst waits in the admission at once (5,000
+    a gateway process in the 10,000-client burst): what one wait costs, its task
+    included, is what the burst costs."""
+    import tracemalloc
+
+    read = asyncio.Event()
+
+    async def remaining(coupon: str) -> int | None:
+        if waiting_for == "the stock read":
+            await read.wait()
+        return 1
+
+    admission = Admission(remaining, hold_seconds=60)
+    if waiting_for == "its turn":
+        assert await admission.enter("C")  # takes the one unit in flight
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [asyncio.create_task(admission.enter("C")) for _ in range(2000)]
+        await asyncio.sleep(0.01)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        read.set()
+        admission.sold_out("C")
+        await asyncio.gather(*held)
+    assert grown / len(held) < 2000, f"{grown / len(held):.0f} bytes a held claim"
+
+
+def test_the_services_load_no_migration_tool() -> None:
+    """yoyo and what it brings (sqlparse, importlib_metadata) cost every process some
+    MB; the migrations run as a command of their own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gateway.service, consumer.service, relay.service; print('yoyo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
