@@ -25,6 +25,7 @@ from gateway.gateway_answers import GatewayAnswers
 from gateway.handlers import routes
 from gateway.idempotency import RequestIds, random_secret
 from gateway.middleware import tracing_middleware
+from gateway.overload import Overload
 from gateway.publisher import ClaimPublisher
 from gateway.ratelimit import RateLimiter
 from gateway.replies import ReplyListener
@@ -182,6 +183,7 @@ async def _claims(app: web.Application, rt: Runtime) -> None:
         known,
         admission,
         app[METRICS],
+        Overload(s.overload_wait_seconds) if s.overload_wait_seconds > 0 else None,
     )
     rt.on_exit(claims.drain, "answers given by the gateway")
     rt.background(

@@ -22,6 +22,7 @@ from flashclaim.core.results import ResultStore
 from gateway.admission import Admission
 from gateway.coalescer import Coalescer
 from gateway.gateway_answers import GatewayAnswers, GatewayAnswerWriter
+from gateway.overload import Overload
 from gateway.replies import ReplyListener
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ class Claims:
         known: GatewayAnswers | None = None,
         admission: Admission | None = None,
         metrics: GatewayMetrics | None = None,
+        overload: Overload | None = None,
     ) -> None:
         self._publisher = publisher
+        self._overload = overload
         self._admission = admission
         self._replies = replies
         self._results = results
@@ -81,6 +84,10 @@ class Claims:
             answer = self._gateway_answer(command, replayable, fingerprinted)
             if answer is not None:
                 return self._answered(answer, "gateway")
+            # Past what this process can answer without the consumers: refused now if
+            # they are behind (gateway/overload.py), never once it is published.
+            if self._overload is not None and self._overload.refuses():
+                raise Overloaded("the consumers are behind; retry shortly")
             started = time.monotonic()
             if self._admission is not None and not await self._admission.enter(command.coupon_name):
                 # Held until the coupon was known sold out: the gateway's answers have it now.
@@ -115,6 +122,8 @@ class Claims:
                 # asyncio.timeout: lighter than a wait_for (no second future, no frame).
                 async with asyncio.timeout(max(self._wait - (published - started), 0.0)):
                     result = await reply
+                if self._overload is not None:
+                    self._overload.round_trip(time.monotonic() - published)
             except TimeoutError:
                 # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)

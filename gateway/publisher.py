@@ -34,8 +34,9 @@ class ClaimPublisher:
 
     The publisher owns its channel (:meth:`open`, :meth:`close`), which is replaced
     after the broker refuses a claim (:class:`flashclaim.core.broker.PublishingChannel`:
-    a quorum queue that lost its leader). Command queues have no length limit, so a
-    nack means nothing else.
+    a quorum queue that lost its leader, or a command queue full: past
+    ``FLASHCLAIM_COMMAND_QUEUE_MAX_BYTES`` the broker refuses, and the claim is answered
+    503 with a Retry-After).
     """
 
     def __init__(

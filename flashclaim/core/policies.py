@@ -9,7 +9,9 @@ broker applies to existing queues as soon as it changes:
 - ``<ns>.claims``, on the partition queues: ``delivery-limit`` (the broker's backstop
   for consumers that crash before they can count), ``dead-letter-exchange``,
   ``dead-letter-strategy: at-least-once`` (a dead letter is kept until the DLQ has it)
-  and ``overflow: reject-publish`` (which at-least-once requires);
+  ``overflow: reject-publish`` (which at-least-once requires) and ``max-length-bytes``
+  (``FLASHCLAIM_COMMAND_QUEUE_MAX_BYTES``: past it a publish is refused, and the
+  gateway answers 503, so that no queue grows without bound);
 - ``<ns>.claims.dlq``, on the dead-letter queue: ``overflow: reject-publish`` and, on
   RabbitMQ 4.x, ``delivery-limit: -1``. Since 4.0 quorum queues drop (or dead-letter) a
   message after 20 deliveries by default, and every ``flashclaim dlq`` peek is a
@@ -75,6 +77,7 @@ def policies(topology: Topology, broker_major_version: int) -> list[Policy]:
                 "dead-letter-exchange": topology.dead_letter_exchange,
                 "dead-letter-strategy": "at-least-once",
                 "overflow": "reject-publish",
+                "max-length-bytes": topology.max_bytes,
             },
         ),
         Policy(f"{topology.namespace}.claims.dlq", rf"^{ns}\.claims\.dlq$", dlq),

@@ -208,6 +208,11 @@ class Settings(BaseModel):
     # consumers started as identical replicas.
     consumer_index: NonNegative | Literal["auto"] = 0
     standby_delay_seconds: Seconds = 2.0
+    # What a command queue holds at most (message bodies, each partition): claims queued
+    # while every consumer is away or far behind. Past it the broker refuses a publish
+    # and the claim is answered 503 with Retry-After (a policy: changed at any time).
+    # 64 MiB: some 400,000 claims a partition.
+    command_queue_max_bytes: Positive = 64 * 1024 * 1024
     # Messages a consumer takes at once, and (about) the claims it applies in one
     # transaction: a message carrying more is applied in a transaction of its own.
     batch_size: Positive = 200
@@ -221,6 +226,12 @@ class Settings(BaseModel):
     delivery_limit: Positive = 5
     # Claims one gateway process holds at once; beyond that it answers 503 at once.
     max_in_flight_claims: Positive = 10_000
+    # A new claim is refused at once (503 overloaded, Retry-After) while the claims this
+    # gateway process published came back slower than this, the quickest of them
+    # included: the consumers are behind, and the claims beyond what they decide would
+    # only queue (gateway/overload.py). Keep it well below CLAIM_WAIT_SECONDS, so that a
+    # claim let in is answered within its wait; 0 turns it off.
+    overload_wait_seconds: Seconds = 1.0
     # Per-client token bucket in Redis (client = the remote address, or the one a trusted
     # proxy names); 0 turns it off.
     rate_limit_per_second: NonNegativeNumber = 0.0
@@ -385,7 +396,9 @@ class Settings(BaseModel):
     def topology(self) -> Topology:
         from flashclaim.core.topology import Topology
 
-        return Topology(self.namespace, self.delivery_limit, self.partitions)
+        return Topology(
+            self.namespace, self.delivery_limit, self.partitions, self.command_queue_max_bytes
+        )
 
 
 def without_password(url: str) -> str:

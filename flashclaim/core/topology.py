@@ -40,6 +40,9 @@ class Topology:
     namespace: str
     delivery_limit: int
     partitions: int = 4
+    # The bodies a partition queue holds at most; past it the broker refuses a publish
+    # (overflow reject-publish) and the gateway answers 503.
+    max_bytes: int = 64 * 1024 * 1024
 
     @property
     def commands_exchange(self) -> str:

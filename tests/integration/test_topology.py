@@ -56,6 +56,7 @@ async def test_a_new_delivery_limit_applies_to_existing_queues(settings: Setting
         "dead-letter-exchange": topology.dead_letter_exchange,
         "dead-letter-strategy": "at-least-once",
         "overflow": "reject-publish",
+        "max-length-bytes": settings.command_queue_max_bytes,
     }
     await eventually(settings, topology.claims_dlq, "overflow", "reject-publish")
 
