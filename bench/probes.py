@@ -159,7 +159,7 @@ def openloop(
     )
     recorder = Recorder()
     for line in done.stdout.splitlines():
-        due_us, latency_us, status = (int(x) for x in line.split())
+        due_us, latency_us, status, _ = (int(x) for x in line.split())
         # By the second it was answered in, as the project's own generator records.
         recorder.record_at((due_us + latency_us) / 1e6, status, latency_us / 1e6)
     recorder.sent = int(rate * seconds)

@@ -12,11 +12,15 @@ a gateway with two worker processes, then measures, each figure next to what bou
    ceiling, with the CPU each process spent per claim;
 4. open-loop claims at 1,000 and 2,000 per second (latency from the schedule), sent by
    bench/openloop, a generator compiled with Go so that the load's CPU stays small;
-5. one consumer draining 100,000 claims of one hot coupon queued beforehand, beside the
+5. three times the sustained capacity for two minutes, open loop, between two stretches
+   at half of it: the claims beyond capacity refused at once, the ones let in answered
+   within the claim wait, no queue growing, and how soon latency is back after
+   (bench/overload.py);
+6. one consumer draining 100,000 claims of one hot coupon queued beforehand, beside the
    batched ceiling; then one relay publishing their 100,000 events, beside the rate of
    the sustained run (it must keep up with the consumer);
-6. the peak memory of every gateway, consumer and relay process;
-7. the sustained run again with metrics and tracing off, then on: what observability
+7. the peak memory of every gateway, consumer and relay process;
+8. the sustained run again with metrics and tracing off, then on: what observability
    costs (spans exported to a local OTLP receiver that keeps nothing, bench/otlp_sink.py).
 
 An outbox relay runs throughout, as under ``make run`` (its CPU is in the figures), except
@@ -47,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import drain
+import overload
 import probes
 import psycopg
 
@@ -68,6 +73,7 @@ CHARTS = (
     ("burst-10000.png", "10,000 claims for 100 in stock, 10,000 clients at a time"),
     ("sustained-1000.png", "open loop, 1,000 claims a second on one hot coupon"),
     ("sustained-2000.png", "open loop, 2,000 claims a second on one hot coupon"),
+    ("overload.png", "three times the sustained capacity for two minutes, open loop"),
 )
 PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
@@ -287,6 +293,30 @@ class Bench:
             }
             self.note_memory()
 
+    def overload(self) -> None:
+        """Three times the capacity the wrk run measured, for two minutes
+        (bench/overload.py)."""
+        binary = probes.build_openloop(OUT / "openloop")
+        capacity = self.figures["wrk_claims"]["rate"]
+        coupon = self.hot_coupon("OVER")
+        say(
+            f"overload: {3 * capacity:,.0f} claims a second for {overload.OVERLOAD_S} s,"
+            f" between {overload.BASELINE_S} s and {overload.RECOVERY_S} s at"
+            f" {capacity / 2:,.0f}"
+        )
+        answers, samples, rates = overload.run(
+            binary, BASE, coupon, capacity, self.settings, self.workers
+        )
+        f = overload.figures(answers, samples, rates, self.settings.claim_wait_seconds)
+        self.figures["overload"] = f
+        overload.chart(answers, samples, OUT / "overload.png")
+        say(
+            f"overload: {f['let_in_per_s']:,.0f}/s let in, {f['refused_share']:.0%} refused"
+            f" (p99 {f['refusal_p99_ms']:.1f} ms), let in p99 {f['let_in_p99_ms']:.0f} ms,"
+            f" back within {f['recovered_after_s']:.0f} s"
+        )
+        self.note_memory()
+
     def drain(self, claims: int = 100_000) -> None:
         self.stop_consumer()
         self.stop_relay()
@@ -412,6 +442,7 @@ class Bench:
                     _target(lat["p99"] <= target, f"p99 <= {target:.0f} ms"),
                 )
             )
+        rows.extend(overload_rows(f["overload"], claims["rate"]))
         rows.append(
             (
                 "one consumer draining one hot coupon (100,000 claims queued first)",
@@ -484,6 +515,45 @@ class Bench:
             )
         )
         return rows
+
+
+def overload_rows(o: dict[str, Any], capacity: float) -> list[tuple[str, str, str, str]]:
+    checks = overload.met(o)
+    return [
+        (
+            f"overload: {o['offered']:,.0f} claims/s (3x the wrk run) for"
+            f" {overload.OVERLOAD_S} s, open loop, one hot coupon",
+            f"{o['let_in_per_s']:,.0f}/s let in, p99 {o['let_in_p99_ms']:.0f} ms, slowest"
+            f" {o['let_in_max_ms']:,.0f} ms, {o['pending_202']} x 202, {o['other_errors']} other"
+            f" errors; {o['refused']:,} refused ({o['refused_share']:.0%}), p99"
+            f" {o['refusal_p99_ms']:.1f} ms, {o['refusals_without_retry_after']} without"
+            " Retry-After",
+            f"the sustained capacity (wrk): {capacity:,.0f} claims/s; the claim wait:"
+            f" {o['claim_wait_ms']:,.0f} ms",
+            _target(checks["refused quickly"], "refusals p99 < 50 ms, each with Retry-After")
+            + "; "
+            + _target(
+                checks["let in answered within the claim wait"],
+                "let in: answered within the claim wait, no 202",
+            ),
+        ),
+        (
+            "overload: queues (peak of the first minute / of the second)",
+            f"command queues {o['queued_first_minute']:,.0f} / {o['queued_second_minute']:,.0f}"
+            f" messages; claims in flight in the gateways {o['in_flight_first_minute']:,.0f} /"
+            f" {o['in_flight_second_minute']:,.0f}; gateway process"
+            f" {o['gateway_rss_first_minute_mb']:.0f} / {o['gateway_rss_second_minute_mb']:.0f}"
+            " MB",
+            "",
+            _target(checks["no queue grows"], "the second minute no higher than the first"),
+        ),
+        (
+            f"overload: recovery at {o['recovery_rate']:,.0f} claims/s after the drop",
+            f"every second's p99 within 2x the baseline's after {o['recovered_after_s']:.0f} s",
+            f"the same rate before the overload: p99 {o['baseline_p99_ms']:.1f} ms",
+            _target(checks["recovered"], f"<= {overload.RECOVERY_TARGET_S:.0f} s"),
+        ),
+    ]
 
 
 def _spans_received() -> int:
@@ -584,6 +654,16 @@ def bursts_only(bench: Bench) -> int:
     return 0 if all(r.ok for r in bench.reports.values()) else 1
 
 
+def overload_only(bench: Bench) -> int:
+    """``--overload``: the sustained wrk run (the capacity), then the overload row and
+    its chart, printed; no page written (about three minutes)."""
+    bench.sustained_wrk()
+    bench.overload()
+    print(render(overload_rows(bench.figures["overload"], bench.figures["wrk_claims"]["rate"])))
+    print(f"chart: {OUT / 'overload.png'}")
+    return 0 if all(overload.met(bench.figures["overload"]).values()) else 1
+
+
 def drain_only(bench: Bench) -> int:
     """``--drain``: one consumer draining 100,000 queued claims, then one relay publishing
     their events, beside the batched ceiling, printed; no page written."""
@@ -613,6 +693,11 @@ def main() -> int:
         action="store_true",
         help="only the ceilings, the two bursts and the peak memory after them; no page",
     )
+    parser.add_argument(
+        "--overload",
+        action="store_true",
+        help="only the ceilings, the sustained wrk run and the overload row; no page",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     stack = Stack("bench", root=ROOT / ".stack", fresh=True)
@@ -640,6 +725,8 @@ def main() -> int:
             return drain_only(bench)
         if args.bursts:
             return bursts_only(bench)
+        if args.overload:
+            return overload_only(bench)
 
         async def http_runs() -> None:
             assert bench is not None
@@ -654,6 +741,7 @@ def main() -> int:
         asyncio.run(http_runs())
         bench.sustained_wrk()
         bench.open_loop()
+        bench.overload()
         bench.drain()
         bench.observability()
         machine = (

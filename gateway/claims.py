@@ -84,10 +84,6 @@ class Claims:
             answer = self._gateway_answer(command, replayable, fingerprinted)
             if answer is not None:
                 return self._answered(answer, "gateway")
-            # Past what this process can answer without the consumers: refused now if
-            # they are behind (gateway/overload.py), never once it is published.
-            if self._overload is not None and self._overload.refuses():
-                raise Overloaded("the consumers are behind; retry shortly")
             started = time.monotonic()
             if self._admission is not None and not await self._admission.enter(command.coupon_name):
                 # Held until the coupon was known sold out: the gateway's answers have it now.
@@ -103,8 +99,14 @@ class Claims:
         self, command: ClaimCommand, replayable: bool, started: float
     ) -> ClaimResult | None:
         """Publish the claim (counted in flight by the admission, if any) and wait for
-        its result until ``wait_seconds`` after ``started``."""
+        its result until ``wait_seconds`` after ``started``; refused (503) instead if
+        the pipeline is behind (gateway/overload.py)."""
         result: ClaimResult | None = None
+        if self._overload is not None and not self._overload.admit():
+            if self._admission is not None:
+                self._admission.leave(command.coupon_name, None)
+            raise Overloaded("the claims on their way are more than the pipeline answers")
+        answered = False
         reply = self._replies.expect(command.request_id)
         try:
             # The consumer answers on this process's own channel.
@@ -122,8 +124,7 @@ class Claims:
                 # asyncio.timeout: lighter than a wait_for (no second future, no frame).
                 async with asyncio.timeout(max(self._wait - (published - started), 0.0)):
                     result = await reply
-                if self._overload is not None:
-                    self._overload.round_trip(time.monotonic() - published)
+                answered = True
             except TimeoutError:
                 # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)
@@ -132,6 +133,8 @@ class Claims:
             self._replies.forget(command.request_id, reply)
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, result)
+            if self._overload is not None:
+                self._overload.finished(answered)
         if result is None:
             await self._mark_pending(command)
             return self._answered(None, "round_trip")

@@ -1,27 +1,28 @@
-"""Refusing claims early when the consumers are behind: the crowd beyond capacity gets
+"""Refusing claims early when the pipeline is behind: the crowd beyond capacity gets
 ``503 overloaded`` at once, instead of a place in a queue that answers it late.
 
-The signal is how long the claims published by this process took to come back (from
-the confirm of their publish to their result): the time they spent queued in RabbitMQ
-and being decided. A crowd the consumers keep up with sees round trips of a few tens
-of milliseconds; one they do not keep up with builds a queue, and every round trip
-then carries it. So, as CoDel does for packets, this looks at the *shortest* round
-trip of an interval: a short burst that queued some claims still lets others through
-quickly, while a standing queue makes even the quickest slow.
+A claim on its way (published, its result awaited) holds a place; this process lets at
+most ``rate * target`` claims hold one at a time, where ``rate`` is how many claims came
+back with their result over the last second (Little's law: that many in flight at that
+rate wait ``target`` each, whatever the bottleneck, the consumers, the database or this
+process's own event loop, all of which the round trip includes). Beyond it, a claim
+about to be published is refused instead.
 
-- While the shortest round trip of the last full interval exceeded ``target`` and no
-  round trip of the interval under way has come in under it, a new claim is refused.
-  The queue then drains at the consumers' pace, round trips shorten, and claims are
-  let in again: what is let in over time is what the consumers decide, and a claim
-  let in waits about ``target`` at most (the round trips measured lag by one round
-  trip, so a little more at the edges).
-- An interval without any round trip (nothing published, or no consumer answering at
-  all) says nothing: claims are let in. With every consumer away, the gateway stays
-  queue-first (claims answered 202, decided when a consumer is back), bounded by the
-  command queues' length limit (flashclaim/core/policies.py), past which the broker
-  refuses a publish and the claim is answered 503.
-- A claim that timed out (answered 202) is not a round trip: it says the consumers
-  are away or far behind, and the round trips of the others say which.
+- Under a load the pipeline keeps up with, the claims in flight are the rate times
+  their short round trip, well under the limit: nothing is refused.
+- Under a crowd beyond capacity the results come back at the capacity, so the limit is
+  the capacity times ``target``: the claims let in wait about ``target``, the others are
+  refused before anything is published, and this process's own work stays bounded (a
+  refusal costs a small part of what a claim does).
+- Nothing came back in the last second (the process was idle, or every consumer is
+  away): nothing is known, and no limit applies. A burst after a quiet time is let in
+  (claims held back by gateway/admission.py hold no place: they are not on their way),
+  and with every consumer away the gateway stays queue-first (claims answered 202,
+  decided when a consumer is back), bounded by ``MAX_IN_FLIGHT_CLAIMS`` and the command
+  queues' length limit (flashclaim/core/policies.py), past which the broker refuses a
+  publish and the claim is answered 503.
+- ``floor``: the limit is never lower, so that a slow trickle of results does not
+  starve the process (at 10 results a second, 5 in flight would be the limit).
 
 Nothing here decides an answer: a refused claim was never published, and its client
 retries after ``Retry-After`` (with its Idempotency-Key, the same claim).
@@ -29,50 +30,60 @@ retries after ``Retry-After`` (with its Idempotency-Key, the same claim).
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 
-# Long enough to hold several round trips at any load worth refusing, short enough to
-# let claims in again soon after the queue has drained.
-INTERVAL_SECONDS = 0.5
+# Results counted over the last WINDOW_SECONDS, in BUCKETS parts.
+WINDOW_SECONDS = 1.0
+BUCKETS = 10
+FLOOR = 50
 
 
 class Overload:
     def __init__(
         self,
         target_seconds: float,
-        interval_seconds: float = INTERVAL_SECONDS,
+        floor: int = FLOOR,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._target = target_seconds
-        self._interval = interval_seconds
+        self._floor = floor
         self._clock = clock
-        self._started = clock()
-        # The shortest round trip of the interval under way, and of the last full one
-        # (None: none came back in it).
-        self._current: float | None = None
-        self._last: float | None = None
+        self._width = WINDOW_SECONDS / BUCKETS
+        # (bucket number, results that came back in it), oldest first.
+        self._results: collections.deque[list[int]] = collections.deque()
+        self.in_flight = 0
 
-    def refuses(self) -> bool:
-        """Whether a new claim should be refused now."""
-        self._roll()
-        if self._current is not None and self._current <= self._target:
+    def limit(self) -> int | None:
+        """Claims this process may have on their way now; ``None``: no limit (nothing
+        came back in the last second)."""
+        self._forget_old()
+        came_back = sum(count for _, count in self._results)
+        if not came_back:
+            return None
+        return max(self._floor, int(came_back / WINDOW_SECONDS * self._target))
+
+    def admit(self) -> bool:
+        """Take a place for a claim about to be published, or ``False`` (refuse it)."""
+        limit = self.limit()
+        if limit is not None and self.in_flight >= limit:
             return False
-        return self._last is not None and self._last > self._target
+        self.in_flight += 1
+        return True
 
-    def round_trip(self, seconds: float) -> None:
-        """A claim published by this process came back after ``seconds``."""
-        self._roll()
-        if self._current is None or seconds < self._current:
-            self._current = seconds
+    def finished(self, answered: bool) -> None:
+        """A claim admitted is no longer on its way: ``answered`` if its result came
+        back (a claim answered 202 after its wait is not a result that came back)."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if answered:
+            bucket = int(self._clock() / self._width)
+            if self._results and self._results[-1][0] == bucket:
+                self._results[-1][1] += 1
+            else:
+                self._results.append([bucket, 1])
 
-    def _roll(self) -> None:
-        now = self._clock()
-        elapsed = now - self._started
-        if elapsed < self._interval:
-            return
-        # An interval with no round trip at all, or more than one interval gone by
-        # without any: nothing is known of the queue now.
-        self._last = self._current if elapsed < 2 * self._interval else None
-        self._current = None
-        self._started = now
+    def _forget_old(self) -> None:
+        oldest = int(self._clock() / self._width) - BUCKETS + 1
+        while self._results and self._results[0][0] < oldest:
+            self._results.popleft()

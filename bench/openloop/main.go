@@ -4,8 +4,10 @@
 //
 // It is compiled (Go, standard library only) so that the load costs little CPU beside
 // what it measures: `make bench` runs it on the two cores the services use. Output, one
-// line a request on stdout: "<due offset µs> <latency µs> <status>" (status 0: no
-// answer, the error on stderr once per kind); then a summary line on stderr.
+// line a request on stdout: "<due offset µs> <latency µs> <status> <retry-after>" (status
+// 0: no answer, the error on stderr once per kind; retry-after 1 when the answer had a
+// Retry-After header); then a summary line on stderr. -phases replaces -rate and
+// -duration with rates in turn ("900:10s,2700:120s,900:20s").
 //
 //	openloop -url http://127.0.0.1:18080/api/coupons/claim -coupon HOT -rate 1000 -duration 10s
 package main
@@ -20,15 +22,44 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
 type result struct {
-	due     time.Duration // since the start
-	latency time.Duration
-	status  int
+	due        time.Duration // since the start
+	latency    time.Duration
+	status     int
+	retryAfter bool
+}
+
+type phase struct {
+	rate     float64
+	duration time.Duration
+}
+
+// parsePhases reads "rate:duration,..." ("2700:120s").
+func parsePhases(text string) ([]phase, error) {
+	var phases []phase
+	for _, part := range strings.Split(text, ",") {
+		fields := strings.SplitN(strings.TrimSpace(part), ":", 2)
+		if len(fields) != 2 {
+			return nil, fmt.Errorf("phase %q is not rate:duration", part)
+		}
+		rate, err := strconv.ParseFloat(fields[0], 64)
+		if err != nil || rate <= 0 {
+			return nil, fmt.Errorf("phase %q: the rate is not a positive number", part)
+		}
+		duration, err := time.ParseDuration(fields[1])
+		if err != nil || duration <= 0 {
+			return nil, fmt.Errorf("phase %q: the duration is not a positive duration", part)
+		}
+		phases = append(phases, phase{rate, duration})
+	}
+	return phases, nil
 }
 
 func main() {
@@ -40,10 +71,30 @@ func main() {
 	timeout := flag.Duration("timeout", 30*time.Second, "how long to wait for one answer")
 	outstanding := flag.Int("max-outstanding", 20000, "claims in flight at most (more are not sent, and counted)")
 	connections := flag.Int("connections", 512, "connections at most; a claim due when all are busy waits for one (its wait counts)")
+	phaseList := flag.String("phases", "", "rates in turn, rate:duration,... (instead of -rate and -duration)")
 	flag.Parse()
 	if *coupon == "" || *rate <= 0 {
 		fmt.Fprintln(os.Stderr, "openloop: -coupon and a positive -rate are required")
 		os.Exit(2)
+	}
+	phases := []phase{{*rate, *duration}}
+	if *phaseList != "" {
+		var err error
+		if phases, err = parsePhases(*phaseList); err != nil {
+			fmt.Fprintln(os.Stderr, "openloop:", err)
+			os.Exit(2)
+		}
+	}
+	// Every claim's due time from the start, phase after phase.
+	var schedule []time.Duration
+	var offset time.Duration
+	for _, p := range phases {
+		interval := time.Duration(float64(time.Second) / p.rate)
+		count := int(p.rate * p.duration.Seconds())
+		for i := 0; i < count; i++ {
+			schedule = append(schedule, offset+time.Duration(i)*interval)
+		}
+		offset += p.duration
 	}
 
 	var dials int64
@@ -60,7 +111,7 @@ func main() {
 	}
 	client := &http.Client{Transport: transport, Timeout: *timeout}
 
-	total := int(*rate * duration.Seconds())
+	total := len(schedule)
 	results := make([]result, 0, total)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -72,24 +123,24 @@ func main() {
 		defer atomic.AddInt64(&inFlight, -1)
 		body := []byte(fmt.Sprintf(`{"user_id":"%s_%d","coupon_name":"%s"}`, *users, i, *coupon))
 		status := 0
+		retryAfter := false
 		resp, err := client.Post(*url, "application/json", bytes.NewReader(body))
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
 			status = resp.StatusCode
+			retryAfter = resp.Header.Get("Retry-After") != ""
 		} else if _, seen := errorsSeen.LoadOrStore(fmt.Sprintf("%T", err), true); !seen {
 			fmt.Fprintln(os.Stderr, "openloop:", err)
 		}
 		latency := time.Since(start) - due
 		mu.Lock()
-		results = append(results, result{due, latency, status})
+		results = append(results, result{due, latency, status, retryAfter})
 		mu.Unlock()
 	}
 
-	interval := time.Duration(float64(time.Second) / *rate)
 	start := time.Now()
-	for i := 0; i < total; i++ {
-		due := time.Duration(i) * interval
+	for i, due := range schedule {
 		if wait := due - time.Since(start); wait > 0 {
 			time.Sleep(wait)
 		}
@@ -106,7 +157,11 @@ func main() {
 
 	out := bufio.NewWriterSize(os.Stdout, 1<<16)
 	for _, r := range results {
-		fmt.Fprintf(out, "%d %d %d\n", r.due.Microseconds(), r.latency.Microseconds(), r.status)
+		flagged := 0
+		if r.retryAfter {
+			flagged = 1
+		}
+		fmt.Fprintf(out, "%d %d %d %d\n", r.due.Microseconds(), r.latency.Microseconds(), r.status, flagged)
 	}
 	out.Flush()
 	fmt.Fprintf(os.Stderr, "openloop: %d due, %d sent in %.2f s, %d answered, %d not sent (too many in flight), %d connections opened\n",

@@ -226,12 +226,12 @@ class Settings(BaseModel):
     delivery_limit: Positive = 5
     # Claims one gateway process holds at once; beyond that it answers 503 at once.
     max_in_flight_claims: Positive = 10_000
-    # A new claim is refused at once (503 overloaded, Retry-After) while the claims this
-    # gateway process published came back slower than this, the quickest of them
-    # included: the consumers are behind, and the claims beyond what they decide would
-    # only queue (gateway/overload.py). Keep it well below CLAIM_WAIT_SECONDS, so that a
-    # claim let in is answered within its wait; 0 turns it off.
-    overload_wait_seconds: Seconds = 1.0
+    # A claim about to be published is refused at once (503 overloaded, Retry-After)
+    # while this gateway process has more on their way than the results it got in the
+    # last second times this: the claims let in wait about this long, the crowd beyond
+    # capacity is refused (gateway/overload.py). Keep it well below CLAIM_WAIT_SECONDS;
+    # 0 turns it off.
+    overload_wait_seconds: Seconds = 0.5
     # Per-client token bucket in Redis (client = the remote address, or the one a trusted
     # proxy names); 0 turns it off.
     rate_limit_per_second: NonNegativeNumber = 0.0

@@ -1,7 +1,7 @@
-"""A crowd bigger than the consumers can decide: the claims beyond it are refused at once
-(503 overloaded, Retry-After: gateway/overload.py), the ones let in are decided, and the
-command queues hold a bounded number of bytes, past which the broker's refusal is a 503
-too (flashclaim/core/policies.py)."""
+"""A crowd bigger than the pipeline decides: the claims beyond it are refused before they
+are published (503 overloaded, Retry-After: gateway/overload.py), the ones let in are
+decided, and the command queues hold a bounded number of bytes, past which the broker's
+refusal is a 503 too (flashclaim/core/policies.py)."""
 
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ async def test_a_crowd_beyond_capacity_is_refused_at_once_and_the_rest_decided(
     services: Services, settings: Settings, http: aiohttp.ClientSession, slow_coupon: str
 ) -> None:
     """1,500 claims at 500 a second for a coupon the consumer decides at 100 a second:
-    once the round trips show a standing queue, new claims get 503 overloaded with a
-    Retry-After and are never published; every claim let in is decided (granted, in the
-    database, exactly); when the load has gone, claims are let in again."""
+    once the claims on their way are more than the results of the last second times the
+    target, new claims get 503 overloaded with a Retry-After and are never published;
+    every claim let in is decided (granted, in the database, exactly); when the load has
+    gone, claims are let in again."""
     services.start_consumer()
     await services.start_gateway(overload_wait_seconds=0.3, claim_wait_seconds=30)
     url = f"{services.base_url}/api/coupons/claim"

@@ -1,4 +1,5 @@
-"""When the gateway refuses a claim for overload (gateway/overload.py), on a clock of its own."""
+"""How many claims a gateway process lets on their way (gateway/overload.py), on a
+clock of its own."""
 
 from __future__ import annotations
 
@@ -7,49 +8,51 @@ from gateway.overload import Overload
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 0.0
+        self.now = 100.0
 
     def __call__(self) -> float:
         return self.now
 
 
-def test_a_standing_queue_refuses_and_a_drained_one_lets_in_again() -> None:
+def came_back(guard: Overload, clock: Clock, results: int, over: float = 0.95) -> None:
+    """``results`` claims let in, then back with their result, spread over ``over``."""
+    for _ in range(results):
+        clock.now += over / results
+        assert guard.admit()
+        guard.finished(answered=True)
+
+
+def test_the_claims_on_their_way_are_bounded_by_the_rate_they_come_back_at() -> None:
     clock = Clock()
-    guard = Overload(target_seconds=1.0, interval_seconds=0.5, clock=clock)
-    # An interval of slow round trips, the quickest 1.2 s: a queue of over a second.
-    for rtt in (1.5, 1.2, 1.8):
-        guard.round_trip(rtt)
-        assert not guard.refuses()  # the interval is not over yet
-    clock.now = 0.5
-    assert guard.refuses()
-    clock.now = 0.7
-    guard.round_trip(1.1)  # still slow: still refused
-    assert guard.refuses()
-    guard.round_trip(0.4)  # one quick round trip in the interval: the queue is short now
-    assert not guard.refuses()
-    clock.now = 1.0  # and the interval it ended in lets claims in too
-    assert not guard.refuses()
+    guard = Overload(target_seconds=0.5, floor=10, clock=clock)
+    came_back(guard, clock, 400)  # 400 results in the last second
+    assert guard.limit() == 200  # 400/s for half a second each
+    let_in = sum(guard.admit() for _ in range(1000))
+    assert let_in == 200 and guard.in_flight == 200
+    guard.finished(answered=True)  # one back: one place
+    assert guard.admit() and not guard.admit()
 
 
-def test_a_burst_that_queued_some_claims_refuses_none() -> None:
+def test_nothing_back_in_the_last_second_sets_no_limit() -> None:
+    """Idle, then a burst: let in. Every consumer away (no result comes back, claims
+    answered 202): queue-first, bounded elsewhere."""
     clock = Clock()
-    guard = Overload(target_seconds=1.0, interval_seconds=0.5, clock=clock)
-    for rtt in (0.02, 2.5, 3.0, 0.05):  # most waited, but some came back at once
-        guard.round_trip(rtt)
-    clock.now = 0.6
-    assert not guard.refuses()
+    guard = Overload(target_seconds=0.5, floor=10, clock=clock)
+    assert guard.limit() is None
+    assert all(guard.admit() for _ in range(5000))
+    for _ in range(5000):
+        guard.finished(answered=False)
+    came_back(guard, clock, 100)
+    assert guard.limit() == 50
+    clock.now += 1.5  # a second and a half without a result
+    assert guard.limit() is None
+    assert guard.admit()
+    guard.finished(answered=False)  # answered 202: not a result that came back
+    assert guard.limit() is None
 
 
-def test_no_round_trip_says_nothing_so_claims_are_let_in() -> None:
-    """Every consumer away: claims time out (202) and none comes back; the gateway stays
-    queue-first, bounded by the command queues' length."""
+def test_a_trickle_of_results_keeps_the_floor() -> None:
     clock = Clock()
-    guard = Overload(target_seconds=1.0, interval_seconds=0.5, clock=clock)
-    guard.round_trip(2.0)
-    clock.now = 0.5
-    assert guard.refuses()
-    clock.now = 1.0  # an interval with no round trip
-    assert not guard.refuses()
-    guard.round_trip(2.0)
-    clock.now = 3.0  # long after: the last measure is stale
-    assert not guard.refuses()
+    guard = Overload(target_seconds=0.5, floor=10, clock=clock)
+    came_back(guard, clock, 4)
+    assert guard.limit() == 10
