@@ -106,7 +106,8 @@ class Claims:
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, None)
             raise Overloaded("the claims on their way are more than the pipeline answers")
-        answered = False
+        round_trip: float | None = None
+        sent = time.monotonic()
         reply = self._replies.expect(command.request_id)
         try:
             # The consumer answers on this process's own channel.
@@ -124,7 +125,8 @@ class Claims:
                 # asyncio.timeout: lighter than a wait_for (no second future, no frame).
                 async with asyncio.timeout(max(self._wait - (published - started), 0.0)):
                     result = await reply
-                answered = True
+                # From the publish on: the coalescing and the confirm are part of it.
+                round_trip = time.monotonic() - sent
             except TimeoutError:
                 # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)
@@ -134,7 +136,7 @@ class Claims:
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, result)
             if self._overload is not None:
-                self._overload.finished(answered)
+                self._overload.finished(round_trip)
         if result is None:
             await self._mark_pending(command)
             return self._answered(None, "round_trip")

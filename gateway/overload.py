@@ -1,19 +1,22 @@
 """Refusing claims early when the pipeline is behind: the crowd beyond capacity gets
 ``503 overloaded`` at once, instead of a place in a queue that answers it late.
 
-A claim on its way (published, its result awaited) holds a place; this process lets at
-most ``rate * target`` claims hold one at a time, where ``rate`` is how many claims came
-back with their result over the last second (Little's law: that many in flight at that
-rate wait ``target`` each, whatever the bottleneck, the consumers, the database or this
-process's own event loop, all of which the round trip includes). Beyond it, a claim
-about to be published is refused instead.
+A claim on its way (published, its result awaited) holds a place. While the claims that
+came back over the last second took ``target`` or more on average (from their publish
+to their result: the consumers, the database and this process's own event loop are all
+in it), the pipeline is behind, and this process lets at most ``rate * target`` claims
+hold a place at a time, ``rate`` being how many came back over that second (Little's
+law: that many in flight at that rate wait ``target`` each). Beyond it, a claim about to
+be published is refused instead.
 
-- Under a load the pipeline keeps up with, the claims in flight are the rate times
-  their short round trip, well under the limit: nothing is refused.
-- Under a crowd beyond capacity the results come back at the capacity, so the limit is
-  the capacity times ``target``: the claims let in wait about ``target``, the others are
-  refused before anything is published, and this process's own work stays bounded (a
-  refusal costs a small part of what a claim does).
+- Under a load the pipeline keeps up with, round trips are short: nothing is refused,
+  however few claims came back (a flash sale sends few on their way, the gateway
+  answering the others itself, so their rate says nothing of the capacity).
+- Under a crowd beyond capacity the round trips lengthen to ``target``, and the results
+  come back at the capacity, so the limit is the capacity times ``target``: the claims
+  let in wait about ``target``, the others are refused before anything is published,
+  and this process's own work stays bounded (a refusal costs a small part of what a
+  claim does).
 - Nothing came back in the last second (the process was idle, or every consumer is
   away): nothing is known, and no limit applies. A burst after a quiet time is let in
   (claims held back by gateway/admission.py hold no place: they are not on their way),
@@ -51,16 +54,17 @@ class Overload:
         self._floor = floor
         self._clock = clock
         self._width = WINDOW_SECONDS / BUCKETS
-        # (bucket number, results that came back in it), oldest first.
-        self._results: collections.deque[list[int]] = collections.deque()
+        # [bucket number, results that came back in it, their round trips' sum], oldest
+        # first.
+        self._results: collections.deque[list[float]] = collections.deque()
         self.in_flight = 0
 
     def limit(self) -> int | None:
         """Claims this process may have on their way now; ``None``: no limit (nothing
-        came back in the last second)."""
+        came back in the last second, or quickly)."""
         self._forget_old()
-        came_back = sum(count for _, count in self._results)
-        if not came_back:
+        came_back = sum(count for _, count, _ in self._results)
+        if not came_back or sum(s for *_, s in self._results) / came_back < self._target:
             return None
         return max(self._floor, int(came_back / WINDOW_SECONDS * self._target))
 
@@ -72,16 +76,17 @@ class Overload:
         self.in_flight += 1
         return True
 
-    def finished(self, answered: bool) -> None:
-        """A claim admitted is no longer on its way: ``answered`` if its result came
-        back (a claim answered 202 after its wait is not a result that came back)."""
+    def finished(self, round_trip: float | None) -> None:
+        """A claim admitted is no longer on its way: its ``round_trip`` if its result
+        came back (``None``: answered 202 after its wait, or not published)."""
         self.in_flight = max(0, self.in_flight - 1)
-        if answered:
+        if round_trip is not None:
             bucket = int(self._clock() / self._width)
             if self._results and self._results[-1][0] == bucket:
                 self._results[-1][1] += 1
+                self._results[-1][2] += round_trip
             else:
-                self._results.append([bucket, 1])
+                self._results.append([bucket, 1, round_trip])
 
     def _forget_old(self) -> None:
         oldest = int(self._clock() / self._width) - BUCKETS + 1
