@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run stop test test-faults test-cluster test-image image lint bench deps venv scenarios lock generate clean
+.PHONY: run stop test test-faults test-cluster test-image image lint bench soak deps venv scenarios lock generate clean
 
 run: deps venv  ## the whole stack, in the foreground, until Ctrl-C
 	$(BIN)/flashclaim stack --profile run
@@ -46,6 +46,10 @@ lint: venv
 bench: deps venv  ## the figures beside their floors and ceilings, on servers of its own
 	bash deploy/install-deps.sh --bench
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+soak: deps venv  ## half the capacity for 30 minutes, a fault every five, and the verdict
+	bash deploy/install-deps.sh --bench
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 scenarios: venv  ## Flash Sale, Double Dip and a burst against a running `make run`
 	$(BIN)/flashclaim scenarios --url http://127.0.0.1:8080

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import probes
 from hdrh.histogram import HdrHistogram
 
 from flashclaim.core.settings import Settings
@@ -84,15 +85,6 @@ def _in_flight(metrics_url: str) -> float:
     )
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) / 1024 if match else 0.0
-
-
 def _sample(
     settings: Settings,
     metrics_url: str,
@@ -113,7 +105,9 @@ def _sample(
                 into.queued.append((now, depth))
                 with contextlib.suppress(OSError):
                     into.in_flight.append((now, await asyncio.to_thread(_in_flight, metrics_url)))
-                into.gateway_rss_mb.append((now, max((_rss_mb(p) for p in workers()), default=0)))
+                into.gateway_rss_mb.append(
+                    (now, max((probes.memory_mb(p) for p in workers()), default=0))
+                )
                 await asyncio.sleep(0.5)
 
     asyncio.run(run())

@@ -58,13 +58,34 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def peak_rss_mb(pid: int) -> float:
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of ``/proc/<pid>/status`` (``VmRSS`` now, ``VmHWM`` its peak), in
+    MB; NaN once the process is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return float("nan")
-    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    match = re.search(rf"{field}:\s+(\d+) kB", status)
     return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    return memory_mb(pid, "VmHWM")
+
+
+def pss_mb(pids: list[int]) -> float:
+    """The proportional set size of these processes together, in MB: shared pages
+    (PostgreSQL's shared buffers) counted once over the processes sharing them, where
+    their RSS would count them in each."""
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
+        total += int(match.group(1)) if match else 0
+    return total / 1024
 
 
 def own_cpu_seconds() -> float:

@@ -579,36 +579,41 @@ def render(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_page(machine: str, table: str) -> None:
-    """docs/BENCHMARKS.md: this run's table and charts; the notes below the marker of
-    the page it replaces are kept."""
+def write_page(
+    doc: Path,
+    title: str,
+    intro: str,
+    table: str,
+    out: Path,
+    charts: tuple[tuple[str, str], ...],
+) -> None:
+    """``doc``: ``intro`` (``{day}`` replaced by today's date), the table, and the charts
+    found in ``out`` (copied to docs/benchmarks/); the notes below the marker of the page
+    it replaces are kept."""
     notes = ""
-    if DOC.exists():
-        _, marker, after = DOC.read_text().partition(NOTES)
+    if doc.exists():
+        _, marker, after = doc.read_text().partition(NOTES)
         notes = after if marker else ""
     DOC_CHARTS.mkdir(parents=True, exist_ok=True)
-    charts = []
-    for name, caption in CHARTS:
-        if (OUT / name).exists():
-            shutil.copyfile(OUT / name, DOC_CHARTS / name)
-            charts.append(f"![{caption}](benchmarks/{name})\n\n*{caption}*\n")
+    shown = []
+    for name, caption in charts:
+        if (out / name).exists():
+            shutil.copyfile(out / name, DOC_CHARTS / name)
+            shown.append(f"![{caption}](benchmarks/{name})\n\n*{caption}*\n")
     day = time.strftime("%Y-%m-%d", time.gmtime())
     page = [
-        "# Benchmarks",
+        f"# {title}",
         "",
-        f"Written by `make bench` on {day} ({machine}); `bench/run.py` says what each row"
-        " measures and how. Each figure stands beside what bounds it on the same machine in"
-        " the same run: compare figures within one run only (run to run, the day's machine"
-        " moves them by a tenth or more).",
+        intro.replace("{day}", day),
         "",
         "```",
         table,
         "```",
         "",
-        *charts,
+        *shown,
         NOTES,
     ]
-    DOC.write_text("\n".join(page) + (notes if notes else "\n"))
+    doc.write_text("\n".join(page) + (notes if notes else "\n"))
 
 
 def quick(bench: Bench) -> int:
@@ -752,7 +757,18 @@ def main() -> int:
         print()
         print(f"flashclaim bench on {platform.node()}: {machine}")
         print(table)
-        write_page(machine, table)
+        write_page(
+            DOC,
+            "Benchmarks",
+            "Written by `make bench` on {day} (" + machine + "); `bench/run.py` says what"
+            " each row measures and how. Each figure stands beside what bounds it on the same"
+            " machine in the same run: compare figures within one run only (run to run, the"
+            " day's machine moves them by a tenth or more). A run of hours, with faults:"
+            " [SOAK.md](SOAK.md) (`make soak`).",
+            table,
+            OUT,
+            CHARTS,
+        )
         results = {
             "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
             "figures": bench.figures,

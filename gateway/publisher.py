@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import aio_pika
 import aiormq
@@ -130,16 +131,29 @@ class ClaimPublisher:
             type=CLAIM_EVENT,
             timestamp=dt.datetime.now(dt.UTC),
         )
-        exchange = self._channel.target
-        if exchange is None:
+        current = self._channel.current
+        if current is None:
             raise DependencyUnavailable("broker", "publisher not open")
+        channel, exchange = current
         try:
-            confirmation = await exchange.publish(
+            # Not aio-pika's Exchange.publish: it holds the channel's lock until the
+            # frames are written out (aiormq's basic_publish with wait=True), so a
+            # process's publishes go one at a time, a few turns of the event loop each.
+            # When claims are spread over many coupons (a message each) and the loop is
+            # busy, they queued behind that lock for seconds. With wait=False the lock
+            # covers only handing the frames to the connection's writer; each publish
+            # still waits for its own confirm (or nack, or return).
+            # aiormq's abstract channel does not declare ``wait``; its channel has it.
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            confirmation = await underlay.basic_publish(
+                message.body,
+                exchange=exchange.name,
                 # Hashed by the exchange: one coupon, one partition.
-                message,
-                commands[0].coupon_name,
+                routing_key=commands[0].coupon_name,
+                properties=message.properties,
                 mandatory=True,
                 timeout=self._timeout,
+                wait=False,
             )
         except aiormq.exceptions.DeliveryError as exc:  # a nack, or returned (no queue)
             self._metrics.publish_failures.labels("refused").inc()

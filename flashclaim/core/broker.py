@@ -203,6 +203,11 @@ class PublishingChannel(Generic[T]):
         """What :meth:`open` prepared on the current channel (``None`` before)."""
         return self._current[1] if self._current is not None else None
 
+    @property
+    def current(self) -> tuple[AbstractChannel, T] | None:
+        """The current channel and what was prepared on it (``None`` before)."""
+        return self._current
+
     async def _new(self) -> tuple[AbstractChannel, T]:
         channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=self._on_return_raises
