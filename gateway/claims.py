@@ -74,13 +74,13 @@ class Claims:
         try:
             fingerprinted = False
             if replayable:
-                prior = await self.lookup(command.request_id)
-                if prior is not None:
-                    return self._answered(_same_claim(prior, command), "gateway")
                 # The key is taken for this claim before anything is published, so that
                 # the same key with another coupon is refused (422) even while the first
                 # claim is still on its way.
-                fingerprinted = await self._fingerprint(command)
+                prior = await self._recall(command)
+                if isinstance(prior, ClaimResult):
+                    return self._answered(_same_claim(prior, command), "gateway")
+                fingerprinted = prior
             answer = self._gateway_answer(command, replayable, fingerprinted)
             if answer is not None:
                 return self._answered(answer, "gateway")
@@ -170,17 +170,20 @@ class Claims:
         self._answer_writer.add(answer)
         return answer
 
-    async def _fingerprint(self, command: ClaimCommand) -> bool:
-        """Record which claim this request id stands for; ``False`` if Redis is away
-        (the consumer's inbox still applies one claim per id, and the answer then tells
-        the client whether it was theirs)."""
+    async def _recall(self, command: ClaimCommand) -> ClaimResult | bool:
+        """The answer a request id sent again already has; else whether the id is now
+        recorded as standing for this claim (``False`` if Redis is away: the consumer's
+        inbox still applies one claim per id, and the answer then tells the client
+        whether it was theirs)."""
         claim = command.coupon_name.encode()
         try:
-            recorded = await self._results.fingerprint(command.request_id, claim)
+            recalled = await self._results.recall(command.request_id, claim)
         except DependencyUnavailable as exc:
-            log.warning("idempotency fingerprint not recorded", extra={"error": repr(exc)})
+            log.warning("result lookup and fingerprint failed", extra={"error": repr(exc)})
             return False
-        if recorded != claim:
+        if isinstance(recalled, ClaimResult):
+            return recalled
+        if recalled != claim:
             raise IdempotencyKeyReused("Idempotency-Key was already used for a different claim")
         return True
 

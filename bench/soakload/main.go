@@ -8,8 +8,8 @@
 // whatever became of the earlier ones; each latency counts from when it was due.
 //
 // A claim behaves as flashclaim/devtools/client.py's: an Idempotency-Key each, retried
-// with it after a 503, a 429 or a lost connection (after Retry-After, at most 2 s), a
-// 202 followed at its Location every 200 ms, until a final answer (200, 400, 404, 409,
+// with it after a 503, a 429 or a lost connection (backing off, see retryDelay), a 202
+// followed at its Location (ever less often), until a final answer (200, 400, 404, 409,
 // 422) or the deadline.
 //
 // The coupons: -warm coupons whose stock outlasts the run, made first, and each minute
@@ -118,18 +118,46 @@ func (l *load) do(method, url string, body []byte, header map[string]string) (in
 	return resp.StatusCode, parsed, resp.Header.Get("Retry-After"), resp.Header.Get("Location"), nil
 }
 
-func retryDelay(value string) time.Duration {
-	seconds, err := strconv.ParseFloat(value, 64)
-	if err != nil {
-		seconds = 1
+// Retries back off as flashclaim/devtools/client.py's do (see there why): a random time
+// up to firstRetry*2^(n-1), at most maxBackoff, or Retry-After if that is longer; a 202 is
+// followed every 200 ms, then at intervals growing by half up to maxPoll.
+const (
+	firstRetry = 250 * time.Millisecond
+	maxBackoff = 5 * time.Second
+	firstPoll  = 200 * time.Millisecond
+	maxPoll    = 2 * time.Second
+)
+
+func retryDelay(retries int, retryAfter string) time.Duration {
+	ceiling := firstRetry
+	for i := 1; i < retries && ceiling < maxBackoff; i++ {
+		ceiling *= 2
 	}
-	if seconds < 0 {
-		seconds = 0
+	if ceiling > maxBackoff {
+		ceiling = maxBackoff
 	}
-	if seconds > 2 {
-		seconds = 2
+	delay := time.Duration(rand.Int63n(int64(ceiling) + 1))
+	if seconds, err := strconv.ParseFloat(retryAfter, 64); err == nil && seconds > 0 {
+		floor := time.Duration(seconds * float64(time.Second))
+		if floor > maxBackoff {
+			floor = maxBackoff
+		}
+		if floor > delay {
+			delay = floor
+		}
 	}
-	return time.Duration(seconds * float64(time.Second))
+	return delay
+}
+
+func pollDelay(polls int) time.Duration {
+	delay := float64(firstPoll)
+	for i := 0; i < polls && delay < float64(maxPoll); i++ {
+		delay *= 1.5
+	}
+	if time.Duration(delay) > maxPoll {
+		return maxPoll
+	}
+	return time.Duration(delay)
 }
 
 // claim: the claim's final answer, retried and followed as a careful client does.
@@ -139,6 +167,7 @@ func (l *load) claim(user, coupon, key string) answer {
 	end := time.Now().Add(l.deadline)
 	location := ""
 	a := answer{}
+	polls := 0
 	for time.Now().Before(end) {
 		var status int
 		var body map[string]any
@@ -151,7 +180,7 @@ func (l *load) claim(user, coupon, key string) answer {
 		}
 		if err != nil {
 			a.retries++
-			time.Sleep(200 * time.Millisecond)
+			time.Sleep(retryDelay(a.retries, ""))
 			continue
 		}
 		if status == 202 && location == "" {
@@ -159,7 +188,8 @@ func (l *load) claim(user, coupon, key string) answer {
 				return answer{status, body, a.retries}
 			}
 			location = loc
-			time.Sleep(200 * time.Millisecond)
+			time.Sleep(pollDelay(polls))
+			polls++
 			continue
 		}
 		unseen := status == 404 && body != nil && body["code"] == "claim_not_found"
@@ -168,9 +198,10 @@ func (l *load) claim(user, coupon, key string) answer {
 		}
 		if status == 429 || status >= 500 {
 			a.retries++
-			time.Sleep(retryDelay(retryAfter))
+			time.Sleep(retryDelay(a.retries, retryAfter))
 		} else {
-			time.Sleep(200 * time.Millisecond)
+			time.Sleep(pollDelay(polls))
+			polls++
 		}
 	}
 	a.status = 0
@@ -183,12 +214,14 @@ func (l *load) claim(user, coupon, key string) answer {
 // get: GET path until an answer that is not a 503 (a server away) or the deadline.
 func (l *load) get(path string) (int, map[string]any) {
 	end := time.Now().Add(l.deadline)
+	tries := 0
 	for time.Now().Before(end) {
 		status, body, _, _, err := l.do("GET", l.base+path, nil, nil)
 		if err == nil && status != 503 {
 			return status, body
 		}
-		time.Sleep(500 * time.Millisecond)
+		tries++
+		time.Sleep(retryDelay(tries, ""))
 	}
 	return 0, nil
 }

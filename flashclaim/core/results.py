@@ -48,6 +48,17 @@ end
 return #KEYS
 """
 
+# KEYS: the result, the gateway's answer, the legacy gateway answer, the fingerprint.
+# ARGV: the claim, the TTL. {1, answer} if there is one; else {0, the claim recorded for
+# the id}, recording ARGV[1] if none was.
+_RECALL = """
+for i = 1, 3 do
+  local answer = redis.call('GET', KEYS[i])
+  if answer then return {1, answer} end
+end
+redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2], 'NX')
+return {0, redis.call('GET', KEYS[4])}
+"""
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -237,15 +248,23 @@ class ResultStore:
             raw = next((r for r in (raw_result, raw_gateway, raw_legacy) if r is not None), None)
             return None if raw is None else ClaimResult.loads(raw)
 
-    async def fingerprint(self, request_id: uuid.UUID, claim: bytes) -> bytes:
-        """Record ``claim`` as what ``request_id`` stands for, unless something is
-        recorded already; return what is recorded (``claim`` itself the first time)."""
+    async def recall(self, request_id: uuid.UUID, claim: bytes) -> ClaimResult | bytes:
+        """What a request id stands for, in one round trip: its answer if it has one (as
+        :meth:`get`); else the claim recorded for it, recording ``claim`` if none was
+        (then ``claim`` itself). A keyed claim is looked up and its key taken at once:
+        in a crowd of retries after an outage, each costs one command."""
         with redis_faults():
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self.fingerprint_key(request_id), claim, ex=self.ttl_seconds, nx=True)
-            pipe.get(self.fingerprint_key(request_id))
-            _, recorded = await pipe.execute()
-            return bytes(recorded) if recorded is not None else claim
+            found, raw = await self.redis.eval(
+                _RECALL,
+                4,
+                self.result_key(request_id),
+                self.gateway_answer_key(request_id),
+                self.legacy_gateway_answer_key(request_id),
+                self.fingerprint_key(request_id),
+                claim,
+                self.ttl_seconds,
+            )
+            return ClaimResult.loads(raw) if found else bytes(raw)
 
     async def mark_pending(self, request_id: uuid.UUID, user_id: str) -> None:
         """Remember a claim answered ``202`` (and whose it is) until its result comes."""

@@ -8,6 +8,7 @@ answer. Used by the scenarios, the load tests and the fault tests.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -60,12 +61,32 @@ async def _body(response: aiohttp.ClientResponse) -> dict[str, Any]:
     return {"unparsed": raw[:200].decode("utf-8", "replace")}
 
 
-def _retry_delay(retry_after: str | None) -> float:
-    """``Retry-After`` in seconds (1 when absent or not a number), at most 2."""
+# Retries back off exponentially, with full jitter, from FIRST_RETRY up to MAX_BACKOFF
+# seconds, and never come sooner than the server's Retry-After. A crowd that retries at
+# a fixed interval comes back all at once after an outage: every client refused while
+# the broker restarted returns each second, and the recovering service, answering the
+# retries of all of them, never catches up with the new claims.
+FIRST_RETRY = 0.25
+MAX_BACKOFF = 5.0
+# A 202 is followed at poll_interval, then at intervals growing by half up to this.
+MAX_POLL = 2.0
+
+
+def retry_delay(retries: int, retry_after: str | None = None) -> float:
+    """Seconds before retry number ``retries`` (1 for the first): a random time up to
+    ``FIRST_RETRY * 2 ** (retries - 1)`` (at most ``MAX_BACKOFF``), or ``Retry-After``
+    (in seconds, at most ``MAX_BACKOFF``) if that is longer."""
+    ceiling = min(FIRST_RETRY * 2 ** max(retries - 1, 0), MAX_BACKOFF)
     try:
-        return min(max(float(retry_after or 1), 0.0), 2.0)
+        floor = min(max(float(retry_after or 0), 0.0), MAX_BACKOFF)
     except ValueError:
-        return 1.0
+        floor = 0.0
+    return max(floor, random.uniform(0.0, ceiling))
+
+
+def poll_delay(first: float, polls: int) -> float:
+    """Seconds before following a 202 again, after ``polls`` follow-ups already."""
+    return min(first * 1.5**polls, max(first, MAX_POLL))
 
 
 class ClaimClient:
@@ -103,6 +124,7 @@ class ClaimClient:
         location: str | None = None
         turn = self._preferred  # the gateway asked: the next after a request unanswered
         timeout = self._timeout or self._http.timeout
+        polls = 0
         while time.monotonic() < end:
             base = self._bases[turn % len(self._bases)]
             try:
@@ -130,7 +152,9 @@ class ClaimClient:
                 if self._preferred == turn % len(self._bases):
                     self._preferred = (turn + 1) % len(self._bases)
                 turn += 1
-                await asyncio.sleep(self._poll)
+                # Another gateway at once; the same one again after a backoff.
+                if len(self._bases) == 1 or answer.connection_errors >= len(self._bases):
+                    await asyncio.sleep(retry_delay(answer.retries))
                 continue
             # Every status is recorded as it came, whatever its body: a 500 with an HTML
             # or plain-text page is a server error seen, not a connection error.
@@ -145,9 +169,10 @@ class ClaimClient:
             if status in (429, 503) or status >= 500:
                 # Retried with the same key, which is safe; counted, and kept in `seen`.
                 answer.retries += 1
-                await asyncio.sleep(_retry_delay(retry_after))
+                await asyncio.sleep(retry_delay(answer.retries, retry_after))
             else:  # 202 (pending), or a claim not visible yet
-                await asyncio.sleep(self._poll)
+                await asyncio.sleep(poll_delay(self._poll, polls))
+                polls += 1
         answer.latency = time.monotonic() - started
         answer.answered_at = time.time()
         return answer

@@ -39,8 +39,11 @@ async def active_consumers(management: str, settings: Settings) -> dict[str, str
             async with http.get(url) as r:
                 queue = await r.json()
             for consumer in queue.get("consumer_details", []):
-                if consumer.get("activity_status") == "single_active":
-                    connection = consumer["channel_details"]["connection_name"]
+                # The management database lists a consumer whose channel it no longer
+                # knows (a killed consumer's, for a moment) with channel_details [].
+                channel = consumer.get("channel_details")
+                if consumer.get("activity_status") == "single_active" and channel:
+                    connection = channel["connection_name"]
                     active[name] = clients.get(connection, connection)
     return active
 

@@ -62,7 +62,11 @@ async def test_the_services_user_runs_flashclaims_redis_paths(compose_redis: int
         fast = ClaimResult.of(ClaimCommand(uuid.uuid4(), "bob", "PROMO"), Outcome.OUT_OF_STOCK)
         await store.store_gateway_answers([fast])
         assert await store.get(fast.request_id) == fast
-        assert await store.fingerprint(request.request_id, b"x") == b"x"  # MULTI/EXEC
+        assert await store.recall(request.request_id, b"y") == result  # a script
+        assert await store.recall(fast.request_id, b"y") == fast
+        first = uuid.uuid4()
+        assert await store.recall(first, b"x") == b"x"
+        assert await store.recall(first, b"y") == b"x"
         limiter = RateLimiter(client, "flashclaim", per_second=1, burst=1)
         await limiter.check("user:alice")  # EVALSHA, loaded on first use
         with pytest.raises(RateLimited):
