@@ -175,7 +175,9 @@ async def _claims(app: web.Application, rt: Runtime) -> None:
     if admission is not None:
         admission.on_exhausted = known.sold_out
     claims = app[CLAIMS] = Claims(
-        Coalescer(publisher.publish, s.publish_linger_ms / 1000, s.publish_max_claims),
+        Coalescer(
+            publisher.publish, s.publish_linger_ms / 1000, s.publish_max_claims, publisher.check
+        ),
         replies,
         results,
         s.claim_wait_seconds,

@@ -74,6 +74,10 @@ class Claims:
         try:
             fingerprinted = False
             if replayable:
+                # While the broker is away, refused at once (503): asking Redis first
+                # for each of a crowd retrying would keep the process busy for nothing
+                # when the broker comes back (an answer already given is given then).
+                self._publisher.check()
                 # The key is taken for this claim before anything is published, so that
                 # the same key with another coupon is refused (422) even while the first
                 # claim is still on its way.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from flashclaim.core.messages import ClaimCommand
 
 Publish = Callable[[Sequence[ClaimCommand]], Awaitable[None]]
+Check = Callable[[], None]
 
 
 @dataclass
@@ -27,12 +28,21 @@ class _Batch:
 
 
 class Coalescer:
-    def __init__(self, publish: Publish, linger: float, max_claims: int) -> None:
+    def __init__(
+        self, publish: Publish, linger: float, max_claims: int, check: Check | None = None
+    ) -> None:
+        """``check`` raises what a publish now would raise at once (the broker away)."""
         self._publish = publish
+        self._check = check
         self._linger = linger
         self._max = max_claims
         self._open: dict[str, _Batch] = {}
         self._sending: set[asyncio.Task[None]] = set()
+
+    def check(self) -> None:
+        """Raise what a publish now would raise at once, if anything."""
+        if self._check is not None:
+            self._check()
 
     async def publish(self, command: ClaimCommand) -> None:
         """Return once the broker confirmed the message carrying ``command``; raise what

@@ -76,6 +76,14 @@ class ClaimPublisher:
     async def publish(self, commands: Sequence[ClaimCommand]) -> None:
         """Publish ``commands`` (claims of one coupon, with one reply channel) as one
         message; raise :class:`DependencyUnavailable` unless the broker confirmed it."""
+        self.check()
+        started = time.perf_counter()
+        await self._breaker.call_async(self._publish, commands)
+        self._metrics.published(time.perf_counter() - started, len(commands))
+
+    def check(self) -> None:
+        """Raise :class:`DependencyUnavailable` if a publish now would be refused at once:
+        the connection is down, or the breaker open."""
         # Refuse at once (503) rather than wait for a confirm that cannot come.
         if not broker.is_up(self._connection):
             self._metrics.publish_failures.labels("not_connected").inc()
@@ -86,9 +94,6 @@ class ClaimPublisher:
             self._metrics.publish_failures.labels("circuit_open").inc()
             wait = math.ceil(max(self._breaker.open_remaining, 1))
             raise DependencyUnavailable("broker", "circuit open", retry_after=wait)
-        started = time.perf_counter()
-        await self._breaker.call_async(self._publish, commands)
-        self._metrics.published(time.perf_counter() - started, len(commands))
 
     @property
     def breaker_open(self) -> bool:
