@@ -66,7 +66,13 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 DOC_CHARTS = ROOT / "docs" / "benchmarks"
-NOTES = "<!-- notes: written by people; `make bench` keeps everything below this line -->"
+
+
+def notes_marker(command: str) -> str:
+    """The line of a generated page below which people write, and ``command`` keeps."""
+    return f"<!-- notes: written by people; `{command}` keeps everything below this line -->"
+
+
 # The charts the page shows: (file in OUT, caption).
 CHARTS = (
     ("burst-1000.png", "10,000 claims for 100 in stock, 1,000 clients at a time"),
@@ -78,6 +84,8 @@ CHARTS = (
 PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
 MEMORY_TARGET_MB = 200
+# A gateway worker holding half of 10,000 clients' connections and claims at once.
+BURST_MEMORY_TARGET_MB = 150
 SINK_PORT = 24318
 # (name, metrics on, log level, OTEL_* variables) of the observability runs; tracing
 # exports to the sink whenever variables are given.
@@ -235,6 +243,11 @@ class Bench:
                 concurrency=clients,
                 connections=clients,
             )
+        # The gateway workers' peaks so far (the bursts are their heaviest moment).
+        self.note_memory()
+        self.figures["burst_gateway_peak_mb"] = max(
+            mb for name, mb in self.peaks.items() if name.startswith("gateway worker")
+        )
 
     def sustained_wrk(self) -> None:
         coupon = self.hot_coupon("WRK")
@@ -419,6 +432,15 @@ class Bench:
                     _target(ratio <= bound, f"<= {bound}x the floor (the contract's: 1.5x)"),
                 )
             )
+        peak = f["burst_gateway_peak_mb"]
+        rows.append(
+            (
+                "bursts: the largest gateway worker's peak memory",
+                f"{peak:.0f} MB",
+                "",
+                _target(peak < BURST_MEMORY_TARGET_MB, f"< {BURST_MEMORY_TARGET_MB} MB"),
+            )
+        )
         claims, invalid = f["wrk_claims"], f["wrk_invalid"]
         rows.append(
             (
@@ -586,13 +608,14 @@ def write_page(
     table: str,
     out: Path,
     charts: tuple[tuple[str, str], ...],
+    command: str,
 ) -> None:
     """``doc``: ``intro`` (``{day}`` replaced by today's date), the table, and the charts
     found in ``out`` (copied to docs/benchmarks/); the notes below the marker of the page
-    it replaces are kept."""
+    it replaces (written by ``command``) are kept."""
     notes = ""
     if doc.exists():
-        _, marker, after = doc.read_text().partition(NOTES)
+        _, marker, after = doc.read_text().partition(notes_marker(command))
         notes = after if marker else ""
     DOC_CHARTS.mkdir(parents=True, exist_ok=True)
     shown = []
@@ -611,7 +634,7 @@ def write_page(
         "```",
         "",
         *shown,
-        NOTES,
+        notes_marker(command),
     ]
     doc.write_text("\n".join(page) + (notes if notes else "\n"))
 
@@ -648,7 +671,6 @@ def bursts_only(bench: Bench) -> int:
     """``--bursts``: the two bursts beside their floors, and every process's peak memory
     after them (for trying a change to what a connection costs)."""
     asyncio.run(bench.bursts())
-    bench.note_memory()
     for clients in (1000, 10_000):
         burst, floor = bench.reports[f"burst_{clients}"], bench.reports[f"floor_{clients}"]
         print(
@@ -768,6 +790,7 @@ def main() -> int:
             table,
             OUT,
             CHARTS,
+            "make bench",
         )
         results = {
             "machine": {"cores": os.cpu_count(), "python": platform.python_version()},

@@ -78,6 +78,7 @@ from hdrh.histogram import HdrHistogram
 from flashclaim.core.messages import ClaimResult, Outcome
 from flashclaim.core.schema_migrations import migrate
 from flashclaim.core.settings import Settings
+from flashclaim.devtools import processes
 from flashclaim.devtools.devstack import Stack
 from flashclaim.devtools.loadreport import Recorder
 from flashclaim.devtools.processes import service_env, start_service, terminate
@@ -160,6 +161,16 @@ class Tally:
         if kind == "claim":
             self.retried += int(f[3]) > 0
             self.answers.append((f[4], f[5], status, None if f[6] == "-" else f[6]))
+
+
+# The faults, in the order they come: as announced, and as done.
+FAULTS = (
+    ("consumer kill -9", "consumer killed (kill -9)"),
+    ("RabbitMQ restart", "RabbitMQ restarted"),
+    ("Redis restart", "Redis restarted"),
+    ("PostgreSQL restart", "PostgreSQL restarted"),
+    ("gateway worker kill -9", "gateway worker killed (kill -9)"),
+)
 
 
 class Soak:
@@ -264,14 +275,7 @@ class Soak:
 
     def inject(self, kind: int) -> Fault:
         b, s = self.b, self.b.stack
-        names = (
-            "consumer killed (kill -9)",
-            "RabbitMQ restarted",
-            "Redis restarted",
-            "PostgreSQL restarted",
-            "gateway worker killed (kill -9)",
-        )
-        fault = Fault(names[kind], time.monotonic() - self.started)
+        fault = Fault(FAULTS[kind][1], time.monotonic() - self.started)
         self.faults.append(fault)
         if kind == 0:
             assert b.consumer is not None
@@ -308,9 +312,9 @@ class Soak:
                 await asyncio.wait_for(stop.wait(), SAMPLE_S)
             now = time.monotonic() - self.started
             if fault is None and now >= next_fault and now < 60 * self.minutes - 60:
-                say(f"fault at {now / 60:.1f} min: {self.fault_name(kind)}")
+                say(f"fault at {now / 60:.1f} min: {FAULTS[kind][0]}")
                 fault = asyncio.create_task(asyncio.to_thread(self.inject, kind))
-                kind = (kind + 1) % 5
+                kind = (kind + 1) % len(FAULTS)
                 next_fault += 60 * self.fault_every
             if fault is not None and fault.done():
                 done = fault.result()
@@ -329,38 +333,18 @@ class Soak:
     def progress(self, sale: Tally, now: float) -> str:
         """The claims due in the ten seconds before the last five (most have their
         answer by now), and what is queued."""
-        merged = HdrHistogram(1, 120_000_000, 3)
-        for second in range(int(now) - 15, int(now) - 5):
-            h = sale.claims.per_second.get(second)
-            if h is not None:
-                merged.add(h)
+        h = sale.claims.merged(range(int(now) - 15, int(now) - 5))
         last = self.samples[-1]
         return (
-            f"[{now / 60:5.1f} min] {merged.get_total_count() / 10:5.0f} claims/s,"
-            f" p50 {merged.get_value_at_percentile(50) / 1000:.1f} ms,"
-            f" p99 {merged.get_value_at_percentile(99) / 1000:.1f} ms; queued {last.queued},"
-            f" claims rows {(last.rows or {}).get('claims', '?')}"
+            f"[{now / 60:5.1f} min] {h.get_total_count() / 10 if h else 0:5.0f} claims/s,"
+            f" p50 {h.get_value_at_percentile(50) / 1000 if h else 0:.1f} ms,"
+            f" p99 {h.get_value_at_percentile(99) / 1000 if h else 0:.1f} ms;"
+            f" queued {last.queued}, claims rows {(last.rows or {}).get('claims', '?')}"
         )
 
     @staticmethod
-    def fault_name(kind: int) -> str:
-        return (
-            "consumer kill -9",
-            "RabbitMQ restart",
-            "Redis restart",
-            "PostgreSQL restart",
-            "gateway worker kill -9",
-        )[kind]
-
-    def minute(self, sale: Tally, minute: int) -> HdrHistogram | None:
-        merged: HdrHistogram | None = None
-        for second in range(60 * minute, 60 * (minute + 1)):
-            h = sale.claims.per_second.get(second)
-            if h is not None:
-                if merged is None:
-                    merged = HdrHistogram(1, 120_000_000, 3)
-                merged.add(h)
-        return merged
+    def minute(sale: Tally, minute: int) -> HdrHistogram | None:
+        return sale.claims.merged(range(60 * minute, 60 * (minute + 1)))
 
     def line(self, sale: Tally, minute: int) -> str:
         """The minute's figures (its claims are those due in it: the latest may still
@@ -440,23 +424,9 @@ def audit(settings: Settings, sale: Tally) -> dict[str, Any]:
         remaining.get(name) == amount - per_coupon[name] >= 0
         for name, amount in sale.stocks.items()
     )
-    audited = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flashclaim.cli",
-            "audit",
-            "--pending-older-than",
-            "300",
-            # The soak's coupons: the ceilings' and the capacity's were written by SQL,
-            # without the events the audit looks for.
-            *(arg for name in sorted(sale.stocks) for arg in ("--coupon", name)),
-        ],
-        env=service_env(settings.environ()),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # The soak's coupons: the ceilings' and the capacity's were written by SQL, without
+    # the events the audit looks for.
+    audited = processes.audit(service_env(settings.environ()), sorted(sale.stocks))
     claim_ids = {rid for _, _, rid in rows}
     told = set(granted)
     # A claim left without an answer (none within the generator's deadline) may have
@@ -548,15 +518,10 @@ def growth(
 
 
 def latency(soak: Soak, sale: Tally) -> dict[str, Any]:
-    """Each minute's p99 beside the first five minutes'; the minutes a fault touched
-    are shown, not judged."""
-    first: HdrHistogram | None = None
-    for m in range(5):
-        h = soak.minute(sale, m)
-        if h is not None:
-            if first is None:
-                first = HdrHistogram(1, 120_000_000, 3)
-            first.add(h)
+    """Each minute's p99 beside the first five minutes' (those a fault touched left
+    out); the minutes a fault touched are shown, not judged."""
+    clean = [m for m in range(5) if not any(f.touches(m) for f in soak.faults)]
+    first = sale.claims.merged(s for m in clean for s in range(60 * m, 60 * (m + 1)))
     base = first.get_value_at_percentile(99) / 1000 if first else float("nan")
     bound = max(2 * base, base + 10)
     minutes = []
@@ -592,6 +557,13 @@ def charts(soak: Soak, lat: dict[str, Any]) -> None:
         for f in soak.faults:
             axis.axvspan(f.start / 60, (f.end + AFTER_FAULT_S) / 60, color="red", alpha=0.12)
 
+    def series(axis: Any, values: Sequence[float | None], label: str) -> None:
+        """A reading of each sample (``None``: not read) against the minute."""
+        points = [
+            (s.at / 60, v) for s, v in zip(soak.samples, values, strict=True) if v is not None
+        ]
+        axis.plot([t for t, _ in points], [v for _, v in points], label=label)
+
     minutes = lat["minutes"]
     xs = [m["minute"] - 0.5 for m in minutes]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
@@ -613,14 +585,12 @@ def charts(soak: Soak, lat: dict[str, Any]) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     names = sorted({n for s in soak.samples for n in s.rss_mb})
     for name in names:
-        points = [(s.at / 60, s.rss_mb[name]) for s in soak.samples if name in s.rss_mb]
-        top.plot([t for t, _ in points], [v for _, v in points], label=name)
+        series(top, [s.rss_mb.get(name) for s in soak.samples], name)
     top.set_ylabel("RSS (MB)")
     top.set_title("flashclaim's processes (a process killed by a fault ends, another starts)")
     top.legend(loc="lower right", fontsize="small")
     for server in ("PostgreSQL", "RabbitMQ", "Redis"):
-        points = [(s.at / 60, s.servers_mb[server]) for s in soak.samples if server in s.servers_mb]
-        bottom.plot([t for t, _ in points], [v for _, v in points], label=f"{server} (PSS)")
+        series(bottom, [s.servers_mb.get(server) for s in soak.samples], f"{server} (PSS)")
     bottom.set_ylabel("MB")
     bottom.set_xlabel("minute of the run")
     bottom.legend(loc="upper left")
@@ -630,18 +600,14 @@ def charts(soak: Soak, lat: dict[str, Any]) -> None:
 
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     for table in ("inbox", "claims", "outbox"):
-        points = [(s.at / 60, s.rows[table]) for s in soak.samples if s.rows]
-        top.plot([t for t, _ in points], [v for _, v in points], label=table)
+        series(top, [(s.rows or {}).get(table) for s in soak.samples], table)
     top.set_ylabel("rows")
     top.legend(loc="upper left")
-    points_q = [(s.at / 60, s.queued) for s in soak.samples if s.queued is not None]
-    middle.plot([t for t, _ in points_q], [v for _, v in points_q], label="command queues")
-    points_d = [(s.at / 60, s.dead_lettered) for s in soak.samples if s.dead_lettered is not None]
-    middle.plot([t for t, _ in points_d], [v for _, v in points_d], label="dead-letter queue")
+    series(middle, [s.queued for s in soak.samples], "command queues")
+    series(middle, [s.dead_lettered for s in soak.samples], "dead-letter queue")
     middle.set_ylabel("messages")
     middle.legend(loc="upper left")
-    points_r = [(s.at / 60, s.redis_mb) for s in soak.samples if s.redis_mb is not None]
-    bottom.plot([t for t, _ in points_r], [v for _, v in points_r], label="Redis used_memory")
+    series(bottom, [s.redis_mb for s in soak.samples], "Redis used_memory")
     bottom.set_ylabel("MB")
     bottom.set_xlabel("minute of the run")
     bottom.legend(loc="upper left")
@@ -803,6 +769,7 @@ def main() -> int:
                 table,
                 OUT,
                 CHARTS,
+                "make soak",
             )
         return 0 if ok else 1
     finally:

@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,17 @@ class Recorder:
             self.per_second[second] = _histogram()
         self.per_second[second].record_value(micros)
         self.statuses[status] += 1
+
+    def merged(self, seconds: Iterable[int]) -> HdrHistogram | None:
+        """The answers of these seconds of the run in one histogram (``None``: none)."""
+        merged: HdrHistogram | None = None
+        for second in seconds:
+            h = self.per_second.get(second)
+            if h is not None:
+                if merged is None:
+                    merged = _histogram()
+                merged.add(h)
+        return merged
 
     @property
     def done(self) -> int:

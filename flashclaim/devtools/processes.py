@@ -36,6 +36,26 @@ def service_env(
     return {**{k: v for k, v in given.items() if not k.startswith(PREFIX)}, **settings}
 
 
+def audit(env: Mapping[str, str], coupons: Iterable[str]) -> subprocess.CompletedProcess[str]:
+    """``flashclaim audit`` of ``coupons``, run in ``env`` (from :func:`service_env`), a
+    claim pending for five minutes counted as stuck: its exit status and output."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flashclaim.cli",
+            "audit",
+            "--pending-older-than",
+            "300",
+            *(arg for name in coupons for arg in ("--coupon", name)),
+        ],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def start_service(
     role: str, settings: Mapping[str, str], log: Path, base: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:

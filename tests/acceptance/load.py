@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -18,7 +16,7 @@ import psycopg
 
 from flashclaim.core.messages import ClaimResult, Outcome
 from flashclaim.core.settings import Settings
-from flashclaim.devtools import promises
+from flashclaim.devtools import processes, promises
 from flashclaim.devtools.client import Answer, ClaimClient
 from flashclaim.devtools.tokens import headers_of
 from gateway import http_answers as http
@@ -226,22 +224,7 @@ async def verify(
             assert recorded[a.request_id] == (a.status, a.body), (a, recorded[a.request_id])
         else:
             assert a.status in (400, 409), f"{a}: no inbox row for a {a.status}"
-    audit = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "flashclaim.cli",
-            "audit",
-            "--pending-older-than",
-            "300",
-            *(arg for name in load.names for arg in ("--coupon", name)),
-        ],
-        env=service_env(settings),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    audit = await asyncio.to_thread(processes.audit, service_env(settings), load.names)
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
