@@ -3,8 +3,11 @@ drifts, leaks or is lost.
 
 On servers of its own (the bench's: same ports, durable settings), with a consumer, a
 relay and a gateway of two worker processes, it first measures the machine's ceilings
-(pgbench, one transaction a claim) and flashclaim's sustained capacity (wrk, 10 s, the
-bench's run), then sends, for ``--minutes`` (30), about half that capacity, open loop,
+(pgbench, one transaction a claim), flashclaim's sustained capacity on one hot coupon
+(wrk, 10 s, the bench's run) and that of the sale's own mix (below: steps of 20 s from a
+sixteenth of wrk's rate, a quarter more each, until a claim is left without its answer
+or the claims' p99 is more than twice the first step's, the bound of the verdict's
+third check), then sends, for ``--minutes`` (30), half the mix's capacity, open loop,
 mixed like a sale:
 
 - claims (about 85%), with an ``Idempotency-Key`` each, retried with it after a ``503``,
@@ -96,6 +99,9 @@ WARM_COUPONS, HOT_PER_DROP, USERS = 200, 3, 20_000
 READ, RETRY, FOLLOW = 0.10, 0.03, 0.02  # shares of the arrivals; the rest are claims
 HOT_SHARE = 0.35  # of the claims
 SAMPLE_S = 10
+# The capacity probe: steps of this many seconds, claims given up after the deadline.
+PROBE_STEP_S, PROBE_DEADLINE_S = 20, 10
+FINAL = frozenset((200, 400, 404, 409, 422))
 GROWTH_MB_PER_MIN = 1.0
 AFTER_FAULT_S = 30
 
@@ -371,6 +377,89 @@ class Soak:
         )
 
 
+async def soakload(
+    binary: Path, tag: str, rate: float, seconds: float, deadline: float = 300
+) -> asyncio.subprocess.Process:
+    """bench/soakload started with the sale's mix at ``rate`` arrivals a second, each
+    request given up ``deadline`` seconds after it was due; its lines on stdout."""
+    claims_a_minute = rate * (1 - READ - RETRY - FOLLOW) * 60
+    # Each hot coupon sold out about twenty seconds into its minute.
+    hot_stock = max(50, round(claims_a_minute * HOT_SHARE / HOT_PER_DROP / 3))
+    return await asyncio.create_subprocess_exec(
+        str(binary),
+        f"-base={bench.BASE}",
+        f"-tag={tag}",
+        f"-rate={rate}",
+        f"-duration={seconds}s",
+        f"-deadline={deadline}s",
+        f"-warm={WARM_COUPONS}",
+        f"-hot={HOT_PER_DROP}",
+        f"-hot-stock={hot_stock}",
+        f"-users={USERS}",
+        f"-read={READ}",
+        f"-retry={RETRY}",
+        f"-follow={FOLLOW}",
+        f"-hot-share={HOT_SHARE}",
+        stdout=asyncio.subprocess.PIPE,
+        limit=2**20,
+    )
+
+
+@dataclass
+class Step:
+    """One rate of the capacity probe: its claims from the fifth second on."""
+
+    rate: float
+    p99_ms: float
+    unanswered: int  # claims without a final answer within PROBE_DEADLINE_S
+    kept_up: bool = False
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rate:,.0f}/s: p99 {self.p99_ms:,.0f} ms, {self.unanswered} unanswered"
+            f" ({'kept up' if self.kept_up else 'fell behind'})"
+        )
+
+
+def latency_bound(base_ms: float) -> float:
+    """What a p99 may be beside ``base_ms``: twice it, and at least 10 ms over it (the
+    verdict's bound over the minutes, and the probe's over the rates)."""
+    return max(2 * base_ms, base_ms + 10)
+
+
+async def mix_capacity(binary: Path, start: float) -> tuple[float, list[Step]]:
+    """The sale's own mix at rising rates, PROBE_STEP_S each, from ``start`` up by a
+    quarter each step, until one falls behind: a claim without its final answer within
+    PROBE_DEADLINE_S, or the claims' p99 past :func:`latency_bound` of the first
+    step's. The capacity is the last rate kept up with: the most this mix takes with
+    its latency as the verdict will hold it to, so that half of it leaves room for the
+    faults and the hours. (A single coupon's capacity, which wrk measures, is several
+    times more: its claims share messages and transactions, this mix's mostly do not.)"""
+    steps: list[Step] = []
+    rate = start
+    while True:
+        tally = Tally(uuid.uuid4().hex[:8])
+        proc = await soakload(binary, tally.tag, rate, PROBE_STEP_S, PROBE_DEADLINE_S)
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode().rstrip("\n")
+            if line != "start":
+                tally.feed(line)
+        await proc.wait()
+        h = tally.claims.merged(range(5, PROBE_STEP_S))
+        p99 = h.get_value_at_percentile(99) / 1000 if h else float("inf")
+        unanswered = sum(1 for *_, status, _ in tally.answers if status not in FINAL)
+        bound = latency_bound(steps[0].p99_ms) if steps else float("inf")
+        step = Step(rate, p99, unanswered, unanswered == 0 and p99 <= bound)
+        steps.append(step)
+        say(f"capacity of the mix: {step}")
+        if not step.kept_up:
+            break
+        rate = round(rate * 1.25)
+    kept = [s.rate for s in steps if s.kept_up]
+    return (max(kept) if kept else 0.0), steps
+
+
 def build_soakload() -> Path:
     """Compile bench/soakload (Go, standard library only)."""
     binary = OUT / "soakload"
@@ -523,7 +612,7 @@ def latency(soak: Soak, sale: Tally) -> dict[str, Any]:
     clean = [m for m in range(5) if not any(f.touches(m) for f in soak.faults)]
     first = sale.claims.merged(s for m in clean for s in range(60 * m, 60 * (m + 1)))
     base = first.get_value_at_percentile(99) / 1000 if first else float("nan")
-    bound = max(2 * base, base + 10)
+    bound = latency_bound(base)
     minutes = []
     for m in range(int(soak.minutes)):
         h = soak.minute(sale, m)
@@ -660,7 +749,10 @@ def main() -> int:
         "--fault-every", type=float, default=5, help="minutes between faults (0: none)"
     )
     parser.add_argument(
-        "--rate", type=float, default=0, help="arrivals a second (default: half the capacity)"
+        "--rate",
+        type=float,
+        default=0,
+        help="arrivals a second (default: half the capacity measured for the mix)",
     )
     parser.add_argument("--no-page", action="store_true", help="do not write docs/SOAK.md")
     args = parser.parse_args()
@@ -687,16 +779,22 @@ def main() -> int:
         bench.wait_listening()
         time.sleep(1)
         b.sustained_wrk()
-        capacity = b.figures["wrk_claims"]["rate"]
+        wrk_rate = b.figures["wrk_claims"]["rate"]
+        binary = build_soakload()
+        capacity, steps = 0.0, list[Step]()
+        if not args.rate:
+            say("the mix's capacity: steps of 20 s, a quarter more each")
+            capacity, steps = asyncio.run(mix_capacity(binary, round(wrk_rate / 16)))
         rate = args.rate or round(capacity / 2)
+        if rate <= 0:
+            say("the mix's first step fell behind: no capacity to take half of")
+            return 1
         soak = Soak(b, args.minutes, args.fault_every or float("inf"))
         say(
-            f"capacity {capacity:,.0f} claims/s (wrk); {rate:,.0f} arrivals a second for"
-            f" {args.minutes:g} min, a fault every {args.fault_every:g} min"
+            f"{rate:,.0f} arrivals a second for {args.minutes:g} min,"
+            f" a fault every {args.fault_every:g} min"
         )
-        sale, checks_report = asyncio.run(
-            load(build_soakload(), soak, settings, rate, args.minutes)
-        )
+        sale, checks_report = asyncio.run(load(binary, soak, settings, rate, args.minutes))
         grow = growth(soak.samples, soak.faults)
         lat = latency(soak, sale)
         checks = checks_report["checks"]
@@ -712,7 +810,15 @@ def main() -> int:
         charts(soak, lat)
         ceilings = (
             f"pgbench, one transaction a claim: {b.figures['pgbench_one_per_tx']:,.0f} tx/s;"
-            f" sustained claims (wrk, 10 s): {capacity:,.0f}/s; load: {rate:,.0f} arrivals/s"
+            f" sustained claims (wrk, 10 s, one coupon): {wrk_rate:,.0f}/s;"
+            + (
+                f" this mix (steps of {PROBE_STEP_S} s, every claim answered, p99 within"
+                f" twice the first step's): {capacity:,.0f} arrivals/s"
+                f" ({'; '.join(str(s) for s in steps)});"
+                if steps
+                else " (the mix's capacity not measured: --rate given);"
+            )
+            + f" load: {rate:,.0f} arrivals/s"
             f" ({', '.join(f'{k} {v:,}' for k, v in sorted(sale.kinds.items()))});"
             f" {sale.retried:,} claims retried on the way, {sale.dropped:,} not sent"
         )
@@ -727,6 +833,8 @@ def main() -> int:
             "ceilings": {
                 "pgbench_one_per_tx": b.figures["pgbench_one_per_tx"],
                 "wrk_claims": b.figures["wrk_claims"],
+                "mix_arrivals_per_s": capacity,
+                "mix_steps": [vars(s) for s in steps],
             },
             "rate": rate,
             "minutes": args.minutes,
@@ -787,27 +895,8 @@ async def load(
     """bench/soakload for ``minutes``, its lines tallied as they come, the sampler and
     the faults beside it from its first arrival; then the audit."""
     tally = Tally(uuid.uuid4().hex[:8])
-    claims_a_minute = rate * (1 - READ - RETRY - FOLLOW) * 60
-    # Each hot coupon sold out about twenty seconds into its minute.
-    hot_stock = max(50, round(claims_a_minute * HOT_SHARE / HOT_PER_DROP / 3))
     say(f"creating {WARM_COUPONS} coupons and the first drop")
-    proc = await asyncio.create_subprocess_exec(
-        str(binary),
-        f"-base={bench.BASE}",
-        f"-tag={tally.tag}",
-        f"-rate={rate}",
-        f"-duration={60 * minutes}s",
-        f"-warm={WARM_COUPONS}",
-        f"-hot={HOT_PER_DROP}",
-        f"-hot-stock={hot_stock}",
-        f"-users={USERS}",
-        f"-read={READ}",
-        f"-retry={RETRY}",
-        f"-follow={FOLLOW}",
-        f"-hot-share={HOT_SHARE}",
-        stdout=asyncio.subprocess.PIPE,
-        limit=2**20,
-    )
+    proc = await soakload(binary, tally.tag, rate, 60 * minutes)
     assert proc.stdout is not None
     soak.generator = proc.pid
     stop = asyncio.Event()

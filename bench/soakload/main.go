@@ -288,6 +288,7 @@ func main() {
 	followShare := flag.Float64("follow", 0.02, "share of GET /api/claims/{id} of a claim granted a moment ago")
 	hotShare := flag.Float64("hot-share", 0.35, "share of the claims on the minute's hot coupons")
 	outstanding := flag.Int("max-outstanding", 20000, "requests in flight at most (more are not sent, and counted)")
+	deadline := flag.Duration("deadline", 300*time.Second, "how long a request may take to its final answer")
 	flag.Parse()
 	rand.Seed(1)
 
@@ -301,7 +302,7 @@ func main() {
 	l := &load{
 		base:     strings.TrimRight(*base, "/"),
 		client:   &http.Client{Transport: transport, Timeout: 30 * time.Second},
-		deadline: 300 * time.Second,
+		deadline: *deadline,
 		out:      bufio.NewWriterSize(os.Stdout, 1<<16),
 		recent:   make([]granted, 0, 2000),
 	}
