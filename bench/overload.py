@@ -1,5 +1,6 @@
 """A crowd three times too big: open-loop claims at three times the sustained capacity
-for two minutes, between two stretches at half of it, and what flashclaim does.
+for two minutes, between two stretches at half of it, and what flashclaim does with the
+overload limit on (``OVERLOAD_WAIT_SECONDS`` = :data:`WAIT_SECONDS`; gateway/overload.py).
 
 Phases (bench/openloop ``-phases``): 10 s at half the capacity (the baseline), 120 s at
 three times it (the overload), 20 s at half again (the recovery). Every claim is for one
@@ -18,6 +19,9 @@ What is checked, beside its bound:
   overload's second minute are no more than those of its first (plus a margin);
 - the recovery: from the load's drop, the seconds until every later second's p99 is
   within twice the baseline's (at least 10 ms over it), under 10.
+
+Beside the refusals, their floor (:func:`floor`): the same rate for 10 s against the
+gateway's cheapest answer, a 404, with no claim behind it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from hdrh.histogram import HdrHistogram
 from flashclaim.core.settings import Settings
 
 BASELINE_S, OVERLOAD_S, RECOVERY_S = 10, 120, 20
+FLOOR_S = 10
+# The gateway's FLASHCLAIM_OVERLOAD_WAIT_SECONDS for this run (off by default: README).
+WAIT_SECONDS = 0.5
 REFUSAL_P99_TARGET_MS = 50.0
 RECOVERY_TARGET_S = 10.0
 
@@ -111,6 +118,31 @@ def _sample(
                 await asyncio.sleep(0.5)
 
     asyncio.run(run())
+
+
+def floor(binary: Path, base_url: str, capacity: float) -> dict[str, float]:
+    """The HTTP floor of the overload: the same open loop, three times the capacity,
+    for FLOOR_S, against the gateway's cheapest answer (``POST /livez``: a 404 from its
+    router, through the error middleware, no claim behind it), then a pause for the
+    backlog to clear. No refusal of a claim can be quicker than this on the machine."""
+    high = max(1, round(3 * capacity))
+    done = subprocess.run(
+        [
+            str(binary),
+            f"-url={base_url}/livez",
+            "-coupon=floor",
+            f"-rate={high}",
+            f"-duration={FLOOR_S}s",
+            "-connections=6000",
+            "-max-outstanding=30000",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    latencies = [int(line.split()[1]) / 1e6 for line in done.stdout.splitlines()]
+    time.sleep(10)
+    return {"rate": high, "p99_ms": _p99_ms(latencies), "answered": len(latencies)}
 
 
 def run(

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 ACCEPTED_MEMORY = 200_000
 
 
+BEHIND = "the claims on their way are more than the pipeline answers; retry shortly"
+
+
 class Claims:
     def __init__(
         self,
@@ -59,6 +62,13 @@ class Claims:
         self._known = known
         self._answer_writer = GatewayAnswerWriter(results.store_gateway_answers)
         self._metrics = metrics or GatewayMetrics(enabled=False)
+
+    def refuse_if_overloaded(self) -> None:
+        """At the door, before a claim's body is read: :class:`Overloaded` while this
+        process has as many claims on their way as it may (gateway/overload.py), so that
+        the crowd beyond capacity costs as little as an answer can."""
+        if self._overload is not None and self._overload.full():
+            raise Overloaded(BEHIND)
 
     async def submit(self, command: ClaimCommand, replayable: bool) -> ClaimResult | None:
         """The claim's final result, or ``None`` if it is still pending after the wait.
@@ -109,9 +119,8 @@ class Claims:
         if self._overload is not None and not self._overload.admit():
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, None)
-            raise Overloaded("the claims on their way are more than the pipeline answers")
-        round_trip: float | None = None
-        sent = time.monotonic()
+            raise Overloaded(BEHIND)
+        came_back = False
         reply = self._replies.expect(command.request_id)
         try:
             # The consumer answers on this process's own channel.
@@ -129,8 +138,7 @@ class Claims:
                 # asyncio.timeout: lighter than a wait_for (no second future, no frame).
                 async with asyncio.timeout(max(self._wait - (published - started), 0.0)):
                     result = await reply
-                # From the publish on: the coalescing and the confirm are part of it.
-                round_trip = time.monotonic() - sent
+                came_back = True
             except TimeoutError:
                 # The reply may have been missed (Redis reconnecting): look it up once.
                 result = await self.lookup(command.request_id)
@@ -140,7 +148,7 @@ class Claims:
             if self._admission is not None:
                 self._admission.leave(command.coupon_name, result)
             if self._overload is not None:
-                self._overload.finished(round_trip)
+                self._overload.finished(came_back)
         if result is None:
             await self._mark_pending(command)
             return self._answered(None, "round_trip")

@@ -57,6 +57,8 @@ async def get_coupon(request: web.Request) -> web.Response:
 
 @routes.post("/api/coupons/claim")
 async def claim(request: web.Request) -> web.Response:
+    claims = request.app[CLAIMS]
+    claims.refuse_if_overloaded()  # before anything is read: a crowd's refusals cost little
     body = await json_object(request)
     # With tokens on, the claim is the token's user's: a body naming another is refused
     # here, before anything is published.
@@ -70,7 +72,7 @@ async def claim(request: web.Request) -> web.Response:
     request[REQUEST_ID] = uuid_text(request_id)
     request[COUPON] = coupon_name
     command = ClaimCommand(request_id, user_id, coupon_name)
-    result = await request.app[CLAIMS].submit(command, replayable=key is not None)
+    result = await claims.submit(command, replayable=key is not None)
     if result is None:
         request[OUTCOME] = "pending"
         return pending_response(request_id)

@@ -226,13 +226,11 @@ class Settings(BaseModel):
     delivery_limit: Positive = 5
     # Claims one gateway process holds at once; beyond that it answers 503 at once.
     max_in_flight_claims: Positive = 10_000
-    # A claim about to be published is refused at once (503 overloaded, Retry-After)
-    # while this gateway process has more on their way than the results it got in the
-    # last second times this: the claims let in wait about this long, the crowd beyond
-    # capacity is refused (gateway/overload.py). Keep it well below CLAIM_WAIT_SECONDS.
-    # Off (0) by default: on two shared cores it also refused claims at modest rates
-    # while the machine was slow, and it does not yet meet its bounds at three times the
-    # capacity (docs/BENCHMARKS.md).
+    # A claim is refused at once (503 overloaded, Retry-After), before its body is read,
+    # while this gateway process has on their way as many claims as the results it got
+    # in the last second times this (and at least 200): the claims let in wait about
+    # this long, the crowd beyond capacity is refused (gateway/overload.py). Keep it well
+    # below CLAIM_WAIT_SECONDS. Off (0) by default: queue-first under any crowd.
     overload_wait_seconds: Seconds = 0.0
     # Per-client token bucket in Redis (client = the remote address, or the one a trusted
     # proxy names); 0 turns it off.

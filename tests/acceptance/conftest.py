@@ -70,6 +70,14 @@ class Services:
         self.procs.append(proc)
         return proc
 
+    async def create_coupons(self, http: aiohttp.ClientSession, amount: int, *names: str) -> None:
+        """Each coupon created through the gateway with ``amount`` in stock (201)."""
+        for name in names:
+            async with http.post(
+                f"{self.base_url}/api/coupons", json={"name": name, "amount": amount}
+            ) as r:
+                assert r.status == 201, await r.text()
+
     async def start_gateway(self, **overrides: Any) -> subprocess.Popen[bytes]:
         proc = self._spawn(
             "gateway", http_port=self.port, **{**self.gateway_overrides, **overrides}

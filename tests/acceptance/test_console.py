@@ -271,10 +271,7 @@ async def test_an_operator_watches_a_sale_live_from_the_services_own_figures(
     console = f"http://127.0.0.1:{port}/console"
     coupon = f"LIVE_{uuid.uuid4().hex[:8]}"
     try:
-        async with http.post(
-            f"{services.base_url}/api/coupons", json={"name": coupon, "amount": 300}
-        ) as r:
-            assert r.status == 201
+        await services.create_coupons(http, 300, coupon)
         sign_in(browser, console, "ops-alice", TOKEN)
         browser.find_element(By.LINK_TEXT, "Sale").click()
         assert coupon in text(browser, "recent")

@@ -103,11 +103,7 @@ async def test_rabbitmq_restarted_mid_load(
     # A coupon of its own for the claim sent during the restart: the load's may have
     # sold out by then, and a sold-out coupon is answered by the gateway, broker or not.
     late_coupon, other_coupon = (f"LATE_{uuid.uuid4().hex[:10]}" for _ in range(2))
-    for name in (late_coupon, other_coupon):
-        async with http.post(
-            f"{services.base_url}/api/coupons", json={"name": name, "amount": 1}
-        ) as r:
-            assert r.status == 201
+    await services.create_coupons(http, 1, late_coupon, other_coupon)
     load = await Load(services, http).start()
     await load.reached(0.3)
     consumer.send_signal(signal.SIGSTOP)
@@ -163,10 +159,7 @@ async def test_postgres_stopped_for_ten_seconds_mid_load(
 ) -> None:
     load = await started(services, http)
     outage_coupon = f"OUTAGE_{uuid.uuid4().hex[:10]}"
-    async with http.post(
-        f"{services.base_url}/api/coupons", json={"name": outage_coupon, "amount": 3}
-    ) as r:
-        assert r.status == 201
+    await services.create_coupons(http, 3, outage_coupon)
     await load.reached(0.3)
     assert restore.postgres is not None
     fault = Window(time.time())
@@ -350,10 +343,7 @@ async def test_consumer_killed_between_commit_and_ack_answers_once_from_the_inbo
     # killing it there leaves committed claims whose messages the broker still holds.
     # One message per claim, so that the queue's depth counts the claims.
     await services.start_gateway(claim_wait_seconds=60, publish_max_claims=1)
-    async with http.post(
-        f"{services.base_url}/api/coupons", json={"name": coupon_name, "amount": 10}
-    ) as r:
-        assert r.status == 201
+    await services.create_coupons(http, 10, coupon_name)
     async with blackhole() as hole:
         victim = services.start_consumer(redis_url=hole.url)
         users = [f"user_{i}" for i in range(15)]

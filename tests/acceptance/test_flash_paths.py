@@ -64,10 +64,7 @@ async def test_a_held_claim_is_published_when_the_hold_runs_out_and_then_answere
     services.gateway_overrides = {"claim_hold_seconds": 2.0, "claim_wait_seconds": 4.0}
     await services.start_gateway()
     coupon = f"HOLD_{uuid.uuid4().hex[:8]}"
-    async with http.post(
-        f"{services.base_url}/api/coupons", json={"name": coupon, "amount": 1}
-    ) as r:
-        assert r.status == 201
+    await services.create_coupons(http, 1, coupon)
     client = ClaimClient(http, services.base_url, deadline=60)
     first = asyncio.create_task(client.claim("user_0", coupon))
     assert await until_queued(settings, 1) == 1

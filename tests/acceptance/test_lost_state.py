@@ -99,11 +99,7 @@ async def test_an_idempotency_key_reused_for_another_coupon_after_redis_forgot_i
     services.start_consumer()
     await services.start_gateway(**GATEWAY)
     first, other = (f"KEY_{uuid.uuid4().hex[:8]}_{i}" for i in range(2))
-    for name in (first, other):
-        async with http.post(
-            f"{services.base_url}/api/coupons", json={"name": name, "amount": 5}
-        ) as r:
-            assert r.status == 201
+    await services.create_coupons(http, 5, first, other)
     key = {"Idempotency-Key": uuid.uuid4().hex}
 
     async def claim(coupon: str) -> tuple[int, dict[str, object]]:

@@ -66,12 +66,25 @@ async def test_a_crowd_beyond_capacity_is_refused_at_once_and_the_rest_decided(
             body = await r.json()
             answers[user] = (r.status, body.get("code", ""), r.headers.get("Retry-After"))
 
+    malformed: list[tuple[int, str]] = []
+
+    async def claim_unreadable() -> None:
+        """A claim whose body is not JSON: refused at the door (503) while the limit is
+        reached, before its body is read; else 400."""
+        async with gate, http.post(url, data=b"not json") as r:
+            malformed.append((r.status, (await r.json()).get("code", "")))
+
     started = time.monotonic()
     tasks = []
     for i in range(1500):
         tasks.append(asyncio.create_task(claim(f"crowd_{i:04d}")))
+        if i >= 500 and i % 50 == 0:
+            tasks.append(asyncio.create_task(claim_unreadable()))
         await asyncio.sleep(max(0.0, started + i / 500 - time.monotonic()))
     await asyncio.gather(*tasks)
+    # Some came while the limit was reached: refused before their body was read.
+    assert (503, "overloaded") in malformed, malformed
+    assert set(malformed) <= {(503, "overloaded"), (400, "invalid_request")}, malformed
 
     statuses = Counter((status, code) for status, code, _ in answers.values())
     refused = {u for u, (status, *_) in answers.items() if status == 503}
