@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import signal
 import socket
 import subprocess
@@ -31,10 +32,29 @@ LOGS = Path(__file__).resolve().parents[2] / ".stack" / "test" / "services"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
+# Ports for servers a test starts: below the kernel's ephemeral range (32768 and up by
+# default, where a port asked for as 0 comes from) and the dev stacks' fixed ports
+# (25532 and up: flashclaim/devtools/devstack.py). A port from the ephemeral range can
+# be taken by an outgoing connection (a cluster node's link to another, say) between
+# the test choosing it and its server binding it: the server then fails to start.
+_PORT_RANGE = range(20_000, 25_000)
+_given: set[int] = set()
+_pick = random.Random()  # its own: pytest-randomly reseeds the module's for each test
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on and no earlier call gave out."""
+    while True:
+        port = _pick.choice(_PORT_RANGE)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
 
 
 def service_env(settings: Settings, **overrides: Any) -> dict[str, str]:
