@@ -23,7 +23,6 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from flashclaim.core.settings import Settings
@@ -76,10 +75,17 @@ def sign_in(browser: WebDriver, console: str, name: str, token: str) -> None:
     browser.get(f"{console}/login")
     browser.find_element(By.ID, "operator-name").send_keys(name)
     browser.find_element(By.ID, "token").send_keys(token)
-    button = browser.find_element(By.ID, "sign-in")
-    button.click()
-    # The click returns before the answer's page is loaded: wait for it to replace this one.
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(button))
+    # The click returns before the answer's page is loaded: wait for it to replace this
+    # one. A mark on this page's window goes with it. (Waiting for the button to go stale
+    # races the load: chromedriver can answer "unknown error" for a node of a document
+    # being replaced, instead of "stale element".)
+    browser.execute_script("window.flashclaimLeaving = true")
+    browser.find_element(By.ID, "sign-in").click()
+    WebDriverWait(browser, 15, ignored_exceptions=(WebDriverException,)).until(
+        lambda b: b.execute_script(
+            "return !window.flashclaimLeaving && document.readyState === 'complete'"
+        )
+    )
 
 
 def text(browser: WebDriver, element_id: str) -> str:
