@@ -57,6 +57,7 @@ import psycopg
 
 from flashclaim.core.schema_migrations import migrate
 from flashclaim.core.settings import Settings
+from flashclaim.devtools import edge
 from flashclaim.devtools.devstack import Stack
 from flashclaim.devtools.loadreport import Report
 from flashclaim.devtools.loadtest import run_scenario
@@ -83,6 +84,7 @@ CHARTS = (
 )
 PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
+EDGE_PORT, EDGE_METRICS_PORT = 18090, 18405
 MEMORY_TARGET_MB = 200
 # A gateway worker holding half of 10,000 clients' connections and claims at once.
 BURST_MEMORY_TARGET_MB = 150
@@ -308,27 +310,30 @@ class Bench:
 
     def overload(self) -> None:
         """Three times the capacity the wrk run measured, for two minutes
-        (bench/overload.py), against a gateway with the overload limit on."""
+        (bench/overload.py), through the edge (deploy/edge/haproxy.cfg) in front of the
+        gateway as it runs in every other row."""
         binary = probes.build_openloop(OUT / "openloop")
         capacity = self.figures["wrk_claims"]["rate"]
         coupon = self.hot_coupon("OVER")
         say(
             f"overload: {3 * capacity:,.0f} claims a second for {overload.OVERLOAD_S} s,"
             f" between {overload.BASELINE_S} s and {overload.RECOVERY_S} s at"
-            f" {capacity / 2:,.0f}; the gateway with"
-            f" OVERLOAD_WAIT_SECONDS={overload.WAIT_SECONDS:g}"
+            f" {capacity / 2:,.0f}, through the edge"
         )
-        self.restart_gateway(overload_wait_seconds=overload.WAIT_SECONDS)
-        try:
-            say(f"overload: its floor, {3 * capacity:,.0f} POST /livez a second (404) for 10 s")
-            bare = overload.floor(binary, BASE, capacity)
+        with edge.running(
+            EDGE_PORT, EDGE_METRICS_PORT, f"127.0.0.1:{PORT}", OUT / "edge.log", prioritized=True
+        ) as front:
             answers, samples, rates = overload.run(
-                binary, BASE, coupon, capacity, self.settings, self.workers
+                binary,
+                front.url,
+                front.metrics_url,
+                BASE,
+                coupon,
+                capacity,
+                self.settings,
+                self.workers,
             )
-        finally:
-            self.restart_gateway()
         f = overload.figures(answers, samples, rates, self.settings.claim_wait_seconds)
-        f["floor_p99_ms"] = bare["p99_ms"]
         self.figures["overload"] = f
         overload.chart(answers, samples, OUT / "overload.png")
         say(
@@ -398,15 +403,6 @@ class Bench:
         self.note_memory()
         terminate([p for p in (self.gateway, self.consumer, self.relay) if p], 30)
         self.gateway = self.consumer = self.relay = None
-
-    def restart_gateway(self, **overrides: Any) -> None:
-        """The gateway again, with these settings over the bench's."""
-        if self.gateway is not None:
-            terminate([self.gateway], 30)
-        settings = self.settings.replace(**overrides).environ()
-        self.gateway = start_service("gateway", settings, self.log)
-        wait_listening()
-        time.sleep(1)
 
     def hot_coupon(self, prefix: str) -> str:
         coupon = f"{prefix}_{uuid.uuid4().hex[:8]}"
@@ -561,15 +557,15 @@ def overload_rows(o: dict[str, Any], capacity: float) -> list[tuple[str, str, st
     return [
         (
             f"overload: {o['offered']:,.0f} claims/s (3x the wrk run) for"
-            f" {overload.OVERLOAD_S} s, open loop, one hot coupon",
+            f" {overload.OVERLOAD_S} s, open loop, one hot coupon, through the edge",
             f"{o['let_in_per_s']:,.0f}/s let in, p99 {o['let_in_p99_ms']:.0f} ms, slowest"
             f" {o['let_in_max_ms']:,.0f} ms, {o['pending_202']} x 202, {o['other_errors']} other"
             f" errors; {o['refused']:,} refused ({o['refused_share']:.0%}), p99"
             f" {o['refusal_p99_ms']:.1f} ms, {o['refusals_without_retry_after']} without"
             " Retry-After",
             f"the sustained capacity (wrk): {capacity:,.0f} claims/s; the claim wait:"
-            f" {o['claim_wait_ms']:,.0f} ms; the same rate of the gateway's cheapest answer"
-            f" (POST /livez, 404, 10 s): p99 {o.get('floor_p99_ms', float('nan')):,.1f} ms",
+            f" {o['claim_wait_ms']:,.0f} ms; the edge: HAProxy, deploy/edge/haproxy.cfg as"
+            " shipped (120 requests on their way to the gateways at most)",
             _target(checks["refused quickly"], "refusals p99 < 50 ms, each with Retry-After")
             + "; "
             + _target(
@@ -581,7 +577,9 @@ def overload_rows(o: dict[str, Any], capacity: float) -> list[tuple[str, str, st
             "overload: queues (peak of the first minute / of the second)",
             f"command queues {o['queued_first_minute']:,.0f} / {o['queued_second_minute']:,.0f}"
             f" messages; claims in flight in the gateways {o['in_flight_first_minute']:,.0f} /"
-            f" {o['in_flight_second_minute']:,.0f}; gateway process"
+            f" {o['in_flight_second_minute']:,.0f}; requests waiting in the edge"
+            f" {o['edge_queue_first_minute']:,.0f} / {o['edge_queue_second_minute']:,.0f};"
+            " gateway process"
             f" {o['gateway_rss_first_minute_mb']:.0f} / {o['gateway_rss_second_minute_mb']:.0f}"
             " MB",
             "",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make image`: builds deploy/Dockerfile with podman, no Docker engine and no registry
-# needed.
+# `make image`: builds deploy/Dockerfile (flashclaim) and deploy/edge/Dockerfile (the
+# edge, HAProxy) with podman, no Docker engine and no registry needed.
 #
 # The Dockerfile's base is an ARG whose default is the official Python image. Where no
 # registry of images can be reached (as on this project's CI), the base is made here from
@@ -11,7 +11,9 @@
 #   FLASHCLAIM_IMAGE_BASE=docker.io/library/python:3.11-slim-bookworm make image
 #
 # The image is tagged localhost/flashclaim:<version> and localhost/flashclaim:latest
-# (FLASHCLAIM_IMAGE names another), with the version and the commit as OCI labels.
+# (FLASHCLAIM_IMAGE names another), with the version and the commit as OCI labels; the
+# edge's localhost/flashclaim-edge:<version> and :latest (FLASHCLAIM_EDGE_IMAGE), on the
+# same Debian base (FLASHCLAIM_EDGE_IMAGE_BASE names another: debian:bookworm-slim, say).
 # podman runs with the vfs storage driver and chroot isolation, which need neither a
 # kernel overlay nor user namespaces (deploy/podman.sh holds the flags).
 set -euo pipefail
@@ -22,15 +24,18 @@ bash deploy/install-deps.sh --image
 source deploy/podman.sh
 
 IMAGE="${FLASHCLAIM_IMAGE:-localhost/flashclaim:latest}"
+EDGE_IMAGE="${FLASHCLAIM_EDGE_IMAGE:-localhost/flashclaim-edge:latest}"
 DEBIAN_BASE="localhost/debian-python:bookworm"
 BASE="${FLASHCLAIM_IMAGE_BASE:-$DEBIAN_BASE}"
+EDGE_BASE="${FLASHCLAIM_EDGE_IMAGE_BASE:-$DEBIAN_BASE}"
 VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -n 1)"
 REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then
   REVISION="${REVISION}-dirty"
 fi
 
-if [ "$BASE" = "$DEBIAN_BASE" ] && ! podman_ image exists "$DEBIAN_BASE"; then
+if { [ "$BASE" = "$DEBIAN_BASE" ] || [ "$EDGE_BASE" = "$DEBIAN_BASE" ]; } \
+  && ! podman_ image exists "$DEBIAN_BASE"; then
   echo "flashclaim image: making the base $DEBIAN_BASE from Debian packages (about a minute)" >&2
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
@@ -56,5 +61,12 @@ podman_ build "${secret[@]}" --quiet --isolation=chroot --network=host --format 
   --build-arg "BASE=$BASE" --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION" \
   -t "$IMAGE" -t "${IMAGE%:*}:$VERSION" -f deploy/Dockerfile . >/dev/null
 echo "flashclaim image: $IMAGE built in $((SECONDS - started)) s" >&2
+
+echo "flashclaim image: building the edge's $EDGE_IMAGE on $EDGE_BASE" >&2
+started=$SECONDS
+podman_ build --quiet --isolation=chroot --network=host --format docker \
+  --build-arg "BASE=$EDGE_BASE" --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION" \
+  -t "$EDGE_IMAGE" -t "${EDGE_IMAGE%:*}:$VERSION" -f deploy/edge/Dockerfile . >/dev/null
+echo "flashclaim image: $EDGE_IMAGE built in $((SECONDS - started)) s" >&2
 # The previous build's layers, untagged now (vfs keeps a full copy of each).
 podman_ image prune --force >/dev/null

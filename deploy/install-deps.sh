@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages flashclaim's local stack needs, if any is missing;
 # with --test, also what `make test` drives the operators' console with (chromium and
-# chromium-driver, headless, through selenium);
+# chromium-driver, headless, through selenium) and the edge it runs (HAProxy,
+# deploy/edge/haproxy.cfg);
 # with --bench, also what `make bench` drives the load with (wrk, and Go to build its
-# open-loop generator, bench/openloop); with --image, what
+# open-loop generator, bench/openloop) and the edge of its overload row; with --image, what
 # `make image` and `make test-image` build and run the image with (podman, runc,
 # mmdebstrap).
 # Idempotent: does nothing when everything is there.
@@ -24,6 +25,9 @@ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
 if [ "${1:-}" = "--test" ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+fi
+if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--bench" ]; then
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 fi
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)

@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PODMAN = ("podman", "--storage-driver=vfs", "--runtime", "runc", "--cgroup-manager=cgroupfs")
 # At or under this machine's hard limits (a container fails to start above them).
 LIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
-# Where `make image` puts the image (FLASHCLAIM_IMAGE names another).
+# Where `make image` puts the images (FLASHCLAIM_IMAGE and FLASHCLAIM_EDGE_IMAGE name
+# others): flashclaim's, and the edge's (deploy/edge/Dockerfile).
 IMAGE = os.environ.get("FLASHCLAIM_IMAGE", "localhost/flashclaim:latest")
+EDGE_IMAGE = os.environ.get("FLASHCLAIM_EDGE_IMAGE", "localhost/flashclaim-edge:latest")
 
 
 def podman(
@@ -87,7 +89,8 @@ class Declared:
     """One service of docker-compose.yml that runs the project's image."""
 
     service: str
-    image: str
+    image: str  # as Compose names it
+    built: str  # the image `make image` built for it
     command: list[str]
     environment: dict[str, str]
     user: str | None
@@ -117,13 +120,12 @@ def declared_services(image: str = IMAGE) -> dict[str, Declared]:
         ["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True, check=True
     )
     document = yaml.safe_load(resolved.stdout)
-    built = image_health = None
     services: dict[str, Declared] = {}
     for name, service in document["services"].items():
         if "build" not in service:
             continue
-        built = built or image
-        image_health = image_health or _image_healthcheck(built)
+        built = EDGE_IMAGE if images_match(service["image"], EDGE_IMAGE) else image
+        image_health = _image_healthcheck(built)
         override = service.get("healthcheck", {})
         check: HealthCheck | None = None
         if not override.get("disable"):
@@ -138,6 +140,7 @@ def declared_services(image: str = IMAGE) -> dict[str, Declared]:
         services[name] = Declared(
             service=name,
             image=service["image"],
+            built=built,
             command=list(service.get("command", [])),
             environment={k: str(v) for k, v in (service.get("environment") or {}).items()},
             user=service.get("user"),
@@ -295,7 +298,11 @@ class Deployment:
         name = f"fc-{self.tag}-{service}{suffix}"
         declared = self.declared[service]
         podman(
-            "run", "--detach", *self._options(service, ports, name), self.image, *declared.command
+            "run",
+            "--detach",
+            *self._options(service, ports, name),
+            declared.built,
+            *declared.command,
         )
         container = Container(name, declared)
         self.containers.append(container)

@@ -42,6 +42,7 @@ from flashclaim.devtools.tokens import Credentials, Signer, headers_of
 from tests.acceptance.conftest import Services, free_port
 from tests.acceptance.load import Load, Window, verify
 from tests.image.containers import (
+    EDGE_IMAGE,
     IMAGE,
     LIMITS,
     ROOT,
@@ -102,6 +103,10 @@ class Running:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['gateway']['FLASHCLAIM_HTTP_PORT']}"
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['edge']['FLASHCLAIM_EDGE_PORT']}"
 
     @property
     def services(self) -> Services:
@@ -174,9 +179,10 @@ def _import_broker_definitions(stack: Stack) -> None:
 @pytest.fixture(scope="module")
 def declared() -> dict[str, Declared]:
     services = declared_services()
-    assert set(services) == {"schema", "keys", *SERVICES}, services
+    assert set(services) == {"schema", "keys", *SERVICES, "edge"}, services
     for service in services.values():
-        assert images_match(service.image), (service.service, service.image, IMAGE)
+        assert images_match(service.image, service.built), (service.service, service.image)
+    assert services["edge"].built == EDGE_IMAGE
     return services
 
 
@@ -220,7 +226,10 @@ def running(stack: Stack, declared: dict[str, Declared]) -> Iterator[Running]:
         "consumer": {"FLASHCLAIM_METRICS_PORT": free_port()},
         "relay": {"FLASHCLAIM_METRICS_PORT": free_port()},
         "gateway": {"FLASHCLAIM_HTTP_PORT": free_port()},
+        "edge": {"FLASHCLAIM_EDGE_PORT": free_port(), "FLASHCLAIM_EDGE_METRICS_PORT": free_port()},
     }
+    # The edge sends to the gateway's container.
+    addresses["gateway:8080"] = f"127.0.0.1:{ports['gateway']['FLASHCLAIM_HTTP_PORT']}"
     try:
         # schema first (the others depend on its successful completion), as Compose does.
         assert declared["consumer"].depends_on["schema"] == "service_completed_successfully"
@@ -234,7 +243,7 @@ def running(stack: Stack, declared: dict[str, Declared]) -> Iterator[Running]:
             keys = deployment.run_once("keys")
             assert keys.returncode == 0, keys.stdout + keys.stderr
         assert "(kept)" in keys.stdout, keys.stdout
-        containers = {s: deployment.start(s, ports[s]) for s in SERVICES}
+        containers = {s: deployment.start(s, ports[s]) for s in (*SERVICES, "edge")}
         credentials = _credentials(deployment)
         yield Running(deployment, settings, containers, ports, spans, credentials)
     finally:
@@ -298,6 +307,23 @@ def test_every_service_starts_healthy_as_a_non_root_user(running: Running) -> No
         assert users == {"flashclaim"}, (name, users)
     # The gateway runs its workers under gunicorn: all of them are the image's user.
     assert len(podman("top", running.containers["gateway"].name, "pid").stdout.split()) >= 3
+
+
+async def test_the_edge_container_serves_the_contract_in_front_of_the_gateways(
+    running: Running, http: aiohttp.ClientSession
+) -> None:
+    """Double Dip through the edge's container, as Compose publishes it: one grant, nine
+    refusals; its health check passes while the gateway answers, and its metrics show
+    the gateways' queue (empty, the sale over)."""
+    dip = await scenarios.double_dip(
+        http, running.edge_url, attempts=10, stock=100, credentials=running.credentials
+    )
+    assert dip.violations == [] and dict(dip.statuses) == {200: 1, 409: 9}, dip
+    assert running.containers["edge"].probe()
+    metrics = running.ports["edge"]["FLASHCLAIM_EDGE_METRICS_PORT"]
+    async with http.get(f"http://127.0.0.1:{metrics}/metrics") as r:
+        assert r.status == 200
+        assert 'haproxy_backend_current_queue{proxy="gateways"} 0' in await r.text()
 
 
 async def test_the_contract_scenarios_and_a_burst_through_the_gateway_container(

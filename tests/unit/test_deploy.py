@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from flashclaim.core.privileges import broker_permissions, redis_acl_rules
 from flashclaim.core.settings import Settings
 from tests.acceptance.conftest import free_port
@@ -132,7 +134,13 @@ def test_compose_images_are_current_and_pinned_exactly() -> None:
     images = {name: s["image"] for name, s in services.items()}
     for name, image in images.items():
         if "build" in services[name]:
-            assert image == "flashclaim:latest", (name, image)
+            # The project's images: flashclaim's, and the edge's from its own Dockerfile.
+            dockerfile = services[name]["build"]["dockerfile"]
+            expected = {
+                "deploy/Dockerfile": "flashclaim:latest",
+                "deploy/edge/Dockerfile": "flashclaim-edge:latest",
+            }
+            assert image == expected[dockerfile], (name, image)
             continue
         tag = image.rsplit(":", 1)[1]
         # An exact release (major.minor.patch; PostgreSQL's are major.minor), perhaps a
@@ -160,6 +168,27 @@ def test_compose_log_agent_reads_only_this_projects_containers() -> None:
     assert 'values = ["io.flashclaim.project=flashclaim"]' in alloy
 
 
+def test_the_edge_configuration_is_valid_with_its_defaults_and_with_settings() -> None:
+    """`haproxy -c` of deploy/edge/haproxy.cfg as Compose runs it (its defaults: the
+    gateway's name may not resolve yet) and as the bench and tests run it."""
+    from flashclaim.devtools import edge
+
+    for settings in (
+        {},
+        {"FLASHCLAIM_EDGE_HOST": "127.0.0.1", "FLASHCLAIM_EDGE_PORT": "18090",
+         "FLASHCLAIM_EDGE_GATEWAYS": "127.0.0.1:18080", "FLASHCLAIM_EDGE_IN_FLIGHT": "7"},
+    ):  # fmt: skip
+        result = subprocess.run(
+            [edge.haproxy(), "-c", "-f", str(edge.CONFIG)],
+            env={"PATH": "/usr/bin:/bin", **settings},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Configuration file is valid" in result.stdout + result.stderr
+
+
 def test_the_build_context_leaves_local_state_out() -> None:
     ignored = {
         line.strip()
@@ -179,10 +208,11 @@ def test_the_build_context_leaves_local_state_out() -> None:
 # -- the image ----------------------------------------------------------------------
 
 
-def test_the_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", ["deploy/Dockerfile", "deploy/edge/Dockerfile"])
+def test_the_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run(
-        [str(hadolint), "deploy/Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False
+        [str(hadolint), dockerfile], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
