@@ -12,10 +12,10 @@ a gateway with two worker processes, then measures, each figure next to what bou
    ceiling, with the CPU each process spent per claim;
 4. open-loop claims at 1,000 and 2,000 per second (latency from the schedule), sent by
    bench/openloop, a generator compiled with Go so that the load's CPU stays small;
-5. three times the sustained capacity for two minutes, open loop, between two stretches
-   at half of it: the claims beyond capacity refused at once, the ones let in answered
-   within the claim wait, no queue growing, and how soon latency is back after
-   (bench/overload.py);
+5. three times the sustained capacity for two minutes, open loop, through the edge
+   (deploy/edge/haproxy.cfg), between two stretches at half of it: the claims beyond
+   capacity refused at once, the ones let in answered within the claim wait, no queue
+   growing, and how soon latency is back after (bench/overload.py);
 6. one consumer draining 100,000 claims of one hot coupon queued beforehand, beside the
    batched ceiling; then one relay publishing their 100,000 events, beside the rate of
    the sustained run (it must keep up with the consumer);
@@ -80,7 +80,10 @@ CHARTS = (
     ("burst-10000.png", "10,000 claims for 100 in stock, 10,000 clients at a time"),
     ("sustained-1000.png", "open loop, 1,000 claims a second on one hot coupon"),
     ("sustained-2000.png", "open loop, 2,000 claims a second on one hot coupon"),
-    ("overload.png", "three times the sustained capacity for two minutes, open loop"),
+    (
+        "overload.png",
+        "three times the sustained capacity for two minutes, open loop, through the edge",
+    ),
 )
 PORT = 18080
 BASE = f"http://127.0.0.1:{PORT}"
