@@ -458,8 +458,8 @@ async def mix_capacity(binary: Path, start: float) -> tuple[float, list[Step]]:
         if not step.kept_up:
             break
         rate = round(rate * 1.25)
-    kept = [s.rate for s in steps if s.kept_up]
-    return (max(kept) if kept else 0.0), steps
+    # The loop stops at the first step behind: the one before it is the last kept up.
+    return (steps[-2].rate if len(steps) > 1 else 0.0), steps
 
 
 def build_soakload() -> Path:
