@@ -481,6 +481,7 @@ def test_the_kubernetes_workloads_keep_the_services_promises() -> None:
         ("Deployment", "flashclaim-gateway"),
         ("Deployment", "flashclaim-relay"),
         ("Job", "flashclaim-schema"),
+        ("Deployment", "flashclaim-edge"),
     ]
     for kind, name in workloads:
         pod = docs[(kind, name)]["spec"]["template"]["spec"]
@@ -510,6 +511,14 @@ def test_the_kubernetes_workloads_keep_the_services_promises() -> None:
     assert docs[("Job", "flashclaim-schema")]["spec"]["ttlSecondsAfterFinished"] > 0
     assert ("PodDisruptionBudget", "flashclaim-gateway") in docs
     assert ("HorizontalPodAutoscaler", "flashclaim-gateway") in docs
+    # The edge can send to as many gateway pods as the HPA may make, each by its address.
+    edge = docs[("Deployment", "flashclaim-edge")]["spec"]["template"]["spec"]["containers"][0]
+    edge_env = {e["name"]: e.get("value") for e in edge["env"]}
+    hpa = docs[("HorizontalPodAutoscaler", "flashclaim-gateway")]["spec"]
+    assert int(edge_env["FLASHCLAIM_EDGE_GATEWAY_SLOTS"]) == hpa["maxReplicas"]
+    pods = docs[("Service", "flashclaim-gateway-pods")]["spec"]
+    assert pods["clusterIP"] == "None"
+    assert edge_env["FLASHCLAIM_EDGE_GATEWAYS"].startswith("flashclaim-gateway-pods.")
     assert {n for k, n in docs if k == "NetworkPolicy"}
     # Replicated servers: three broker nodes on three Kubernetes nodes, a standby that
     # is required to confirm commits, Sentinel, Redis bounded and with a password.
