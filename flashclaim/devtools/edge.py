@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from flashclaim.devtools.devstack import wait_for_port
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "edge" / "haproxy.cfg"
 # Real-time scheduling (round robin, the lowest real-time priority) for what stands for
@@ -61,15 +61,7 @@ def running(
     with log.open("ab") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), 0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the edge did not start (see {log})") from None
-                time.sleep(0.1)
+        wait_for_port(port, 10, proc, f"the edge (its log: {log})")
         yield Edge(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         proc.terminate()

@@ -121,11 +121,14 @@ def declared_services(image: str = IMAGE) -> dict[str, Declared]:
     )
     document = yaml.safe_load(resolved.stdout)
     services: dict[str, Declared] = {}
+    health: dict[str, dict[str, Any]] = {}  # each built image's, inspected once
     for name, service in document["services"].items():
         if "build" not in service:
             continue
         built = EDGE_IMAGE if images_match(service["image"], EDGE_IMAGE) else image
-        image_health = _image_healthcheck(built)
+        if built not in health:
+            health[built] = _image_healthcheck(built)
+        image_health = health[built]
         override = service.get("healthcheck", {})
         check: HealthCheck | None = None
         if not override.get("disable"):
