@@ -64,6 +64,7 @@ async def claim(request: web.Request) -> web.Response:
     # here, before anything is published.
     user_id = auth.require_user(request.get(PRINCIPAL), body.get("user_id"))
     coupon_name = validation.name(body.get("coupon_name"), "coupon_name")
+    del body  # not kept while the claim waits (in a burst, thousands wait at once)
     key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
     ids = request.app[REQUEST_IDS]
     # With a key, the id is the client's own (scoped to user_id, unguessable: see

@@ -17,6 +17,7 @@ protocol, on SIGTERM or SIGINT to the arbiter:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -75,14 +76,17 @@ def runner_factory(settings: Settings) -> Callable[[], Awaitable[web.AppRunner]]
 
 
 class GatewayWorker(GunicornUVLoopWebWorker):
-    """aiohttp's worker, plus a listening socket of its own on the same port.
+    """aiohttp's worker, listening on a socket of its own on the same port.
 
     With only the arbiter's shared socket, the worker whose event loop wakes first
     accepts a whole burst of connections (its loop accepts until the queue is empty)
     and the others idle: in a flash sale one process holds nearly every claim. Each
     worker's own socket joins the port's ``SO_REUSEPORT`` group, so the kernel spreads
-    new connections evenly over the workers; the shared socket stays served too (it is
-    in the group as well, and nobody else would accept what lands there).
+    new connections evenly over the workers by their addresses. The shared socket is in
+    the group too, so the first worker to start shuts it down for listening (which takes
+    it out of the group): what landed there would otherwise go, a third of a burst with
+    two workers, to whichever worker woke first, and a burst's peak memory is that of
+    the worker holding the most connections.
     """
 
     def init_process(self) -> None:
@@ -90,7 +94,7 @@ class GatewayWorker(GunicornUVLoopWebWorker):
         own: list[Any] = []
         for listener in inherited:
             family = listener.family
-            if family not in (socket.AF_INET, socket.AF_INET6):
+            if family not in _TCP:
                 continue
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -99,7 +103,8 @@ class GatewayWorker(GunicornUVLoopWebWorker):
             sock.listen(BACKLOG)
             sock.setblocking(False)
             own.append(sock)
-        self.sockets = [*own, *inherited]
+            _stop_listening(listener)
+        self.sockets = [*own, *(s for s in inherited if s.family not in _TCP)]
         super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -108,6 +113,17 @@ class GatewayWorker(GunicornUVLoopWebWorker):
         up to a second of every stop (a rolling deploy, a scale-in)."""
         super().handle_exit(sig, frame)
         self._notify_waiter_done()
+
+
+_TCP = (socket.AF_INET, socket.AF_INET6)
+
+
+def _stop_listening(listener: Any) -> None:
+    """Take the arbiter's socket out of the port's group: a listening socket shut down
+    for reading stops listening, for every process that holds it (a worker started
+    later finds it so already: nothing to do)."""
+    with contextlib.suppress(OSError):  # ENOTCONN: no longer listening
+        listener.shutdown(socket.SHUT_RD)
 
 
 class _JsonLogs(glogging.Logger):  # type: ignore[misc]

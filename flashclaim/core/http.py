@@ -123,16 +123,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     started = time.perf_counter()
     incoming = request.headers.get("X-Request-Id", "")
     request[HTTP_REQUEST_ID] = incoming if _HTTP_REQUEST_ID.match(incoming) else _new_http_id()
+    # Every line logged while the request is handled carries its id.
+    bound = logs.bind_request(request[HTTP_REQUEST_ID])
     try:
-        # Every line logged while the request is handled carries its id.
-        with logs.bind(http_request_id=request[HTTP_REQUEST_ID]):
-            response = await handler(request)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         response = _refusal(request, exc)
     except Exception as exc:
         response = _refusal(request, exc)
+    finally:
+        logs.unbind_request(bound)
     response.headers["X-Request-Id"] = request[HTTP_REQUEST_ID]
     metrics = request.app.get(METRICS)
     if metrics is not None and metrics.enabled:

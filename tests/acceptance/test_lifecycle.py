@@ -252,6 +252,16 @@ def worker_pids(supervisor: int) -> set[int]:
     return found
 
 
+def listening_sockets(port: int) -> int:
+    """The TCP sockets listening on ``port`` (state 0A in /proc/net/tcp and tcp6)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
+
+
 async def test_gateway_workers_share_the_port_and_are_restarted(
     services: Services, http: aiohttp.ClientSession
 ) -> None:
@@ -263,6 +273,9 @@ async def test_gateway_workers_share_the_port_and_are_restarted(
         await asyncio.sleep(0.1)
     workers = worker_pids(supervisor.pid)
     assert len(workers) == 2
+    # One listening socket a worker, the arbiter's shut down: the kernel spreads the
+    # connections over the workers alone (gateway/service.py, GatewayWorker).
+    assert listening_sockets(services.port) == 2
     report = await scenarios.flash_sale(http, services.base_url, users=200, stock=20)
     assert report.violations == []
     # A worker that dies is replaced; the port keeps answering meanwhile.
@@ -286,6 +299,7 @@ async def test_gateway_workers_share_the_port_and_are_restarted(
             await asyncio.sleep(0.1)
         report = await scenarios.double_dip(fresh, services.base_url)
     assert report.violations == []
+    assert listening_sockets(services.port) == 2
     supervisor.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(supervisor.wait, 30) == 0
     assert not any_alive(now)

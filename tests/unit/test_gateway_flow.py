@@ -241,8 +241,13 @@ async def test_a_stock_read_as_zero_tells_the_final_answers_at_once() -> None:
     assert await asyncio.wait_for(held, 1.0) is False
 
 
-@pytest.mark.parametrize("waiting_for", ["its turn", "the stock read"])
-async def test_a_held_claim_costs_little_memory(waiting_for: str) -> None:
+@pytest.mark.parametrize(
+    ("waiting_for", "bound"),
+    # Its turn: a task, its frame, a future and a place in the expiries (a timer of
+    # its own: 1,180 to 1,270 bytes in all); the stock read: a task, its frame, a future.
+    [("its turn", 1150), ("the stock read", 1400)],
+)
+async def test_a_held_claim_costs_little_memory(waiting_for: str, bound: int) -> None:
     """In a sell-out nearly every claim of a burst waits in the admission at once (5,000
     a gateway process in the 10,000-client burst): what one wait costs, its task
     included, is what the burst costs."""
@@ -269,7 +274,7 @@ async def test_a_held_claim_costs_little_memory(waiting_for: str) -> None:
         read.set()
         admission.sold_out("C")
         await asyncio.gather(*held)
-    assert grown / len(held) < 2000, f"{grown / len(held):.0f} bytes a held claim"
+    assert grown / len(held) < bound, f"{grown / len(held):.0f} bytes a held claim"
 
 
 def test_the_services_load_no_migration_tool() -> None:
