@@ -28,6 +28,7 @@ from flashclaim.core.settings import Settings, environ
 from flashclaim.devtools.tokens import Signer, jwks, new_private_key
 from gateway.auth import Authenticator
 from tests.acceptance.conftest import LOGS, Services, free_port, until_queued
+from tests.acceptance.test_contract import until_answered
 from tests.acceptance.test_fuzz import raw
 
 ISSUER, AUDIENCE = "https://id.flashclaim.test", "flashclaim-api"
@@ -197,19 +198,9 @@ async def test_another_users_id_is_403_and_nothing_is_published(
     assert status == 202, body
     assert await until_queued(settings, 1) == 1
     services.start_consumer()
-    await _until_answered(http, f"{api}/api/claims/{body['request_id']}", mallory)
+    await until_answered(http, f"{api}/api/claims/{body['request_id']}", headers=bearer(mallory))
     status, body, _ = await call(http, "GET", f"{api}/api/coupons/{coupon_name}", mallory)
     assert body["claimed_by"] == ["mallory"]
-
-
-async def _until_answered(http: aiohttp.ClientSession, url: str, token: str) -> dict[str, Any]:
-    async with asyncio.timeout(20):
-        while True:
-            status, body, _ = await call(http, "GET", url, token)
-            if status != 202:
-                assert status == 200, body
-                return dict(body)
-            await asyncio.sleep(0.1)
 
 
 async def test_creating_a_coupon_needs_the_scope(

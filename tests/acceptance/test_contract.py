@@ -22,6 +22,20 @@ async def call(
         return response.status, await response.json(), response.headers
 
 
+async def until_answered(
+    http: aiohttp.ClientSession, url: str, timeout: float = 20, **kw: Any
+) -> dict[str, Any]:
+    """The final answer of a claim (``url``: its /api/claims/{id}), asked again while it
+    is on its way (202); it must be a grant."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status, body, _ = await call(http, "GET", url, **kw)
+            if status != 202:
+                assert status == 200, body
+                return dict(body)
+            await asyncio.sleep(0.1)
+
+
 async def create(http: aiohttp.ClientSession, api: Services, name: str, amount: int) -> None:
     status, body, _ = await call(
         http, "POST", f"{api.base_url}/api/coupons", json={"name": name, "amount": amount}
